@@ -1,0 +1,156 @@
+"""gemmbridge vs torch.matmul on one CUDA card: TFLOP/s per dtype and shape, and host µs per call.
+
+Every candidate is checked against a float64 reference before it is timed, and
+all candidates are timed in the same run, interleaved (A B A B, best median of
+each kept). Writes a JSON naming the card, date and versions.
+
+    python benchmarks/matmul_vs_torch.py --json benchmarks/results/<date>-<card>-matmul.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+import triton.testing
+
+import gemmbridge as gb
+from gemmbridge.backends.cuda import bindings
+
+SHAPES = [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096), (2048, 11008, 4096)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
+TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "tf32": 1e-3, "fp32": 1e-5}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def time_tflops(fn, flops: int) -> float:
+    ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return flops / (ms * 1e-3) / 1e12
+
+
+def bench_shape(label: str, m: int, n: int, k: int) -> dict:
+    dtype = DTYPES[label]
+    tf32 = label == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    a = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(k, n, device="cuda", dtype=dtype)
+    ref = a.double() @ b.double()
+    candidates = {
+        "gemmbridge": lambda: gb.matmul(a, b, allow_tf32=tf32),
+        "torch": lambda: torch.matmul(a, b),
+    }
+    row: dict = {"dtype": label, "m": m, "n": n, "k": k}
+    for name, fn in candidates.items():
+        err = rel_err(fn(), ref)
+        row[f"{name}_rel_err"] = err
+        if not err < TOLERANCE[label]:
+            raise SystemExit(f"{name} is wrong for {label} {m}x{n}x{k}: rel err {err:.2e}")
+    del ref
+    flops = 2 * m * n * k
+    runs: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(2):
+        for name, fn in candidates.items():
+            runs[name].append(time_tflops(fn, flops))
+    for name, values in runs.items():
+        row[f"{name}_tflops"] = max(values)
+        row[f"{name}_tflops_runs"] = values
+    row["ratio"] = row["gemmbridge_tflops"] / row["torch_tflops"]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return row
+
+
+def host_us_per_call(fn, calls: int = 5000, repeats: int = 7) -> list[float]:
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+    return samples
+
+
+def bench_host(n: int = 64) -> dict:
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    ref = a.double() @ b.double()
+    assert rel_err(gb.matmul(a, b, allow_tf32=False), ref) < 1e-5
+    candidates = {"gemmbridge": lambda: gb.matmul(a, b, allow_tf32=False), "torch": lambda: torch.matmul(a, b)}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(2):
+        for name, fn in candidates.items():
+            samples[name] += host_us_per_call(fn)
+    row = {"shape": [n, n, n], "dtype": "fp32"}
+    for name, values in samples.items():
+        row[f"{name}_us"] = statistics.median(values)
+        row[f"{name}_us_samples"] = values
+    row["ratio"] = row["gemmbridge_us"] / row["torch_us"]
+    return row
+
+
+def versions() -> dict:
+    import nvmath
+
+    return {
+        "gemmbridge": gb.__version__,
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cublasLt": bindings.version(),
+        "nvmath-python": nvmath.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(),
+        "method": "triton.testing.do_bench median (L2 flushed per run), candidates interleaved A B A B, best of 2; "
+        "host: 5000 eager calls without sync then one sync, 7 repeats x 2 rounds, median",
+        "candidates": ["gemmbridge", "torch"],
+        "gemm": [],
+    }
+    for label in DTYPES:
+        for m, n, k in SHAPES:
+            if label == "fp32" and m * n * k > 4096**3:
+                continue
+            row = bench_shape(label, m, n, k)
+            result["gemm"].append(row)
+            print(
+                f"{label:5} {m:6}x{n:6}x{k:6}  gemmbridge {row['gemmbridge_tflops']:7.1f}  "
+                f"torch {row['torch_tflops']:7.1f} TFLOP/s  ratio {row['ratio']:.3f}",
+                flush=True,
+            )
+    result["host"] = bench_host()
+    h = result["host"]
+    print(
+        f"host fp32 64^3: gemmbridge {h['gemmbridge_us']:.2f} us/call, torch {h['torch_us']:.2f} us/call, "
+        f"ratio {h['ratio']:.3f}"
+    )
+    ratios = [row["ratio"] for row in result["gemm"]]
+    result["geomean_ratio"] = statistics.geometric_mean(ratios)
+    print(f"geo-mean ratio {result['geomean_ratio']:.3f}, min {min(ratios):.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

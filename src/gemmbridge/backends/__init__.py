@@ -1,0 +1,1 @@
+"""Backends: each executes a described ``Problem`` on one kind of device."""

@@ -1,0 +1,88 @@
+"""CUDA backend: a described problem on cuBLASLt, on the caller's stream.
+
+``execute`` is the hot path of a GPU call: allocate the result in the caller's
+framework, look the plan up by pointer alignment, and enqueue (or replay) it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...arrays import ArrayAdapter
+from . import bindings, workspace
+from .graphs import MAX_FLOPS, GraphCache
+
+
+class PlanSet:
+    """The vendor plans of one problem, keyed by pointer alignments and TF32."""
+
+    __slots__ = ("problem", "device", "plans", "small")
+
+    def __init__(self, problem: Any, device: int) -> None:
+        self.problem = problem
+        self.device = device
+        self.plans: dict[tuple, tuple[bindings.LtPlan, GraphCache]] = {}
+        flops = 2 * problem.m * problem.n * problem.k * len(problem.outer_offsets) * problem.batch_count
+        self.small = flops <= MAX_FLOPS
+
+    def plan(self, key: tuple) -> tuple[bindings.LtPlan, GraphCache]:
+        problem = self.problem
+        layouts = (problem.lt_a, problem.lt_b, problem.lt_c, problem.lt_d)
+        alignments = tuple(min(p, lay.alignment) for p, lay in zip(key, layouts))
+        entry = self.plans[key] = (bindings.LtPlan(self.device, problem, key[4], alignments), GraphCache())  # type: ignore[arg-type]
+        return entry
+
+
+def _aligned_copy(fw: ArrayAdapter, x: Any) -> Any:
+    copy = fw.empty(tuple(fw.meta(x).shape), x)
+    fw.copy_into(copy, x)
+    return copy
+
+
+def execute(
+    fw: ArrayAdapter,
+    plans: PlanSet,
+    a: Any,
+    b: Any,
+    c: Any,
+    bias: Any,
+    out: Any,
+    alpha: float,
+    beta: float,
+    allow_tf32: bool | None,
+) -> Any:
+    """Enqueue ``plans.problem`` for these operands; return the result array."""
+    problem = plans.problem
+    device = plans.device
+    d = out if out is not None and not problem.out_via_temp else fw.empty(problem.out_shape, a)
+    a_ptr, b_ptr, d_ptr = fw.pointer(a), fw.pointer(b), fw.pointer(d)
+    c_ptr = d_ptr if c is None else fw.pointer(c)
+    if c is None:
+        beta = 0.0
+    bias_ptr = 0
+    if bias is not None:
+        bias_ptr = fw.pointer(bias)
+        if bias_ptr & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
+            bias = _aligned_copy(fw, bias)
+            bias_ptr = fw.pointer(bias)
+    tf32 = problem.dtype == "float32" and (fw.default_allow_tf32() if allow_tf32 is None else bool(allow_tf32))
+    # the largest power of two (at most 256) dividing each pointer, in cuBLASLt's operand order
+    pb, pa, pc, pd = b_ptr | 256, a_ptr | 256, c_ptr | 256, d_ptr | 256
+    key = (pb & -pb, pa & -pa, pc & -pc, pd & -pd, tf32)
+    plan, graphs = plans.plans.get(key) or plans.plan(key)
+    stream = fw.stream(device)
+    ws = workspace.pointer(fw, device, stream, a)
+
+    def enqueue(on: int) -> None:
+        bindings.launch(plan, problem, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, ws, on)
+
+    if not (plans.small and fw.finish is None and not fw.capturing(device)) or not graphs.launch(
+        (a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, stream, ws), device, stream, enqueue
+    ):
+        enqueue(stream)
+    if fw.finish is not None:
+        fw.finish(device)
+    if d is not out and out is not None:
+        fw.copy_into(out, d)
+        return out
+    return d

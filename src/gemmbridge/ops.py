@@ -1,0 +1,229 @@
+"""``matmul``: validate, describe (cached per problem), allocate in the caller's framework, run."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from .arrays import BY_TYPE, ArrayAdapter, adapter_for
+from .errors import AliasError, BackendUnavailableError, OperandTypeError, OptionError
+from .problem import Problem, describe
+
+PLAN_CACHE_SIZE = 512
+_local = threading.local()
+
+
+class _Entry:
+    """A described problem and, for CUDA, its vendor plans."""
+
+    __slots__ = ("problem", "device", "plain", "plans")
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.device = -1 if problem.device == "cpu" else int(problem.device.split(":")[1])
+        self.plain = not (problem.empty or problem.k == 0 or problem.copies)  # no special case applies
+        self.plans: Any = None if self.device < 0 else _cuda().PlanSet(problem, self.device)
+
+
+_cuda_backend: Any = None
+
+
+def _cuda() -> Any:
+    """The CUDA backend module, imported on the first GPU problem (it needs the [cuda] extra)."""
+    global _cuda_backend
+    if _cuda_backend is None:
+        try:
+            from .backends import cuda
+        except ImportError as error:
+            raise BackendUnavailableError(
+                f"matmul: GPU operands need the CUDA backend: pip install 'gemmbridge[cuda]' ({error})"
+            ) from error
+        _cuda_backend = cuda
+    return _cuda_backend
+
+
+def _cache() -> OrderedDict:
+    """This thread's problem/plan cache (plans hold per-call scalars, so threads don't share them)."""
+    try:
+        return _local.cache
+    except AttributeError:
+        _local.cache = OrderedDict()
+        return _local.cache
+
+
+def cache_size() -> int:
+    """Number of problems cached by the calling thread."""
+    return len(_cache())
+
+
+def clear_cache() -> None:
+    """Drop the calling thread's cached problems and vendor plans."""
+    _cache().clear()
+
+
+def _framework_of(fw: ArrayAdapter, x: Any, name: str, a: Any) -> None:
+    if adapter_for(x, name) is not fw:
+        raise OperandTypeError(
+            f"matmul: a is a {type(a).__module__}.{type(a).__name__}, {name} is a "
+            f"{type(x).__module__}.{type(x).__name__} — operands come from different frameworks"
+        )
+
+
+def matmul(
+    a: Any,
+    b: Any,
+    *,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+    c: Any = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    bias: Any = None,
+    epilogue: str = "none",
+    out: Any = None,
+    allow_tf32: bool | None = None,
+) -> Any:
+    """``epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` in the caller's framework.
+
+    Follows numpy ``matmul`` semantics (1-D operands promoted then squeezed,
+    batch dims broadcast). ``op(x)`` swaps the last two dims of ``x`` when
+    ``transpose_x`` is set. ``c`` (optional) has the result's shape (its batch
+    dims may broadcast) and is scaled by ``beta``; ``bias`` has shape ``(N,)``
+    and is added to every row; ``epilogue`` is ``"none"``, ``"relu"`` or
+    ``"gelu"`` (tanh approximation). ``out`` receives the result in place and
+    may be ``c`` itself. ``allow_tf32`` (float32 on CUDA): ``None`` follows the
+    framework's flag (``torch.backends.cuda.matmul.allow_tf32``...).
+    """
+    fw = BY_TYPE.get(type(a)) or adapter_for(a, "a")
+    if type(b) is not type(a):
+        _framework_of(fw, b, "b", a)
+    if c is not None:
+        _framework_of(fw, c, "c", a)
+    if bias is not None:
+        _framework_of(fw, bias, "bias", a)
+    if out is not None:
+        _framework_of(fw, out, "out", a)
+        if not fw.mutable:
+            raise OptionError(f"matmul: out= is not supported for {fw.name} arrays (they are immutable)")
+    key = (
+        fw.name, fw.key(a), fw.key(b),
+        None if c is None else fw.key(c),
+        None if bias is None else fw.key(bias),
+        None if out is None else fw.key(out),
+        transpose_a, transpose_b, epilogue,
+    )  # fmt: skip
+    cache = _cache()
+    entry = cache.get(key)
+    if entry is None:
+        entry = _Entry(describe(
+            fw.meta(a), fw.meta(b),
+            c=None if c is None else fw.meta(c),
+            bias=None if bias is None else fw.meta(bias),
+            out=None if out is None else fw.meta(out),
+            transpose_a=transpose_a, transpose_b=transpose_b, epilogue=epilogue,
+        ))  # fmt: skip
+        cache[key] = entry
+        if len(cache) > PLAN_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    problem = entry.problem
+    if out is not None:
+        _check_aliasing(fw, problem, a, b, c, bias, out)
+    if not entry.plain:
+        if problem.empty:
+            return out if out is not None else fw.empty(problem.out_shape, a)
+        if problem.k == 0:
+            return _zero_k(fw, problem, a, b, c, alpha, beta, bias, out, allow_tf32)
+        copies = problem.copies
+        a = fw.contiguous(a) if "a" in copies else a
+        b = fw.contiguous(b) if "b" in copies else b
+        c = fw.contiguous(c) if "c" in copies else c
+        bias = fw.contiguous(bias) if "bias" in copies else bias
+    if entry.device < 0:
+        return _run_cpu(fw, problem, a, b, c, bias, out, float(alpha), float(beta))
+    if fw.current_device() != entry.device:
+        with fw.device_guard(entry.device):
+            return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32)
+    return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32)
+
+
+def _check_aliasing(fw: ArrayAdapter, problem: Problem, a: Any, b: Any, c: Any, bias: Any, out: Any) -> None:
+    size = problem.itemsize
+    out_ptr = fw.pointer(out)
+    lo, hi = problem.extents["out"]
+    if lo == hi:
+        return
+    out_lo, out_hi = out_ptr + lo * size, out_ptr + hi * size
+    for name, x in (("a", a), ("b", b), ("c", c), ("bias", bias)):
+        if x is None:
+            continue
+        lo, hi = problem.extents[name]
+        ptr = fw.pointer(x)
+        if lo == hi or ptr + hi * size <= out_lo or out_hi <= ptr + lo * size:
+            continue
+        if name == "c" and ptr == out_ptr and fw.key(c) == fw.key(out):
+            continue  # accumulating in place: out is c
+        raise AliasError(
+            f"matmul: out is {fw.meta(out)}, {name} is {fw.meta(x)} — out overlaps {name} (out may only be c itself)"
+        )
+
+
+def _zero_k(
+    fw: ArrayAdapter,
+    problem: Problem,
+    a: Any,
+    b: Any,
+    c: Any,
+    alpha: float,
+    beta: float,
+    bias: Any,
+    out: Any,
+    allow_tf32: bool | None,
+) -> Any:
+    """K = 0: the product is zero; run K = 1 on zeros so c, bias and the epilogue still apply."""
+    sa, sb = tuple(fw.meta(a).shape), tuple(fw.meta(b).shape)
+    if len(sa) == 1:
+        sa = (1,)
+    else:
+        sa = sa[:-2] + (1, sa[-1]) if problem.transpose_a else sa[:-1] + (1,)
+    if len(sb) == 1:
+        sb = (1,)
+    else:
+        sb = sb[:-1] + (1,) if problem.transpose_b else sb[:-2] + (1, sb[-1])
+    return matmul(
+        fw.zeros(sa, a),
+        fw.zeros(sb, b),
+        transpose_a=problem.transpose_a,
+        transpose_b=problem.transpose_b,
+        c=c,
+        alpha=alpha,
+        beta=beta,
+        bias=bias,
+        epilogue=problem.epilogue,
+        out=out,
+        allow_tf32=allow_tf32,
+    )
+
+
+def _run_cpu(
+    fw: ArrayAdapter, problem: Problem, a: Any, b: Any, c: Any, bias: Any, out: Any, alpha: float, beta: float
+) -> Any:
+    from .backends import cpu
+
+    if fw.mutable:
+        result = out if out is not None else fw.empty(problem.out_shape, a)
+        target = fw.to_numpy(result)
+    else:
+        import numpy as np
+
+        result = None
+        target = np.empty(problem.out_shape, dtype=fw.to_numpy(a).dtype)
+    cpu.run(
+        problem, fw.to_numpy(a), fw.to_numpy(b),
+        None if c is None else fw.to_numpy(c),
+        None if bias is None else fw.to_numpy(bias),
+        target, alpha, beta if c is not None else 0.0,
+    )  # fmt: skip
+    return result if result is not None else fw.from_numpy(target, a)

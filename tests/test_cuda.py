@@ -1,0 +1,205 @@
+"""CUDA-only behaviour: streams, graph capture, alignment, devices, TF32, caches, frameworks."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import gemmbridge as gb  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(x, ref) -> float:
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def rand(*shape, dtype=torch.float32, device="cuda"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_odd_offset_views(dtype, offset):
+    """Views starting off the allocation's alignment must give correct results."""
+    base_a = rand(40 * 33 + offset, dtype=dtype)
+    base_b = rand(33 * 24 + offset, dtype=dtype)
+    a = base_a[offset:].view(40, 33)
+    b = base_b[offset:].view(33, 24)
+    out_base = torch.full((40 * 24 + offset,), float("nan"), dtype=dtype, device="cuda")
+    out = out_base[offset:].view(40, 24)
+    bias = rand(24 + offset, dtype=dtype)[offset:]
+    result = gb.matmul(a, b, bias=bias, out=out)
+    assert result is out
+    assert not torch.isnan(out).any()
+    assert rel_err(out, a.double() @ b.double() + bias.double()) < TOL[dtype]
+
+
+def test_non_default_stream_orders_after_producer():
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        a = rand(512, 256)
+        b = rand(256, 384)
+        a.mul_(2.0)  # pending work on the side stream that matmul must see
+        result = gb.matmul(a, b)
+    side.synchronize()
+    assert rel_err(result, a.double() @ b.double()) < 1e-5
+
+
+def test_streams_run_concurrently_with_separate_workspaces():
+    from gemmbridge.backends.cuda import workspace
+
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    pairs = [(rand(300, 200), rand(200, 100)) for _ in streams]
+    results = []
+    for stream, (a, b) in zip(streams, pairs):
+        with torch.cuda.stream(stream):
+            results.append(gb.matmul(a, b))
+    torch.cuda.synchronize()
+    for (a, b), r in zip(pairs, results):
+        assert rel_err(r, a.double() @ b.double()) < 1e-5
+    assert workspace.count() >= len(streams)
+
+
+def test_cuda_graph_capture_and_replay():
+    a = rand(128, 96)
+    b = rand(96, 80)
+    bias = rand(80)
+    gb.matmul(a, b, bias=bias, epilogue="relu")  # warm the plan outside capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gb.matmul(a, b, bias=bias, epilogue="relu")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = gb.matmul(a, b, bias=bias, epilogue="relu")
+    for _ in range(3):
+        a.copy_(rand(128, 96))
+        b.copy_(rand(96, 80))
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = torch.relu(a.double() @ b.double() + bias.double())
+        assert rel_err(static_out, ref) < 1e-5
+
+
+def test_graph_capture_of_a_new_problem():
+    """A plan built during capture (cache miss inside the graph) also works."""
+    a = rand(33, 17)
+    b = rand(17, 45)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gb.matmul(a, b, transpose_b=False)
+    a.copy_(rand(33, 17))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, a.double() @ b.double()) < 1e-5
+
+
+def test_tf32_follows_flag_and_argument():
+    a = rand(1024, 1024)
+    b = rand(1024, 1024)
+    ref = a.double() @ b.double()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = rel_err(gb.matmul(a, b), ref)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        flagged = rel_err(gb.matmul(a, b), ref)
+        overridden = rel_err(gb.matmul(a, b, allow_tf32=False), ref)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    asked = rel_err(gb.matmul(a, b, allow_tf32=True), ref)
+    assert exact < 1e-5 and overridden < 1e-5
+    assert 1e-5 < flagged < 3e-3 and 1e-5 < asked < 3e-3
+
+
+def test_cache_is_reused_and_bounded():
+    gb.clear_cache()
+    a, b = rand(64, 32), rand(32, 16)
+    for _ in range(5):
+        gb.matmul(a, b)
+    assert gb.cache_size() == 1
+    from gemmbridge import ops
+
+    for n in range(ops.PLAN_CACHE_SIZE + 20):
+        gb.matmul(rand(2, 3), rand(3, n + 1))
+    assert gb.cache_size() == ops.PLAN_CACHE_SIZE
+
+
+def test_no_synchronization_inside_capture_for_every_dtype():
+    """Synchronizing during capture is an error, so a clean capture proves no sync."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        a, b = rand(64, 48, dtype=dtype), rand(48, 40, dtype=dtype)
+        c = rand(64, 40, dtype=dtype)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = gb.matmul(a, b, c=c, alpha=0.5, beta=2.0, epilogue="gelu")
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = torch.nn.functional.gelu(0.5 * (a.double() @ b.double()) + 2.0 * c.double(), approximate="tanh")
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_large_batched_broadcast_and_transposes():
+    a = rand(4, 1, 96, 64, dtype=torch.bfloat16)
+    b = rand(3, 80, 64, dtype=torch.bfloat16)
+    out = gb.matmul(a, b, transpose_b=True)
+    assert out.shape == (4, 3, 96, 80)
+    assert rel_err(out, a.double() @ b.double().mT) < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_another_device_than_current():
+    with torch.cuda.device(0):
+        a = rand(50, 40, device="cuda:1")
+        b = rand(40, 30, device="cuda:1")
+        out = gb.matmul(a, b)
+    assert out.device == torch.device("cuda:1")
+    assert rel_err(out, a.double() @ b.double()) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_two_devices_is_an_error():
+    with pytest.raises(gb.DeviceError, match="cuda:0.*cuda:1"):
+        gb.matmul(rand(4, 4, device="cuda:0"), rand(4, 4, device="cuda:1"))
+
+
+def test_cpu_and_gpu_mixed_is_an_error():
+    with pytest.raises(gb.DeviceError, match="CPU and GPU"):
+        gb.matmul(rand(4, 4), torch.randn(4, 4))
+
+
+def test_cupy_on_its_current_stream():
+    cupy = pytest.importorskip("cupy")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        a = cupy.random.standard_normal((70, 50), dtype=cupy.float32)
+        b = cupy.random.standard_normal((50, 30), dtype=cupy.float32).T.copy().T  # column-major
+        out = gb.matmul(a, b)
+        ref = a.astype(cupy.float64) @ b.astype(cupy.float64)
+    stream.synchronize()
+    assert isinstance(out, cupy.ndarray)
+    assert float(cupy.linalg.norm(out - ref) / cupy.linalg.norm(ref)) < 1e-5
+
+
+def test_jax_gpu_arrays():
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("jax has no GPU backend")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(shape).astype(np.float32) for shape in ((60, 40), (40, 20), (20,))]
+    a, b, bias = (jax.device_put(x) for x in host)
+    out = gb.matmul(a, b, bias=bias, epilogue="relu")
+    assert isinstance(out, jax.Array) and next(iter(out.devices())).platform == "gpu"
+    ref = np.maximum(host[0].astype(np.float64) @ host[1].astype(np.float64) + host[2], 0.0)
+    assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-5
