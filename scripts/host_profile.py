@@ -9,6 +9,7 @@ import gemmbridge as gb
 from gemmbridge import ops
 from gemmbridge.arrays import BY_TYPE
 from gemmbridge.backends.cuda import bindings, workspace
+from gemmbridge.backends.cuda import graphs as graphs_mod
 
 
 def per_call(fn, calls=5000):
@@ -34,6 +35,8 @@ fw = BY_TYPE[torch.Tensor]
 entry = next(iter(ops._cache().values()))
 plan, graphs = next(iter(entry.plans.plans.values()))
 stream = fw.stream(0)
+graph = next(iter(graphs.execs.values()))
+graph_obj = graph[0]
 ws = workspace.pointer(fw, 0, stream, a)
 ap, bp, dp = a.data_ptr(), b.data_ptr(), d.data_ptr()
 key = ("torch", fw.key(a), fw.key(b), None, None, None, False, False, "none")
@@ -45,7 +48,8 @@ rows = {
     "cublasLtMatmul (vendor floor)": lambda: bindings.launch(
         plan, entry.problem, ap, bp, dp, dp, 0, 1.0, 0.0, ws, stream
     ),
-    "cuGraphLaunch (replay floor)": lambda: driver.cuGraphLaunch(next(iter(graphs.execs.values())), stream),
+    "cuGraphLaunch (classic bindings)": lambda: driver.cuGraphLaunch(graph_obj, stream),
+    "graphs._launch (used)": lambda: graphs_mod._launch(graph, stream),
     "new_empty": lambda: a.new_empty((64, 64)),
     "fw.key x2": lambda: (fw.key(a), fw.key(b)),
     "key+lookup": lambda: ops._cache().get(("torch", fw.key(a), fw.key(b), None, None, None, False, False, "none")),

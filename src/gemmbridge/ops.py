@@ -113,7 +113,10 @@ def matmul(
         None if out is None else fw.key(out),
         transpose_a, transpose_b, epilogue,
     )  # fmt: skip
-    cache = _cache()
+    try:
+        cache = _local.cache
+    except AttributeError:
+        cache = _cache()
     entry = cache.get(key)
     if entry is None:
         entry = _Entry(describe(

@@ -24,6 +24,7 @@ from .errors import AliasError, DeviceError, DTypeError, OptionError, ShapeError
 ITEMSIZE: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 EPILOGUES = ("none", "relu", "gelu")
 MAX_ALIGNMENT = 256
+MAX_DIM = 2**31 - 1  # cuBLASLt and LP64 BLAS index dimensions with 32-bit integers
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,8 @@ class TensorMeta:
 
     def has_internal_overlap(self) -> bool:
         """True when two indices of the view reach the same element."""
+        if self.numel == 0:
+            return False
         reach = 1
         dims = sorted((abs(s), n) for n, s in zip(self.shape, self.strides) if n > 1)
         for stride, n in dims:
@@ -293,6 +296,9 @@ def describe(
     if k != kb:
         raise ShapeError(f"{_names(a, b)} — inner dimensions {k} and {kb} differ")
     batch_shape = _broadcast(a, b, la.shape[:-2], lb.shape[:-2])
+    for what, size in (("M", m), ("N", n), ("K", k), ("batch count", math.prod(batch_shape))):
+        if size > MAX_DIM:
+            raise ShapeError(f"{_names(a, b)} — {what} = {size} exceeds the vendor libraries' 32-bit limit {MAX_DIM}")
     result_shape = batch_shape + (m, n)
     a_vec, b_vec = len(a.shape) == 1, len(b.shape) == 1
     out_shape = batch_shape + (() if a_vec else (m,)) + (() if b_vec else (n,))

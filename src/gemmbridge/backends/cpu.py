@@ -19,7 +19,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU with the tanh approximation (the form cuBLASLt's GELU epilogue computes), in place."""
-    inner = np.multiply(x, x)
+    inner = np.multiply(x, x, out=np.empty_like(x))
     inner *= 0.044715
     inner += 1.0
     inner *= x

@@ -76,8 +76,8 @@ def execute(
     def enqueue(on: int) -> None:
         bindings.launch(plan, problem, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, ws, on)
 
-    if not (plans.small and fw.finish is None and not fw.capturing(device)) or not graphs.launch(
-        (a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, stream, ws), device, stream, enqueue
+    if not (plans.small and fw.finish is None) or not graphs.launch(
+        (a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, stream, ws), fw, device, stream, enqueue
     ):
         enqueue(stream)
     if fw.finish is not None:

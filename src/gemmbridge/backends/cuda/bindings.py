@@ -166,9 +166,22 @@ class LtPlan:
                 f"matmul: cuBLASLt has no algorithm for {_describe(problem)} (alignments {alignments} bytes)",
                 "CUBLAS_STATUS_NOT_SUPPORTED",
             )
+        self._results = results  # keeps the algorithms' memory alive
+        self._candidates = int(count[0])
+        self._choice = 0
         best = lt.MatmulHeuristicResult.from_ptr(results.ptr, 1)
-        self._results = results  # keeps the algorithm's memory alive
         return best, int(best.workspace_size)
+
+    def fall_back(self) -> bool:
+        """Switch to the heuristic's next candidate after a refusal; False when none is left."""
+        if self._choice + 1 >= self._candidates:
+            return False
+        self._choice += 1
+        size = lt.matmul_heuristic_result_dtype.itemsize
+        self.algo = lt.MatmulHeuristicResult.from_ptr(self._results.ptr + self._choice * size, 1)
+        self.algo_ptr = self.algo.ptr
+        self.workspace_size = int(self.algo.workspace_size)
+        return True
 
     def close(self) -> None:
         for h in self.layouts:
@@ -206,6 +219,7 @@ def launch(
         plan.bias_slot[0] = bias
         lt.matmul_desc_set_attribute(plan.desc, _Desc.BIAS_POINTER, plan.bias_slot_ptr, 8)
     algo = plan.algo_ptr
+    launched = 0
     try:
         for oa, ob, oc, od in plan.offsets:
             # cuBLASLt's A is our b, its B our a (module doc of problem.py)
@@ -227,7 +241,11 @@ def launch(
                 plan.workspace_size,
                 stream,
             )
+            launched += 1
     except lt.cuBLASLtError as error:
+        if launched == 0 and plan.fall_back():  # nothing enqueued yet: the next algorithm may accept it
+            launch(plan, problem, a, b, c, d, bias, alpha, beta, workspace, stream)
+            return
         raise VendorError(
             f"matmul: cublasLtMatmul failed with {_status(error)} for {_describe(problem)}", _status(error)
         ) from error

@@ -17,6 +17,13 @@ from typing import Any
 
 from cuda.bindings import driver
 
+from ...arrays import ArrayAdapter
+
+try:  # cuda-bindings >= 13.5: integer-handle entry points with far less Python overhead
+    from cuda.bindings._v2.driver import graph_launch as _graph_launch_v2
+except ImportError:
+    _graph_launch_v2 = None
+
 MAX_FLOPS = 1 << 27  # larger products are kernel-bound: no graphs for them
 GRAPHS_PER_PLAN = 4
 
@@ -29,6 +36,22 @@ def _check(result: tuple) -> Any:
     return result[1] if len(result) > 1 else None
 
 
+_stream_objects: dict[int, Any] = {}
+
+
+def _launch(graph: Any, stream: int) -> None:
+    """cuGraphLaunch on a raw stream handle; raises on a driver error."""
+    if _graph_launch_v2 is not None:
+        _graph_launch_v2(graph[1], stream)
+        return
+    wrapped = _stream_objects.get(stream)
+    if wrapped is None:
+        if len(_stream_objects) > 256:
+            _stream_objects.clear()
+        wrapped = _stream_objects[stream] = driver.CUstream(stream)
+    _check(driver.cuGraphLaunch(graph[0], wrapped))
+
+
 class GraphCache:
     """Per-plan table: call signature → instantiated graph (or how often it was seen)."""
 
@@ -39,25 +62,31 @@ class GraphCache:
         self.seen: dict[tuple, int] = {}
         self.broken = False
 
-    def launch(self, signature: tuple, device: int, stream: int, enqueue: Callable[[int], None]) -> bool:
+    def launch(
+        self, signature: tuple, fw: ArrayAdapter, device: int, stream: int, enqueue: Callable[[int], None]
+    ) -> bool:
         """Replay (or capture, on the second sighting) ``enqueue``; False means: call it eagerly."""
         graph = self.execs.get(signature)
         if graph is not None:
-            _check(driver.cuGraphLaunch(graph, stream))
+            if fw.capturing(device):
+                return False
+            _launch(graph, stream)
             return True
-        if self.broken or self.seen.get(signature, 0) == 0:
+        if self.broken or signature not in self.seen:
             if len(self.seen) >= 4 * GRAPHS_PER_PLAN:
                 self.seen.clear()
             self.seen[signature] = 1
+            return False
+        if fw.capturing(device):
             return False
         graph = self._capture(device, enqueue)
         if graph is None:
             return False
         if len(self.execs) >= GRAPHS_PER_PLAN:
             old = self.execs.pop(next(iter(self.execs)))
-            driver.cuGraphExecDestroy(old)
+            driver.cuGraphExecDestroy(old[0])
         self.execs[signature] = graph
-        _check(driver.cuGraphLaunch(graph, stream))
+        _launch(graph, stream)
         return True
 
     def _capture(self, device: int, enqueue: Callable[[int], None]) -> Any:
@@ -76,7 +105,8 @@ class GraphCache:
             raise
         graph = _check(driver.cuStreamEndCapture(stream))
         try:
-            return _check(driver.cuGraphInstantiate(graph, 0))
+            graph_exec = _check(driver.cuGraphInstantiate(graph, 0))
+            return graph_exec, int(graph_exec)
         except RuntimeError:
             self.broken = True
             return None
@@ -85,5 +115,11 @@ class GraphCache:
 
     def close(self) -> None:
         for graph in self.execs.values():
-            driver.cuGraphExecDestroy(graph)
+            driver.cuGraphExecDestroy(graph[0])
         self.execs.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver may be gone already
+            pass
