@@ -1,15 +1,35 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels, GPU tests, host profile, benchmark. Logs land in $OUT.
+# One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
+# each writing its log under $OUT. Steps: tests, profile, bench, sanitize.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
-day=$(date +%F)
-{
-  echo "# gemmbridge GPU test suite — $day — $card"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch,cupy,jax,nvmath;print('torch',torch.__version__,'cuda',torch.version.cuda,'cupy',cupy.__version__,'jax',jax.__version__,'nvmath',nvmath.__version__)"
-  python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests} 2>&1
-} | tee "$OUT/gpu-tests.txt"
-[ -n "${PROFILE:-}" ] && python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt"
-[ -n "${BENCH:-}" ] && python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json" 2>&1 | tee "$OUT/bench.txt"
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+header() {
+  echo "# $1 — $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch,cupy,jax,nvmath,cuda.bindings as cb;from gemmbridge.backends.cuda import bindings as b;print('torch',torch.__version__,'cuda',torch.version.cuda,'cupy',cupy.__version__,'jax',jax.__version__,'nvmath',nvmath.__version__,'cuda-bindings',cb.__version__,'cuBLASLt',b.version())"
+}
+for step in ${STEPS:-tests}; do
+  case $step in
+    tests) { header "gemmbridge GPU test suite"; python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests} 2>&1; } | tee "$OUT/gpu-tests.txt" ;;
+    profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
+    bench) python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json" 2>&1 | tee "$OUT/bench.txt" ;;
+    sanitize)
+      # memcheck without torch's caching allocator (each tensor its own allocation, so an
+      # out-of-bounds access is seen; graph capture needs the caching allocator, so those tests
+      # run under racecheck/synccheck instead)
+      { header "compute-sanitizer"
+        run_tool() {
+          echo "## compute-sanitizer --tool $1, pytest tests/test_cuda.py tests/test_reliability.py -k '$2' ($3)"
+          env $3 timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $1 --error-exitcode 9 \
+            python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_reliability.py -k "$2" \
+            > "$OUT/sanitizer-$1.log" 2>&1
+          echo "exit status $?"
+          grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit|Race|Hazard)|passed|failed" "$OUT/sanitizer-$1.log" | head -20
+        }
+        run_tool memcheck "not graph and not capture and not jax and not threads" PYTORCH_NO_CUDA_MEMORY_CACHING=1
+        run_tool racecheck "stream or graph or capture" X=1
+        run_tool synccheck "stream or graph or capture" X=1
+      } 2>&1 | tee "$OUT/sanitizer.txt" ;;
+  esac
+done
 true

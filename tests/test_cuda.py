@@ -60,6 +60,7 @@ def test_streams_run_concurrently_with_separate_workspaces():
     pairs = [(rand(300, 200), rand(200, 100)) for _ in streams]
     results = []
     for stream, (a, b) in zip(streams, pairs):
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
         with torch.cuda.stream(stream):
             results.append(gb.matmul(a, b))
     torch.cuda.synchronize()
@@ -224,3 +225,21 @@ def test_small_problem_graph_replay_follows_data_and_scalars():
     (entry,) = ops._cache().values()
     (plan_and_graphs,) = entry.plans.plans.values()
     assert plan_and_graphs[1].execs, "a repeated small call should have been captured"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_autotune_selects_a_working_candidate(dtype):
+    from gemmbridge import ops
+
+    gb.clear_cache()
+    gb.set_autotune(True)
+    try:
+        a, b, c = rand(512, 256, dtype=dtype), rand(256, 384, dtype=dtype), rand(512, 384, dtype=dtype)
+        expected = 0.5 * (a.double() @ b.double()) + c.double()
+        out = gb.matmul(a, b, c=c, alpha=0.5, out=c, allow_tf32=False)  # in place: tuning must not touch c
+        assert rel_err(out, expected) < TOL[dtype]
+    finally:
+        gb.set_autotune(False)
+    (entry,) = ops._cache().values()
+    ((plan, _),) = entry.plans.plans.values()
+    assert 0 <= plan.choice < plan.candidates

@@ -8,10 +8,11 @@ from .errors import (
     GemmError,
     OperandTypeError,
     OptionError,
+    OutOfMemoryError,
     ShapeError,
     VendorError,
 )
-from .ops import cache_size, clear_cache, matmul
+from .ops import cache_size, clear_cache, matmul, set_autotune
 
 __version__ = "0.1.0"
 
@@ -23,10 +24,12 @@ __all__ = [
     "GemmError",
     "OperandTypeError",
     "OptionError",
+    "OutOfMemoryError",
     "ShapeError",
     "VendorError",
     "__version__",
     "cache_size",
     "clear_cache",
     "matmul",
+    "set_autotune",
 ]

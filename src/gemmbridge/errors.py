@@ -46,3 +46,21 @@ class VendorError(GemmError, RuntimeError):
     def __init__(self, message: str, status: str = "") -> None:
         super().__init__(message)
         self.status = status
+
+
+class OutOfMemoryError(GemmError, MemoryError):
+    """The result (or a temporary) does not fit in the device's memory."""
+
+
+def allocation_failed(
+    what: str, shape: tuple[int, ...], dtype: str, itemsize: int, device: str, error: BaseException
+) -> BaseException:
+    """The error to raise when the framework could not allocate ``what``: OutOfMemoryError, or ``error`` itself."""
+    if not (isinstance(error, MemoryError) or "out of memory" in str(error).lower()):
+        return error
+    size = itemsize
+    for n in shape:
+        size *= n
+    return OutOfMemoryError(
+        f"matmul: the {what} {shape} {dtype} ({size / 2**30:.2f} GiB) does not fit in {device} memory: {error}"
+    )

@@ -62,6 +62,15 @@ def clear_cache() -> None:
     _cache().clear()
 
 
+def set_autotune(enabled: bool) -> None:
+    """Time cuBLASLt's candidate algorithms once per new GPU problem and keep the fastest.
+
+    Off by default (also set by ``GEMMBRIDGE_AUTOTUNE=1``). The first call of each new
+    problem then waits for the GPU once; plans made before the switch keep their choice.
+    """
+    _cuda().autotune.enabled = bool(enabled)
+
+
 def _framework_of(fw: ArrayAdapter, x: Any, name: str, a: Any) -> None:
     if adapter_for(x, name) is not fw:
         raise OperandTypeError(

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...arrays import ArrayAdapter
-from . import bindings, workspace
+from ...errors import allocation_failed
+from . import autotune, bindings, workspace
 from .graphs import MAX_FLOPS, GraphCache
 
 
@@ -54,7 +55,15 @@ def execute(
     """Enqueue ``plans.problem`` for these operands; return the result array."""
     problem = plans.problem
     device = plans.device
-    d = out if out is not None and not problem.out_via_temp else fw.empty(problem.out_shape, a)
+    if out is not None and not problem.out_via_temp:
+        d = out
+    else:
+        try:
+            d = fw.empty(problem.out_shape, a)
+        except (MemoryError, RuntimeError) as error:
+            raise allocation_failed(
+                "result", problem.out_shape, problem.dtype, problem.itemsize, problem.device, error
+            ) from error
     a_ptr, b_ptr, d_ptr = fw.pointer(a), fw.pointer(b), fw.pointer(d)
     c_ptr = d_ptr if c is None else fw.pointer(c)
     if c is None:
@@ -69,9 +78,17 @@ def execute(
     # the largest power of two (at most 256) dividing each pointer, in cuBLASLt's operand order
     pb, pa, pc, pd = b_ptr | 256, a_ptr | 256, c_ptr | 256, d_ptr | 256
     key = (pb & -pb, pa & -pa, pc & -pc, pd & -pd, tf32)
-    plan, graphs = plans.plans.get(key) or plans.plan(key)
     stream = fw.stream(device)
     ws = workspace.pointer(fw, device, stream, a)
+    found = plans.plans.get(key)
+    if found is None:
+        found = plans.plan(key)
+        if autotune.enabled and fw.finish is None and not fw.capturing(device):
+            scratch = fw.empty(problem.out_shape, a)
+            s_ptr = fw.pointer(scratch)
+            autotune.tune(found[0], problem, a_ptr, b_ptr, s_ptr if c is None else c_ptr, s_ptr, bias_ptr,
+                          alpha, beta, ws, stream)  # fmt: skip
+    plan, graphs = found
 
     def enqueue(on: int) -> None:
         bindings.launch(plan, problem, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, ws, on)

@@ -172,15 +172,28 @@ class LtPlan:
         best = lt.MatmulHeuristicResult.from_ptr(results.ptr, 1)
         return best, int(best.workspace_size)
 
+    @property
+    def candidates(self) -> int:
+        """How many algorithms the heuristic offered (at most HEURISTIC_CANDIDATES)."""
+        return self._candidates
+
+    @property
+    def choice(self) -> int:
+        return self._choice
+
+    def select(self, index: int) -> None:
+        """Use the heuristic's candidate ``index`` (0 is its first pick)."""
+        self._choice = index
+        size = lt.matmul_heuristic_result_dtype.itemsize
+        self.algo = lt.MatmulHeuristicResult.from_ptr(self._results.ptr + index * size, 1)
+        self.algo_ptr = self.algo.ptr
+        self.workspace_size = int(self.algo.workspace_size)
+
     def fall_back(self) -> bool:
         """Switch to the heuristic's next candidate after a refusal; False when none is left."""
         if self._choice + 1 >= self._candidates:
             return False
-        self._choice += 1
-        size = lt.matmul_heuristic_result_dtype.itemsize
-        self.algo = lt.MatmulHeuristicResult.from_ptr(self._results.ptr + self._choice * size, 1)
-        self.algo_ptr = self.algo.ptr
-        self.workspace_size = int(self.algo.workspace_size)
+        self.select(self._choice + 1)
         return True
 
     def close(self) -> None:
