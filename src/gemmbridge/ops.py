@@ -8,7 +8,7 @@ from typing import Any
 
 from .arrays import BY_TYPE, ArrayAdapter, adapter_for
 from .errors import AliasError, BackendUnavailableError, OperandTypeError, OptionError
-from .problem import Problem, describe
+from .problem import Problem, describe, names
 
 PLAN_CACHE_SIZE = 512
 _local = threading.local()
@@ -114,7 +114,10 @@ def matmul(
     if out is not None:
         _framework_of(fw, out, "out", a)
         if not fw.mutable:
-            raise OptionError(f"matmul: out= is not supported for {fw.name} arrays (they are immutable)")
+            raise OptionError(
+                f"{names(fw.meta(a), fw.meta(b))}, out is given — out= is not supported for {fw.name} arrays "
+                "(they are immutable)"
+            )
     key = (
         fw.name, fw.key(a), fw.key(b),
         None if c is None else fw.key(c),
@@ -177,8 +180,10 @@ def _check_aliasing(fw: ArrayAdapter, problem: Problem, a: Any, b: Any, c: Any, 
             continue
         if name == "c" and ptr == out_ptr and fw.key(c) == fw.key(out):
             continue  # accumulating in place: out is c
+        extra = "" if name in ("a", "b") else f", {name} is {fw.meta(x)}"
         raise AliasError(
-            f"matmul: out is {fw.meta(out)}, {name} is {fw.meta(x)} — out overlaps {name} (out may only be c itself)"
+            f"{names(fw.meta(a), fw.meta(b))}{extra}, out is {fw.meta(out)} — out overlaps {name} "
+            "(out may only be c itself)"
         )
 
 

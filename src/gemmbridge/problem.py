@@ -121,7 +121,8 @@ class Problem:
         return ITEMSIZE[self.dtype]
 
 
-def _names(a: TensorMeta, b: TensorMeta) -> str:
+def names(a: TensorMeta, b: TensorMeta) -> str:
+    """The start of every error message: both operands with shape, dtype and device."""
     return f"matmul: a is {a}, b is {b}"
 
 
@@ -137,12 +138,12 @@ def _matrix_order(rows: int, cols: int, rs: int, cs: int) -> tuple[bool, int] | 
 def _check_dtypes(a: TensorMeta, b: TensorMeta, extra: dict[str, TensorMeta]) -> str:
     if a.dtype not in ITEMSIZE or b.dtype not in ITEMSIZE:
         bad = a.dtype if a.dtype not in ITEMSIZE else b.dtype
-        raise DTypeError(f"{_names(a, b)} — dtype {bad} is not supported (supported: {', '.join(ITEMSIZE)})")
+        raise DTypeError(f"{names(a, b)} — dtype {bad} is not supported (supported: {', '.join(ITEMSIZE)})")
     if a.dtype != b.dtype:
-        raise DTypeError(f"{_names(a, b)} — dtypes {a.dtype} and {b.dtype} differ (no implicit casts)")
+        raise DTypeError(f"{names(a, b)} — dtypes {a.dtype} and {b.dtype} differ (no implicit casts)")
     for name, meta in extra.items():
         if meta.dtype != a.dtype:
-            raise DTypeError(f"{_names(a, b)}, {name} is {meta} — {name} must have dtype {a.dtype}")
+            raise DTypeError(f"{names(a, b)}, {name} is {meta} — {name} must have dtype {a.dtype}")
     return a.dtype
 
 
@@ -152,17 +153,17 @@ def _check_devices(a: TensorMeta, b: TensorMeta, extra: dict[str, TensorMeta]) -
             continue
         where = "" if name == "b" else f", {name} is {meta}"
         if "cpu" in (meta.device, a.device):
-            raise DeviceError(f"{_names(a, b)}{where} — CPU and GPU operands are mixed")
-        raise DeviceError(f"{_names(a, b)}{where} — devices {a.device} and {meta.device} differ")
+            raise DeviceError(f"{names(a, b)}{where} — CPU and GPU operands are mixed")
+        raise DeviceError(f"{names(a, b)}{where} — devices {a.device} and {meta.device} differ")
     return a.device
 
 
-def _logical(meta: TensorMeta, transpose: bool, name: str, promote_row: bool) -> TensorMeta:
+def _logical(meta: TensorMeta, transpose: bool, name: str, promote_row: bool, names: str = "") -> TensorMeta:
     """The operand as a batch of matrices: 1-D promoted, transpose applied."""
     shape, strides = meta.shape, meta.strides
     if len(shape) == 1:
         if transpose:
-            raise OptionError(f"matmul: transpose_{name} needs a matrix, {name} is {meta}")
+            raise OptionError(f"{names or 'matmul'} — transpose_{name} needs a matrix, {name} is 1-D")
         if promote_row:
             return TensorMeta((1, shape[0]), (shape[0], strides[0]), meta.dtype, meta.device)
         return TensorMeta((shape[0], 1), (strides[0], 1), meta.dtype, meta.device)
@@ -178,7 +179,7 @@ def _broadcast(a: TensorMeta, b: TensorMeta, x: tuple[int, ...], y: tuple[int, .
         p = x[len(x) - 1 - i] if i < len(x) else 1
         q = y[len(y) - 1 - i] if i < len(y) else 1
         if p != q and 1 not in (p, q):
-            raise ShapeError(f"{_names(a, b)} — batch shapes {x} and {y} cannot be broadcast")
+            raise ShapeError(f"{names(a, b)} — batch shapes {x} and {y} cannot be broadcast")
         out.append(q if p == 1 else p)
     return tuple(reversed(out))
 
@@ -279,26 +280,26 @@ def describe(
     """Validate one call and describe it; raise the specific error otherwise."""
     extra = {n: m for n, m in (("c", c), ("bias", bias), ("out", out)) if m is not None}
     if epilogue not in EPILOGUES:
-        raise OptionError(f"matmul: unknown epilogue {epilogue!r} (choose one of {', '.join(EPILOGUES)})")
+        raise OptionError(f"{names(a, b)} — unknown epilogue {epilogue!r} (choose one of {', '.join(EPILOGUES)})")
     for name, meta in (("a", a), ("b", b)):
         if len(meta.shape) == 0:
-            raise ShapeError(f"{_names(a, b)} — {name} is 0-d; matmul needs at least 1 dimension")
+            raise ShapeError(f"{names(a, b)} — {name} is 0-d; matmul needs at least 1 dimension")
     dtype = _check_dtypes(a, b, extra)
     device = _check_devices(a, b, extra)
     if device != "cpu" and not device.startswith("cuda:"):
-        raise DeviceError(f"{_names(a, b)} — device {device} is not supported (cpu, cuda)")
+        raise DeviceError(f"{names(a, b)} — device {device} is not supported (cpu, cuda)")
     itemsize = ITEMSIZE[dtype]
 
-    la = _logical(a, transpose_a, "a", promote_row=True)
-    lb = _logical(b, transpose_b, "b", promote_row=False)
+    la = _logical(a, transpose_a, "a", promote_row=True, names=names(a, b))
+    lb = _logical(b, transpose_b, "b", promote_row=False, names=names(a, b))
     m, k = la.shape[-2:]
     kb, n = lb.shape[-2:]
     if k != kb:
-        raise ShapeError(f"{_names(a, b)} — inner dimensions {k} and {kb} differ")
+        raise ShapeError(f"{names(a, b)} — inner dimensions {k} and {kb} differ")
     batch_shape = _broadcast(a, b, la.shape[:-2], lb.shape[:-2])
     for what, size in (("M", m), ("N", n), ("K", k), ("batch count", math.prod(batch_shape))):
         if size > MAX_DIM:
-            raise ShapeError(f"{_names(a, b)} — {what} = {size} exceeds the vendor libraries' 32-bit limit {MAX_DIM}")
+            raise ShapeError(f"{names(a, b)} — {what} = {size} exceeds the vendor libraries' 32-bit limit {MAX_DIM}")
     result_shape = batch_shape + (m, n)
     a_vec, b_vec = len(a.shape) == 1, len(b.shape) == 1
     out_shape = batch_shape + (() if a_vec else (m,)) + (() if b_vec else (n,))
@@ -308,22 +309,22 @@ def describe(
     if c is not None:
         lead = c.shape[: len(c.shape) - matrix_rank]
         if len(c.shape) < matrix_rank or c.shape[len(lead) :] != out_shape[len(batch_shape) :]:
-            raise ShapeError(f"{_names(a, b)}, c is {c} — c must have shape {out_shape} (batch dims may broadcast)")
+            raise ShapeError(f"{names(a, b)}, c is {c} — c must have shape {out_shape} (batch dims may broadcast)")
         try:
             broadcast_ok = _broadcast(a, b, lead, batch_shape) == batch_shape
         except ShapeError:
             broadcast_ok = False
         if not broadcast_ok:
-            raise ShapeError(f"{_names(a, b)}, c is {c} — c's batch shape {lead} does not broadcast to {batch_shape}")
+            raise ShapeError(f"{names(a, b)}, c is {c} — c's batch shape {lead} does not broadcast to {batch_shape}")
         lc = _as_result(c, a_vec, b_vec, n)
     if bias is not None and bias.shape != (n,):
-        raise ShapeError(f"{_names(a, b)}, bias is {bias} — bias must have shape ({n},)")
+        raise ShapeError(f"{names(a, b)}, bias is {bias} — bias must have shape ({n},)")
     ld_out = None
     if out is not None:
         if out.shape != out_shape:
-            raise ShapeError(f"{_names(a, b)}, out is {out} — out must have shape {out_shape}")
+            raise ShapeError(f"{names(a, b)}, out is {out} — out must have shape {out_shape}")
         if out.has_internal_overlap():
-            raise AliasError(f"{_names(a, b)}, out is {out} — out has overlapping elements (a broadcast view)")
+            raise AliasError(f"{names(a, b)}, out is {out} — out has overlapping elements (a broadcast view)")
         ld_out = _as_result(out, a_vec, b_vec, n)
 
     copies = set()
@@ -347,12 +348,12 @@ def describe(
     d_order = _matrix_order(m, n, d.strides[-2], d.strides[-1])
     assert d_order is not None
 
-    names = ["a", "b", "c", "d"]
+    operands = ["a", "b", "c", "d"]
     metas = [ops["a"], ops["b"], ops.get("c", d), d]
     bstrides = [_batch_strides(meta, batch_shape) for meta in metas]
     batch_count, inner, outer = _collapse(batch_shape, bstrides)
-    offsets = _outer_offsets(outer, len(names))
-    outer_strides = [tuple(st[j] for _, st in outer) for j in range(len(names))]
+    offsets = _outer_offsets(outer, len(operands))
+    outer_strides = [tuple(st[j] for _, st in outer) for j in range(len(operands))]
 
     def layout(j: int, rows: int, cols: int, row_major: bool, ld: int) -> Layout:
         align = _alignment(itemsize, ld, inner[j], *outer_strides[j])
