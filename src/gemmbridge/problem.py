@@ -261,11 +261,6 @@ def _contiguous(meta: TensorMeta) -> TensorMeta:
     return TensorMeta(meta.shape, contiguous_strides(meta.shape), meta.dtype, meta.device)
 
 
-def _out_writable(meta: TensorMeta) -> bool:
-    order = _matrix_order(meta.shape[-2], meta.shape[-1], meta.strides[-2], meta.strides[-1])
-    return order is not None and order[0] and all(s >= 0 for s in meta.strides)
-
-
 def describe(
     a: TensorMeta,
     b: TensorMeta,
@@ -288,7 +283,6 @@ def describe(
     device = _check_devices(a, b, extra)
     if device != "cpu" and not device.startswith("cuda:"):
         raise DeviceError(f"{names(a, b)} — device {device} is not supported (cpu, cuda)")
-    itemsize = ITEMSIZE[dtype]
 
     la = _logical(a, transpose_a, "a", promote_row=True, names=names(a, b))
     lb = _logical(b, transpose_b, "b", promote_row=False, names=names(a, b))
@@ -300,23 +294,9 @@ def describe(
     for what, size in (("M", m), ("N", n), ("K", k), ("batch count", math.prod(batch_shape))):
         if size > MAX_DIM:
             raise ShapeError(f"{names(a, b)} — {what} = {size} exceeds the vendor libraries' 32-bit limit {MAX_DIM}")
-    result_shape = batch_shape + (m, n)
     a_vec, b_vec = len(a.shape) == 1, len(b.shape) == 1
     out_shape = batch_shape + (() if a_vec else (m,)) + (() if b_vec else (n,))
-    matrix_rank = len(out_shape) - len(batch_shape)
-
-    lc = None
-    if c is not None:
-        lead = c.shape[: len(c.shape) - matrix_rank]
-        if len(c.shape) < matrix_rank or c.shape[len(lead) :] != out_shape[len(batch_shape) :]:
-            raise ShapeError(f"{names(a, b)}, c is {c} — c must have shape {out_shape} (batch dims may broadcast)")
-        try:
-            broadcast_ok = _broadcast(a, b, lead, batch_shape) == batch_shape
-        except ShapeError:
-            broadcast_ok = False
-        if not broadcast_ok:
-            raise ShapeError(f"{names(a, b)}, c is {c} — c's batch shape {lead} does not broadcast to {batch_shape}")
-        lc = _as_result(c, a_vec, b_vec, n)
+    lc = None if c is None else _as_result(_check_c(a, b, c, batch_shape, out_shape), a_vec, b_vec, n)
     if bias is not None and bias.shape != (n,):
         raise ShapeError(f"{names(a, b)}, bias is {bias} — bias must have shape ({n},)")
     ld_out = None
@@ -327,52 +307,22 @@ def describe(
             raise AliasError(f"{names(a, b)}, out is {out} — out has overlapping elements (a broadcast view)")
         ld_out = _as_result(out, a_vec, b_vec, n)
 
-    copies = set()
-    ops = {"a": la, "b": lb}
-    if lc is not None:
-        ops["c"] = lc
-    layouts = {}
-    for name, meta in ops.items():
-        order = _matrix_order(meta.shape[-2], meta.shape[-1], meta.strides[-2], meta.strides[-1])
-        if order is None or any(s < 0 for s in meta.strides) or (name == "c" and not order[0]):
-            copies.add(name)
-            meta = _contiguous_copy(name, a, b, c, transpose_a, transpose_b, n)
-            ops[name] = meta
-            order = _matrix_order(meta.shape[-2], meta.shape[-1], meta.strides[-2], meta.strides[-1])
-            assert order is not None
-        layouts[name] = order
+    operands = {"a": la, "b": lb} if lc is None else {"a": la, "b": lb, "c": lc}
+    copies = {name for name, meta in operands.items() if not _describable(meta, row_major_only=name == "c")}
+    for name in copies:
+        operands[name] = _contiguous_copy(name, a, b, c, transpose_a, transpose_b, n)
     if bias is not None and n > 1 and bias.strides[0] != 1:
         copies.add("bias")
-    out_via_temp = ld_out is not None and not _out_writable(ld_out)
-    d = ld_out if ld_out is not None and not out_via_temp else _contiguous(TensorMeta(result_shape, (), dtype, device))
-    d_order = _matrix_order(m, n, d.strides[-2], d.strides[-1])
-    assert d_order is not None
-
-    operands = ["a", "b", "c", "d"]
-    metas = [ops["a"], ops["b"], ops.get("c", d), d]
-    bstrides = [_batch_strides(meta, batch_shape) for meta in metas]
-    batch_count, inner, outer = _collapse(batch_shape, bstrides)
-    offsets = _outer_offsets(outer, len(operands))
-    outer_strides = [tuple(st[j] for _, st in outer) for j in range(len(operands))]
-
-    def layout(j: int, rows: int, cols: int, row_major: bool, ld: int) -> Layout:
-        align = _alignment(itemsize, ld, inner[j], *outer_strides[j])
-        if row_major:
-            return Layout(cols, rows, ld, False, inner[j], align)
-        return Layout(rows, cols, ld, True, inner[j], align)
-
-    lt_a = layout(1, k, n, *layouts["b"])
-    lt_b = layout(0, m, k, *layouts["a"])
-    lt_d = layout(3, m, n, *d_order)
-    lt_c = layout(2, m, n, *layouts["c"]) if "c" in layouts else lt_d
+    out_via_temp = ld_out is not None and not _describable(ld_out, row_major_only=True)
+    d = (
+        ld_out
+        if ld_out is not None and not out_via_temp
+        else _contiguous(TensorMeta(batch_shape + (m, n), (), dtype, device))
+    )
+    layouts, batch_count, offsets = _vendor_layouts(operands, d, batch_shape, m, n, k, ITEMSIZE[dtype])
 
     extents = {"a": a.extent(), "b": b.extent()}
-    if c is not None:
-        extents["c"] = c.extent()
-    if bias is not None:
-        extents["bias"] = bias.extent()
-    if out is not None:
-        extents["out"] = out.extent()
+    extents.update({name: meta.extent() for name, meta in extra.items()})
     return Problem(
         dtype=dtype,
         device=device,
@@ -388,11 +338,52 @@ def describe(
         epilogue=epilogue,
         copies=frozenset(copies),
         out_via_temp=out_via_temp,
-        lt_a=lt_a,
-        lt_b=lt_b,
-        lt_c=lt_c,
-        lt_d=lt_d,
+        lt_a=layouts["b"],
+        lt_b=layouts["a"],
+        lt_c=layouts["c"],
+        lt_d=layouts["d"],
         batch_count=batch_count,
         outer_offsets=offsets,  # type: ignore[arg-type]
         extents=extents,
     )
+
+
+def _check_c(
+    a: TensorMeta, b: TensorMeta, c: TensorMeta, batch_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> TensorMeta:
+    """``c`` has the result's matrix dims and batch dims that broadcast to the result's."""
+    matrix_rank = len(out_shape) - len(batch_shape)
+    lead = c.shape[: len(c.shape) - matrix_rank]
+    if len(c.shape) < matrix_rank or c.shape[len(lead) :] != out_shape[len(batch_shape) :]:
+        raise ShapeError(f"{names(a, b)}, c is {c} — c must have shape {out_shape} (batch dims may broadcast)")
+    try:
+        broadcast_ok = _broadcast(a, b, lead, batch_shape) == batch_shape
+    except ShapeError:
+        broadcast_ok = False
+    if not broadcast_ok:
+        raise ShapeError(f"{names(a, b)}, c is {c} — c's batch shape {lead} does not broadcast to {batch_shape}")
+    return c
+
+
+def _describable(meta: TensorMeta, row_major_only: bool) -> bool:
+    """True when the vendor library can read this batch of matrices as it is stored."""
+    order = _matrix_order(meta.shape[-2], meta.shape[-1], meta.strides[-2], meta.strides[-1])
+    return order is not None and all(s >= 0 for s in meta.strides) and (order[0] or not row_major_only)
+
+
+def _vendor_layouts(
+    operands: dict[str, TensorMeta], d: TensorMeta, batch_shape: tuple[int, ...], m: int, n: int, k: int, itemsize: int
+) -> tuple[dict[str, Layout], int, tuple[tuple[int, ...], ...]]:
+    """cuBLASLt layouts of a, b, c, d (column-major, Dᵀ = Bᵀ Aᵀ), the inner batch count, the outer offsets."""
+    metas = [operands["a"], operands["b"], operands.get("c", d), d]
+    batch_count, inner, outer = _collapse(batch_shape, [_batch_strides(meta, batch_shape) for meta in metas])
+    layouts = {}
+    for j, (name, rows, cols) in enumerate((("a", m, k), ("b", k, n), ("c", m, n), ("d", m, n))):
+        meta = metas[j]
+        order = _matrix_order(rows, cols, meta.strides[-2], meta.strides[-1])
+        assert order is not None
+        row_major, ld = order
+        align = _alignment(itemsize, ld, inner[j], *(st[j] for _, st in outer))
+        shape = (cols, rows) if row_major else (rows, cols)
+        layouts[name] = Layout(shape[0], shape[1], ld, not row_major, inner[j], align)
+    return layouts, batch_count, _outer_offsets(outer, len(metas))
