@@ -113,10 +113,10 @@ def matmul(
         _framework_of(fw, bias, "bias", a)
     if out is not None:
         _framework_of(fw, out, "out", a)
-        if not fw.mutable:
+        if not fw.writable(out):
             raise OptionError(
-                f"{names(fw.meta(a), fw.meta(b))}, out is given — out= is not supported for {fw.name} arrays "
-                "(they are immutable)"
+                f"{names(fw.meta(a), fw.meta(b))}, out is {fw.meta(out)} — out is read-only"
+                + (f" ({fw.name} arrays are immutable: out= is not supported for them)" if not fw.mutable else "")
             )
     key = (
         fw.name, fw.key(a), fw.key(b),
@@ -129,7 +129,10 @@ def matmul(
         cache = _local.cache
     except AttributeError:
         cache = _cache()
-    entry = cache.get(key)
+    try:
+        entry = cache.get(key)
+    except TypeError:  # an unhashable option (a list as epilogue...): describe() names the mistake
+        entry = None
     if entry is None:
         entry = _Entry(describe(
             fw.meta(a), fw.meta(b),
@@ -138,7 +141,7 @@ def matmul(
             out=None if out is None else fw.meta(out),
             transpose_a=transpose_a, transpose_b=transpose_b, epilogue=epilogue,
         ))  # fmt: skip
-        cache[key] = entry
+        cache[key] = entry  # only reached with a hashable key: describe() refuses every unhashable option
         if len(cache) > PLAN_CACHE_SIZE:
             cache.popitem(last=False)
     else:

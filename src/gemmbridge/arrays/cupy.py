@@ -36,6 +36,9 @@ class CupyArrays:
     def pointer(self, x: cupy.ndarray) -> int:
         return x.data.ptr
 
+    def writable(self, x: Any) -> bool:
+        return True
+
     def empty(self, shape: tuple[int, ...], like: cupy.ndarray) -> cupy.ndarray:
         with like.device:
             return cupy.empty(shape, dtype=like.dtype)

@@ -49,6 +49,9 @@ class JaxArrays:
         x.block_until_ready()
         return x.unsafe_buffer_pointer()
 
+    def writable(self, x: Any) -> bool:
+        return False
+
     def empty(self, shape: tuple[int, ...], like: jax.Array) -> jax.Array:
         return jnp.empty(shape, dtype=like.dtype, device=_device(like))
 

@@ -37,6 +37,9 @@ class NumpyArrays:
     def pointer(self, x: np.ndarray) -> int:
         return int(x.__array_interface__["data"][0])
 
+    def writable(self, x: Any) -> bool:
+        return bool(x.flags.writeable)
+
     def empty(self, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
         return np.empty(shape, dtype=like.dtype)
 

@@ -33,6 +33,9 @@ class TorchArrays:
     def pointer(self, x: torch.Tensor) -> int:
         return x.data_ptr()
 
+    def writable(self, x: Any) -> bool:
+        return True
+
     def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return like.new_empty(shape)
 
