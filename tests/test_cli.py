@@ -26,3 +26,42 @@ def test_info_json_reports_versions_and_checks():
     assert report["versions"]["numpy"]
     cpu = next(c for c in report["checks"] if c["backend"] == "cpu")
     assert cpu["ok"] is True and 0 < cpu["rel_err"] < 1e-5
+
+
+def test_info_reports_cuda_versions_and_cache_locations():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("cuda: ") for line in lines)
+    caches = lines[lines.index("caches:") + 1 :]
+    assert any("gemmbridge plans" in line and "512" in line for line in caches)
+    assert any(line.split()[0] == "triton" and ".triton" in line or "TRITON" in line for line in caches)
+    report = json.loads(run_cli("info", "--json").stdout)
+    assert {"cuda_driver", "cuda_runtime", "cublasLt"} <= set(report["cuda"])
+    assert {c["name"] for c in report["caches"]} >= {"gemmbridge plans", "triton kernels", "cupy kernels"}
+
+
+def test_bench_and_stress_have_help():
+    bench = run_cli("bench", "--help")
+    assert bench.returncode == 0 and "--shape" in bench.stdout and "--plot" in bench.stdout
+    stress = run_cli("stress", "--help")
+    assert stress.returncode == 0 and "--iterations" in stress.stdout and "compute-sanitizer" in stress.stdout
+
+
+def test_bad_options_exit_2_with_a_message():
+    result = run_cli("bench", "--device", "cpu", "--shape", "12x")
+    assert result.returncode == 2 and "is not MxNxK" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("bench", "--device", "cpu", "--dtype", "int8")
+    assert result.returncode == 2 and "--dtype" in result.stderr
+
+
+def test_bench_on_cuda_without_a_gpu_says_why():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    except ImportError:
+        pass
+    result = run_cli("bench", "--device", "cuda")
+    assert result.returncode == 2 and "needs torch with a visible CUDA device" in result.stderr

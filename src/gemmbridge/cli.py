@@ -1,10 +1,37 @@
-"""Command line: ``gemmbridge info``."""
+"""Command line: ``gemmbridge info | bench | stress``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from .errors import GemmError
+
+BENCH_EPILOG = """\
+Every candidate is checked against a float64 reference before it is timed; a wrong one is reported, not
+timed. A candidate that cannot run is listed with the reason. Exit status 1 when gemmbridge itself is
+wrong or fails on any shape; other candidates' failures are reported in the table and the JSON.
+
+examples:
+  gemmbridge bench                                     # cuda: bf16, every preset (CPU: fp32)
+  gemmbridge bench --dtype bf16,fp16 --json b.json --plot b.png
+  gemmbridge bench --shape 4096x16x4096 --shape 64x64x64x32 --dtype fp32
+  gemmbridge bench --device cpu --preset small
+"""
+
+STRESS_EPILOG = """\
+Exit status 1 on any wrong result, any valid call that raised, any failing call that did not raise a
+GemmError (or wrote into out), framework-allocator growth after the warm-up, device memory or host RSS
+growth over the tolerances, or a plan cache over its bound.
+
+under compute-sanitizer (memcheck): the short mode, torch arrays, torch's caching allocator off (exit 9 on
+a memcheck error, 1 on a stress failure):
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --report-api-errors no \\
+      --error-exitcode 9 python -m gemmbridge.cli stress --short --device cuda --frameworks torch
+soak:
+  gemmbridge stress --iterations 100000 --json stress.json
+"""
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -19,6 +46,17 @@ def _info(args: argparse.Namespace) -> int:
         missing = [k for k, v in result["versions"].items() if v is None]
         if missing:
             print("not installed: " + ", ".join(missing))
+        cuda = result["cuda"]
+        if cuda.get("cuda_driver") or cuda.get("cuda_runtime") or cuda.get("cublasLt"):
+            names = {
+                "cuda_driver": "driver",
+                "cuda_runtime": "runtime",
+                "cublasLt": "cuBLASLt",
+                "torch_cuda": "torch built for",
+            }
+            print("cuda: " + ", ".join(f"{names[k]} {cuda[k] or 'unknown'}" for k in names if k in cuda))
+        else:
+            print(f"cuda: none ({cuda.get('cuda_note', 'no CUDA device')})")
         for check in result["checks"]:
             if check.get("ok") is None or "rel_err" not in check:
                 print(f"  {check['backend']:5} {'skipped' if check.get('ok') is None else 'FAILED'}: {check['reason']}")
@@ -28,17 +66,138 @@ def _info(args: argparse.Namespace) -> int:
                 f"  {check['backend']:5} {check['device']:28} {check['library']:32} "
                 f"self-check fp32 matmul+bias+gelu rel err {check['rel_err']:.1e} {status}"
             )
+        print("caches:")
+        for cache in result["caches"]:
+            state = "" if cache["exists"] is None else (" (exists)" if cache["exists"] else " (not created yet)")
+            print(f"  {cache['name']:22} {cache['location']}{state}")
     return 0 if all(c.get("ok") is not False for c in result["checks"]) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import report
+    from .bench.runner import BenchOptions, run
+
+    options = BenchOptions(
+        device=args.device,
+        dtypes=args.dtype,
+        presets=args.preset,
+        shapes=args.shape or [],
+        candidates=args.candidates,
+        rep_ms=args.rep_ms,
+        rounds=args.rounds,
+        peak_size=args.peak_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    doc = run(options)
+    report.render(doc)
+    if args.json:
+        report.write_json(doc, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .bench.plot import plot
+
+        plot(doc, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if doc["summary"]["gemmbridge"]["failures"] else 0
+
+
+def _stress(args: argparse.Namespace) -> int:
+    from .stress import StressOptions, run
+
+    options = StressOptions(
+        iterations=args.iterations,
+        seed=args.seed,
+        device=args.device,
+        frameworks=args.frameworks,
+        max_dim=args.max_dim,
+        short=args.short,
+        check_every=args.check_every,
+        prime_calls=args.prime_calls,
+        rss_tolerance_mb=args.rss_tolerance_mb,
+        device_tolerance_mb=args.device_tolerance_mb,
+        json_path=args.json,
+        progress=not args.no_progress,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0 if run(options)["ok"] else 1
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmbridge", description="Vendor GEMM for any framework's tensors.")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="backends, devices, versions, and a self-check matmul per backend")
+    info = sub.add_parser("info", help="backends, devices, versions, caches, and a self-check matmul per backend")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     info.set_defaults(run=_info)
-    args = parser.parse_args(argv)
-    return int(args.run(args))
+
+    raw = argparse.RawDescriptionHelpFormatter
+    bench = sub.add_parser(
+        "bench",
+        help="gemmbridge vs the framework's matmul, a Triton kernel, CuPy and nvmath-python: TFLOP/s, % of roofline",
+        description="Time gemmbridge against the framework's own matmul (torch.matmul; numpy.matmul on the CPU), "
+        "the project's Triton GEMM, cupy.matmul and nvmath-python, all in one run on the same inputs.",
+        epilog=BENCH_EPILOG,
+        formatter_class=raw,
+    )
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when torch sees a GPU, else cpu")
+    bench.add_argument(
+        "--dtype", help="comma list of bf16, fp16, tf32, fp32, fp64 (default: bf16 on cuda, fp32 on cpu)"
+    )
+    bench.add_argument(
+        "--preset", help="comma list of square, llm, lora, small, all (default: all, or none with --shape)"
+    )
+    bench.add_argument("--shape", action="append", metavar="MxNxK[xBATCH]", help="a shape to time (repeatable)")
+    bench.add_argument("--candidates", help="comma list of candidates to run (the others are listed as not selected)")
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    bench.add_argument(
+        "--plot", metavar="PATH", help="write a PNG: TFLOP/s against FLOPs per candidate, with the roofline"
+    )
+    bench.add_argument("--rep-ms", type=float, help="timed milliseconds per measurement (default 60 cuda, 25 cpu)")
+    bench.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each candidate keeps its best (2)")
+    bench.add_argument("--peak-size", type=int, help="M=N=K of the GEMM that measures the peak (8192 cuda, 1024 cpu)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(run=_bench)
+
+    stress = sub.add_parser(
+        "stress",
+        help="leak / soak test: a random mix of calls and failing calls; memory growth and results checked",
+        description="Run a seeded random mix of gemmbridge calls (shapes, dtypes, transposes, batches, epilogues, "
+        "out=, and failing calls) and check results on a sample, device memory, host RSS and the plan cache.",
+        epilog=STRESS_EPILOG,
+        formatter_class=raw,
+    )
+    stress.add_argument("--iterations", type=int, help="calls to make (default 1000; 200 with --short)")
+    stress.add_argument("--seed", type=int, help="replay a run (default: a fresh seed, printed)")
+    stress.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when torch sees a GPU, else cpu")
+    stress.add_argument(
+        "--frameworks", help="comma list of numpy, torch, cupy, jax (default: numpy,torch on cpu; torch,cupy on cuda)"
+    )
+    stress.add_argument("--max-dim", type=int, help="largest M, N, K (default 300; 64 with --short)")
+    stress.add_argument(
+        "--short", action="store_true", help="a small run for compute-sanitizer: 200 calls, dims ≤ 64, all checked"
+    )
+    stress.add_argument(
+        "--prime-calls",
+        type=int,
+        help="calls before the measured ones (default 5000 on cuda, 0 on cpu and with --short)",
+    )
+    stress.add_argument("--check-every", type=int, help="check every Nth result after the first 50 (default 10)")
+    stress.add_argument("--rss-tolerance-mb", type=float, default=8.0, help="host RSS growth allowed after warm-up (8)")
+    stress.add_argument("--device-tolerance-mb", type=float, default=64.0, help="cudaMemGetInfo growth allowed (64)")
+    stress.add_argument("--json", metavar="PATH", help="write the log (counts, failures, memory samples) as JSON")
+    stress.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stress.set_defaults(run=_stress)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except GemmError as error:  # a bad option or a missing backend: say it, no traceback
+        print(f"gemmbridge {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

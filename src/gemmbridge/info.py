@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes.util
+import getpass
 import importlib
+import os
 import platform
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -12,7 +16,7 @@ from . import __version__
 from .backends.cpu import gelu_tanh
 from .ops import matmul
 
-FRAMEWORKS = ("numpy", "torch", "cupy", "jax", "nvmath", "cuda.bindings", "cuda.core")
+FRAMEWORKS = ("numpy", "torch", "cupy", "jax", "nvmath", "triton", "cuda.bindings", "cuda.core")
 
 
 def versions() -> dict[str, str | None]:
@@ -23,6 +27,85 @@ def versions() -> dict[str, str | None]:
         except Exception:
             found[name] = None
     return found
+
+
+def _cuda_version_text(value: int) -> str:
+    """CUDA's 1000·major + 10·minor encoding (13000 → 13.0)."""
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def _cublaslt_version_text(value: int) -> str:
+    """cuBLAS's 10000·major + 100·minor + patch encoding (130100 → 13.1.0)."""
+    return f"{value // 10000}.{value // 100 % 100}.{value % 100}"
+
+
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def cuda_versions() -> dict[str, str | None]:
+    """CUDA driver, runtime and cuBLASLt versions; nothing CUDA is loaded where no driver is found."""
+    found: dict[str, str | None] = {"cuda_driver": None, "cuda_runtime": None, "cublasLt": None}
+    if not _torch_sees_cuda() and ctypes.util.find_library("cuda") is None:
+        found["cuda_note"] = "no CUDA driver found"
+        return found
+    try:
+        from cuda.bindings import driver, runtime
+
+        err, value = driver.cuDriverGetVersion()
+        if err == driver.CUresult.CUDA_SUCCESS:
+            found["cuda_driver"] = _cuda_version_text(value)
+        err, value = runtime.cudaRuntimeGetVersion()
+        if err == runtime.cudaError_t.cudaSuccess:
+            found["cuda_runtime"] = _cuda_version_text(value)
+    except Exception as error:  # cuda-bindings missing or its libraries cannot load
+        found["cuda_note"] = f"cuda-bindings: {type(error).__name__}: {error}"
+    try:
+        from .backends.cuda import bindings
+
+        found["cublasLt"] = _cublaslt_version_text(bindings.version())
+    except Exception:
+        pass
+    try:
+        import torch
+
+        found["torch_cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return found
+
+
+def cache_locations() -> list[dict[str, Any]]:
+    """Where gemmbridge and the libraries under it keep caches (none of them is created here)."""
+    from .ops import PLAN_CACHE_SIZE
+
+    home = os.path.expanduser("~")
+    env = os.environ.get
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "user"
+    paths = {
+        "triton kernels": env("TRITON_CACHE_DIR") or os.path.join(env("TRITON_HOME") or home, ".triton", "cache"),
+        "cuda jit (PTX → SASS)": env("CUDA_CACHE_PATH") or os.path.join(home, ".nv", "ComputeCache"),
+        "cupy kernels": env("CUPY_CACHE_DIR") or os.path.join(home, ".cupy", "kernel_cache"),
+        "torch inductor": env("TORCHINDUCTOR_CACHE_DIR")
+        or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
+        "jax compilation": env("JAX_COMPILATION_CACHE_DIR"),
+    }
+    caches: list[dict[str, Any]] = [{
+        "name": "gemmbridge plans",
+        "location": f"in memory, per thread, LRU of at most {PLAN_CACHE_SIZE} problems (no disk cache)",
+        "exists": None,
+    }]  # fmt: skip
+    for name, path in paths.items():
+        exists = os.path.isdir(path) if path else None
+        caches.append({"name": name, "location": path or "off (not configured)", "exists": exists})
+    return caches
 
 
 def _blas() -> str:
@@ -67,7 +150,7 @@ def check_cuda() -> list[dict[str, Any]]:
     try:
         from .backends.cuda import bindings
 
-        library = f"cuBLASLt {bindings.version()}"
+        library = f"cuBLASLt {_cublaslt_version_text(bindings.version())}"
     except Exception as error:  # the optional [cuda] extra is missing or cannot load
         return [{"backend": "cuda", "ok": False, "reason": f"cuBLASLt unavailable: {error}"}]
     results = []
@@ -90,4 +173,9 @@ def check_cuda() -> list[dict[str, Any]]:
 
 
 def report() -> dict[str, Any]:
-    return {"versions": versions(), "checks": [check_cpu(), *check_cuda()]}
+    return {
+        "versions": versions(),
+        "cuda": cuda_versions(),
+        "checks": [check_cpu(), *check_cuda()],
+        "caches": cache_locations(),
+    }

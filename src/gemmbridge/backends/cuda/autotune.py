@@ -26,7 +26,7 @@ enabled = os.environ.get("GEMMBRIDGE_AUTOTUNE", "0") == "1"
 def tune(
     plan: LtPlan, problem: Problem, a: int, b: int, c: int, scratch: int, bias: int, alpha: float, beta: float,
     workspace: int, stream: int,
-) -> list[float]:
+) -> list[float]:  # fmt: skip
     """Select ``plan``'s fastest candidate; returns each candidate's ms per call (inf if refused)."""
     start = _check(driver.cuEventCreate(0))
     end = _check(driver.cuEventCreate(0))

@@ -1,0 +1,113 @@
+"""Benchmark data: dtypes and their tolerances, fresh random inputs, the float64 reference, relative error.
+
+On the CPU inputs are numpy arrays (bfloat16 through ml_dtypes) and the reference is numpy float64; on
+CUDA inputs are torch CUDA tensors and the reference is torch float64 on the same device. Inputs are
+standard normal (never zeros), drawn afresh for every shape; errors are ‖x − ref‖_F / ‖ref‖_F.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import OptionError
+from .presets import Shape
+
+
+@dataclass(frozen=True)
+class DType:
+    label: str  # what the user types: bf16, fp16, tf32, fp32, fp64
+    name: str  # the storage dtype: bfloat16, float16, float32, float64
+    tf32: bool  # float32 inputs, TF32 tensor cores allowed
+    tolerance: float  # relative Frobenius error a correct candidate stays under
+    itemsize: int
+
+
+DTYPES = {
+    "bf16": DType("bf16", "bfloat16", False, 1e-2, 2),
+    "fp16": DType("fp16", "float16", False, 1e-2, 2),
+    "tf32": DType("tf32", "float32", True, 3e-3, 4),
+    "fp32": DType("fp32", "float32", False, 1e-5, 4),
+    "fp64": DType("fp64", "float64", False, 1e-12, 8),
+}
+
+
+def parse_dtypes(text: str) -> list[DType]:
+    """``bf16,fp32`` → DTypes, in the order given."""
+    labels = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in labels if t not in DTYPES]
+    if unknown or not labels:
+        raise OptionError(f"bench: --dtype {text!r}: choose from {', '.join(DTYPES)} (comma list ok)")
+    return [DTYPES[t] for t in dict.fromkeys(labels)]
+
+
+def numpy_dtype(dtype: DType) -> Any:
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype.name)
+
+
+def torch_dtype(dtype: DType) -> Any:
+    import torch
+
+    return getattr(torch, dtype.name)
+
+
+def make_inputs(device: str, shape: Shape, dtype: DType, rng: np.random.Generator) -> tuple[Any, Any]:
+    """Fresh standard-normal ``a`` (batch, M, K) and ``b`` (batch, K, N) on ``device``."""
+    if device == "cpu":
+        a = rng.standard_normal(shape.a_shape, dtype=np.float32).astype(numpy_dtype(dtype))
+        b = rng.standard_normal(shape.b_shape, dtype=np.float32).astype(numpy_dtype(dtype))
+        return a, b
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+    tdt = torch_dtype(dtype)
+    ta = torch.randn(shape.a_shape, generator=gen, device=device, dtype=tdt)
+    tb = torch.randn(shape.b_shape, generator=gen, device=device, dtype=tdt)
+    return ta, tb
+
+
+def to_float64(x: Any, device: str) -> Any:
+    """``x`` (numpy, torch, cupy...) as float64 where the reference lives: numpy on CPU, torch on CUDA."""
+    if device == "cpu":
+        if type(x).__module__.startswith("torch"):
+            return x.detach().to("cpu").double().numpy()
+        return np.asarray(x).astype(np.float64)
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_dlpack(x)  # cupy and others: zero-copy
+    return x.detach().double()
+
+
+def reference(a: Any, b: Any, device: str) -> Any:
+    """``a @ b`` in float64, from the (rounded) inputs."""
+    if device == "cpu":
+        return np.matmul(a.astype(np.float64), b.astype(np.float64))
+    return a.double() @ b.double()
+
+
+def rel_err(x: Any, ref: Any, device: str) -> float:
+    """‖x − ref‖_F / ‖ref‖_F; inf for a wrong shape, NaN results give NaN."""
+    got = to_float64(x, device)
+    if tuple(got.shape) != tuple(ref.shape):
+        return float("inf")
+    if device == "cpu":
+        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    return float((got - ref).norm() / ref.norm())
+
+
+def poison(device: str, shape: Shape, dtype: DType) -> None:
+    """Fill and free a NaN buffer of the result's size, so that a candidate that leaves memory unwritten
+    (the allocator hands the freed block back) reads as wrong rather than as a stale right answer."""
+    if device == "cpu":
+        np.full(shape.out_shape, np.nan, dtype=numpy_dtype(dtype))
+    else:
+        import torch
+
+        torch.full(shape.out_shape, float("nan"), device=device, dtype=torch_dtype(dtype))

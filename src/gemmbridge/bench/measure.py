@@ -1,0 +1,85 @@
+"""One shape in one dtype: fresh inputs, every candidate checked against float64, then the correct ones timed.
+
+A candidate that is wrong (relative error over the dtype's tolerance, or NaN) or that raises is reported
+with the reason and is not timed. Timing interleaves the candidates (A B C A B C) and keeps each one's best
+median; a small shape also gets host µs per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .candidates import Candidate
+from .data import DType, make_inputs, poison, reference, rel_err
+from .presets import Shape
+from .timing import device_ms, host_us_per_call
+
+
+def _error(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def skipped(reason: str) -> dict[str, Any]:
+    return {"status": "skipped", "reason": reason}
+
+
+def check_and_time(
+    device: str,
+    shape: Shape,
+    dtype: DType,
+    candidates: list[Candidate],
+    rng: np.random.Generator,
+    rep_ms: float,
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Each candidate's result on ``shape``: status, reason, rel_err, ms, ms_runs, tflops, host_us."""
+    results: dict[str, dict[str, Any]] = {}
+    fns: dict[str, Callable[[], Any]] = {}
+    with contextlib.ExitStack() as stack:
+        a, b = make_inputs(device, shape, dtype, rng)
+        ref = reference(a, b, device)
+        for cand in candidates:
+            reason = cand.unsupported(shape, dtype)
+            if reason:
+                results[cand.name] = skipped(reason)
+                continue
+            try:
+                fn = cand.prepare(a, b, dtype)
+                close = getattr(fn, "close", None)
+                if close is not None:
+                    stack.callback(close)
+                poison(device, shape, dtype)
+                err = rel_err(fn(), ref, device)
+            except Exception as error:
+                results[cand.name] = {"status": "error", "reason": _error(error)}
+                continue
+            if not err <= dtype.tolerance:  # NaN is wrong too
+                reason = f"relative error {err:.2e} over the {dtype.label} tolerance {dtype.tolerance:g}"
+                results[cand.name] = {"status": "wrong", "reason": reason, "rel_err": err}
+                continue
+            results[cand.name] = {"status": "ok", "reason": None, "rel_err": err, "ms_runs": []}
+            fns[cand.name] = fn
+        del ref
+        for _ in range(rounds):
+            for name, fn in list(fns.items()):
+                try:
+                    results[name]["ms_runs"].append(device_ms(fn, device, rep_ms))
+                except Exception as error:
+                    results[name] = {"status": "error", "reason": _error(error), "rel_err": results[name]["rel_err"]}
+                    del fns[name]
+        for name, fn in list(fns.items()):
+            result = results[name]
+            result["ms"] = min(result["ms_runs"])
+            result["tflops"] = shape.flops / (result["ms"] * 1e-3) / 1e12
+            result["host_us"] = None
+            if shape.small:
+                try:
+                    result["host_us"] = host_us_per_call(fn, device, budget_ms=rep_ms)
+                except Exception as error:
+                    results[name] = {"status": "error", "reason": _error(error), "rel_err": result["rel_err"]}
+    return results

@@ -1,0 +1,328 @@
+"""``gemmbridge bench``: measure the card's limits, then every shape × dtype for every candidate.
+
+``run(options)`` returns the JSON-ready result (schema in ``report.py``). All candidates run in the same
+process on the same inputs; a candidate that cannot run is listed with the reason, in the candidate list
+and in every row, never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, OptionError
+from . import report
+from .candidates import BASELINES, Candidate, candidates
+from .data import DType, parse_dtypes
+from .measure import check_and_time, skipped
+from .peaks import compute_peak, copy_bandwidth, roofline
+from .presets import PEAK_SIZE, Shape, parse_shape, preset_shapes
+
+DEFAULT_DTYPE = {"cuda": "bf16", "cpu": "fp32"}
+DEFAULT_REP_MS = {"cuda": 60.0, "cpu": 25.0}
+METHOD = (
+    "inputs standard normal, fresh per shape; each candidate checked against a float64 reference before it is "
+    "timed; device time: {timer}, warm-up excluded; candidates interleaved A B C A B C, {rounds} round(s), best "
+    "median kept; host µs/call (small shapes): eager calls without synchronization, then one, median of 5"
+)
+
+
+@dataclass
+class BenchOptions:
+    device: str | None = None  # "cpu" or "cuda"; None: cuda when torch sees one
+    dtypes: str | None = None  # comma list of bf16, fp16, tf32, fp32, fp64
+    presets: str | None = None  # comma list of square, llm, lora, small, all
+    shapes: list[str] = field(default_factory=list)  # MxNxK[xBATCH]
+    candidates: str | None = None  # comma list to keep; the others are listed as not selected
+    rep_ms: float | None = None  # timed milliseconds per measurement
+    rounds: int = 2
+    peak_size: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if _cuda_visible() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise OptionError(f"bench: --device {name!r}: choose cpu or cuda")
+    if name == "cuda" and not _cuda_visible():
+        raise BackendUnavailableError("bench: --device cuda needs torch with a visible CUDA device (inputs are torch)")
+    return name
+
+
+def card_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return str(torch.cuda.get_device_name(0))
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"CPU: {model} ({os.cpu_count()} logical cores)"
+
+
+@contextlib.contextmanager
+def _tf32(device: str, dtype: DType) -> Iterator[None]:
+    """torch's own TF32 flag for its matmul, for one dtype's block (restored after)."""
+    if device != "cuda":
+        yield
+        return
+    import torch
+
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_tf32
+    flags.allow_tf32 = dtype.tf32
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = old
+
+
+class _Progress:
+    """A rich progress bar on stderr, or one plain line per step when rich is not installed."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if not self.enabled:
+            return self
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return self
+        columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bar = Progress(*columns, console=Console(stderr=True), transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("bench", total=self.total)
+        return self
+
+    def step(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+        elif self.enabled:
+            import sys
+
+            print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _select(device: str, names: str | None) -> tuple[list[Candidate], list[dict[str, Any]]]:
+    """The candidates that will run, and every candidate's listing (with the reason for those that won't)."""
+    every = candidates()
+    wanted = None
+    if names:
+        wanted = {n.strip() for n in names.split(",") if n.strip()}
+        unknown = wanted - {c.name for c in every}
+        if unknown:
+            raise OptionError(f"bench: --candidates: unknown {sorted(unknown)} (choose from {[c.name for c in every]})")
+    active, listing = [], []
+    for cand in every:
+        reason = cand.available(device)
+        if reason is None and wanted is not None and cand.name not in wanted:
+            reason = "not selected (--candidates)"
+        if reason is None:
+            active.append(cand)
+        listing.append({
+            "name": cand.name,
+            "description": cand.description,
+            "available": reason is None,
+            "reason": reason,
+            "baseline": cand.name == BASELINES[device][0],
+        })  # fmt: skip
+    return active, listing
+
+
+def _versions(device: str) -> dict[str, Any]:
+    from ..info import cuda_versions, versions
+
+    found: dict[str, Any] = dict(versions())
+    if device == "cuda":
+        found.update(cuda_versions())
+    return found
+
+
+ENV_PREFIXES = (
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "GOTO_",
+    "CUPY_TF32",
+    "NVIDIA_TF32_OVERRIDE",
+    "CUBLAS",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+def _environment() -> dict[str, Any]:
+    """What else shapes the numbers: thread counts and the variables that change BLAS or TF32 behaviour."""
+    found: dict[str, Any] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
+    found["cpu_count"] = os.cpu_count()
+    with contextlib.suppress(ImportError):
+        import torch
+
+        found["torch_threads"] = torch.get_num_threads()
+    return found
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    """Run the benchmark; the result is the JSON document (see ``report.SCHEMA``)."""
+    device = resolve_device(options.device)
+    dtypes = parse_dtypes(options.dtypes or DEFAULT_DTYPE[device])
+    notes = []
+    if device == "cpu" and any(d.tf32 for d in dtypes):
+        notes.append("tf32 skipped: TF32 is a CUDA tensor-core mode; there is none on the CPU")
+        dtypes = [d for d in dtypes if not d.tf32]
+    if not dtypes:
+        raise OptionError("bench: no dtype left to run on the CPU (tf32 is CUDA only)")
+    custom = [parse_shape(s) for s in options.shapes]
+    shapes = custom
+    if options.presets or not custom:
+        shapes = preset_shapes(device, (options.presets or "all").split(",")) + custom
+    rep_ms = options.rep_ms or DEFAULT_REP_MS[device]
+    rounds = max(1, options.rounds)
+    peak_size = options.peak_size or PEAK_SIZE[device]
+    active, listing = _select(device, options.candidates)
+    unavailable = {c["name"]: c["reason"] for c in listing if not c["available"]}
+    rng = np.random.default_rng(options.seed)
+
+    timer = "time.perf_counter loops, median"
+    if device == "cuda":
+        timer = "CUDA events around each call, median"
+        with contextlib.suppress(ImportError):
+            import triton.testing  # noqa: F401
+
+            timer = "triton.testing.do_bench median (L2 flushed before each call)"
+    result: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "card": card_name(device),
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(device),
+        "method": METHOD.format(timer=timer, rounds=rounds),
+        "settings": {
+            "dtypes": [d.label for d in dtypes],
+            "presets": sorted({s.preset for s in shapes}),
+            "rep_ms": rep_ms,
+            "rounds": rounds,
+            "peak_size": peak_size,
+            "seed": options.seed,
+            "tolerances": {d.label: d.tolerance for d in dtypes},
+        },
+        "notes": notes,
+        "environment": _environment(),
+        "candidates": listing,
+        "peaks": {},
+        "bandwidth": None,
+        "rows": [],
+    }
+    with _Progress(1 + len(dtypes) * (1 + len(shapes)), options.progress) as progress:
+        progress.step("copy bandwidth")
+        result["bandwidth"] = copy_bandwidth(device, rep_ms)
+        progress.advance()
+        for dtype in dtypes:
+            with _tf32(device, dtype):
+                progress.step(f"{dtype.label} peak {peak_size}³")
+                peak = compute_peak(device, dtype, active, peak_size, rng, rep_ms)
+                peak["measured_tflops"] = peak["tflops"]
+                result["peaks"][dtype.label] = peak
+                progress.advance()
+                for shape in shapes:
+                    progress.step(f"{dtype.label} {shape}")
+                    measured = check_and_time(device, shape, dtype, active, rng, rep_ms, rounds)
+                    by_name = {c["name"]: measured.get(c["name"]) or skipped(unavailable[c["name"]]) for c in listing}
+                    result["rows"].append(_row(shape, dtype, by_name))
+                    progress.advance()
+    _finish(result, device, dtypes)
+    return result
+
+
+def _row(shape: Shape, dtype: DType, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "preset": shape.preset,
+        "dtype": dtype.label,
+        "m": shape.m,
+        "n": shape.n,
+        "k": shape.k,
+        "batch": shape.batch,
+        "flops": shape.flops,
+        "bytes": shape.nbytes(dtype.itemsize),
+        "results": results,
+    }
+
+
+def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
+    """Peaks raised to the best seen, then each row's roofline, % of it, and ratio to the framework's matmul."""
+    bandwidth = result["bandwidth"]["bytes_per_s"]
+    for dtype in dtypes:
+        peak = result["peaks"][dtype.label]
+        for row in result["rows"]:
+            for name, r in row["results"].items():
+                if row["dtype"] == dtype.label and r["status"] == "ok" and r["tflops"] > (peak["tflops"] or 0):
+                    peak.update(tflops=r["tflops"], candidate=name, shape=[row["m"], row["n"], row["k"]])
+        peak["raised_by_a_timed_shape"] = peak["tflops"] != peak["measured_tflops"]
+    dtype_of = {d.label: d for d in dtypes}
+    for row in result["rows"]:
+        dtype = dtype_of[row["dtype"]]
+        shape = Shape(row["m"], row["n"], row["k"], row["batch"], row["preset"])
+        row.update(roofline(shape, dtype, result["peaks"][dtype.label]["tflops"], bandwidth))
+        ok = {name: r for name, r in row["results"].items() if r["status"] == "ok"}
+        row["baseline"] = next((name for name in BASELINES[device] if name in ok), None)
+        base = ok[row["baseline"]]["tflops"] if row["baseline"] else None
+        for r in ok.values():
+            r["pct_of_roofline"] = 100 * r["tflops"] / row["roofline_tflops"] if row["roofline_tflops"] else None
+            r["ratio"] = r["tflops"] / base if base else None
+    summary: dict[str, Any] = {}
+    for cand in result["candidates"]:
+        name = cand["name"]
+        ratios = [
+            row["results"][name]["ratio"]
+            for row in result["rows"]
+            if row["results"][name].get("ratio") and row["baseline"] != name
+        ]
+        failed = [
+            f"{label} peak {'x'.join(map(str, peak['shape']))}: {peak['by_candidate'][name]['reason']}"
+            for label, peak in result["peaks"].items()
+            if peak["by_candidate"].get(name, {}).get("status") in ("wrong", "error")
+        ]
+        failed += [
+            f"{row['dtype']} {report.shape_text(row)}: {row['results'][name]['reason']}"
+            for row in result["rows"]
+            if row["results"][name]["status"] in ("wrong", "error")
+        ]
+        summary[name] = {
+            "timed_rows": sum(row["results"][name]["status"] == "ok" for row in result["rows"]),
+            "baseline_rows": sum(row["baseline"] == name for row in result["rows"]),
+            "geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None,
+            "min_ratio": min(ratios) if ratios else None,
+            "failures": failed,
+        }
+    result["summary"] = summary

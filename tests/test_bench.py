@@ -1,0 +1,208 @@
+"""``gemmbridge bench`` on tiny sizes: shapes and dtypes, the JSON schema, the plot, skipped and wrong candidates.
+
+CPU tests run everywhere; the ``gpu`` ones check the CUDA candidates (Triton kernel included) for correctness.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gemmbridge.bench import candidates, report
+from gemmbridge.bench.data import DTYPES, parse_dtypes
+from gemmbridge.bench.peaks import roofline
+from gemmbridge.bench.presets import PRESETS, Shape, parse_shape, preset_shapes
+from gemmbridge.bench.runner import BenchOptions, run
+from gemmbridge.errors import OptionError
+
+TINY = {"rep_ms": 1.0, "rounds": 1, "peak_size": 48, "progress": False}
+
+
+def tiny(**kwargs) -> dict:
+    options = BenchOptions(device="cpu", **{**TINY, **kwargs})
+    return run(options)
+
+
+def test_shapes_parse_and_presets_are_named():
+    assert parse_shape("4096x16x4096") == Shape(4096, 16, 4096)
+    assert parse_shape("64×64×64×32") == Shape(64, 64, 64, 32)
+    for bad in ("12x", "4x4", "0x4x4", "axbxc"):
+        with pytest.raises(OptionError, match="MxNxK|zero"):
+            parse_shape(bad)
+    for device in ("cpu", "cuda"):
+        assert set(PRESETS[device]) == {"square", "llm", "lora", "small"}
+        lora = preset_shapes(device, ["lora"])
+        assert {s.n for s in lora if s.n <= 64} == {8, 16, 32, 64}  # T×r×d, r in 8..64
+        assert {s.k for s in lora if s.k <= 64} == {8, 16, 32, 64}  # T×d×r
+    assert len(preset_shapes("cpu", ["all"])) == sum(len(v) for v in PRESETS["cpu"].values())
+    with pytest.raises(OptionError, match="unknown preset"):
+        preset_shapes("cpu", ["huge"])
+    assert [d.label for d in parse_dtypes("bf16, fp32,bf16")] == ["bf16", "fp32"]
+    with pytest.raises(OptionError, match="--dtype"):
+        parse_dtypes("int8")
+
+
+def test_roofline_names_the_bound_that_applies():
+    square = roofline(Shape(4096, 4096, 4096), DTYPES["bf16"], peak_tflops=700.0, bytes_per_s=3e12)
+    assert square["bound"] == "compute" and square["roofline_tflops"] == 700.0
+    lora = roofline(Shape(4096, 16, 4096), DTYPES["bf16"], peak_tflops=700.0, bytes_per_s=3e12)
+    intensity = 2 * 4096 * 16 * 4096 / ((4096 * 4096 + 4096 * 16 + 4096 * 16) * 2)
+    assert lora["bound"] == "memory" and lora["roofline_tflops"] == pytest.approx(3e12 * intensity / 1e12)
+
+
+def test_cli_writes_a_table_a_valid_json_and_a_plot(tmp_path: Path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "--device", "cpu", "--shape", "32x48x16", "--shape", "16x16x16x3", "--dtype", "fp32,fp64",
+            "--rep-ms", "1", "--rounds", "1", "--peak-size", "48", "--no-progress",
+            "--json", str(out_json), "--plot", str(out_png)]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "gemmbridge.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gemmbridge bench" in result.stdout and "measured peak fp32" in result.stdout
+    assert "copy bandwidth" in result.stdout
+    doc = json.loads(out_json.read_text())
+    report.validate(doc)
+    assert doc["device"] == "cpu" and doc["card"].startswith("CPU") and doc["versions"]["gemmbridge"]
+    assert doc["settings"]["dtypes"] == ["fp32", "fp64"]
+    assert [(r["dtype"], r["m"], r["n"], r["k"], r["batch"]) for r in doc["rows"]] == [
+        ("fp32", 32, 48, 16, 1), ("fp32", 16, 16, 16, 3), ("fp64", 32, 48, 16, 1), ("fp64", 16, 16, 16, 3),
+    ]  # fmt: skip
+    names = [c["name"] for c in doc["candidates"]]
+    assert names == ["gemmbridge", "torch", "numpy", "triton", "cupy", "nvmath"]
+    for row in doc["rows"]:
+        assert row["baseline"] == "numpy" and row["bound"] in ("compute", "memory")
+        for name in ("gemmbridge", "numpy"):
+            r = row["results"][name]
+            assert r["status"] == "ok", r
+            assert r["rel_err"] < DTYPES[row["dtype"]].tolerance
+            assert r["tflops"] > 0 and r["ms"] == min(r["ms_runs"]) and r["host_us"] > 0  # tiny shapes: host µs too
+            assert 0 < r["pct_of_roofline"] <= 100.0 + 1e-6
+        assert row["results"]["numpy"]["ratio"] == pytest.approx(1.0)
+    assert doc["peaks"]["fp32"]["tflops"] > 0 and doc["bandwidth"]["bytes_per_s"] > 0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
+
+
+def test_missing_candidates_are_listed_with_reasons_never_dropped():
+    doc = tiny(shapes=["24x24x24"], candidates="gemmbridge,numpy")
+    listing = {c["name"]: c for c in doc["candidates"]}
+    assert set(listing) == {"gemmbridge", "torch", "numpy", "triton", "cupy", "nvmath"}
+    assert listing["torch"]["reason"] == "not selected (--candidates)"
+    for name in ("triton", "cupy", "nvmath"):
+        assert not listing[name]["available"] and "CUDA" in listing[name]["reason"]
+    row = doc["rows"][0]
+    assert row["results"]["cupy"] == {"status": "skipped", "reason": listing["cupy"]["reason"]}
+    text = io.StringIO()
+    report.render(doc, file=text)
+    assert "cupy       skipped: needs a CUDA device" in text.getvalue()
+    with pytest.raises(OptionError, match="unknown"):
+        tiny(shapes=["8x8x8"], candidates="gemmbridge,cublas")
+
+
+def test_half_types_skip_numpy_with_a_reason_and_fall_back_to_torch():
+    pytest.importorskip("torch")
+    doc = tiny(shapes=["32x16x24"], dtypes="bf16,tf32")
+    assert doc["settings"]["dtypes"] == ["bf16"] and "tf32 skipped" in doc["notes"][0]
+    row = doc["rows"][0]
+    assert row["results"]["numpy"]["status"] == "skipped" and "plain loop" in row["results"]["numpy"]["reason"]
+    assert row["baseline"] == "torch" and row["results"]["gemmbridge"]["status"] == "ok"
+
+
+class _Wrong(candidates.Gemmbridge):
+    def prepare(self, a, b, dtype):
+        return lambda: np.matmul(a, b) * 1.01
+
+
+class _Raises(candidates.Gemmbridge):
+    def prepare(self, a, b, dtype):
+        raise RuntimeError("planted failure")
+
+
+@pytest.mark.parametrize(("kind", "status", "reason"), [(_Wrong, "wrong", "tolerance"), (_Raises, "error", "planted")])
+def test_a_wrong_or_failing_candidate_is_reported_not_timed(monkeypatch, kind, status, reason):
+    monkeypatch.setattr(candidates, "ALL", (kind, *candidates.ALL[1:]))
+    doc = tiny(shapes=["40x24x32"], candidates="gemmbridge,numpy")
+    report.validate(doc)
+    r = doc["rows"][0]["results"]["gemmbridge"]
+    assert r["status"] == status and reason in r["reason"]
+    assert "ms" not in r and "tflops" not in r
+    assert doc["rows"][0]["results"]["numpy"]["status"] == "ok"
+    assert doc["summary"]["gemmbridge"]["failures"]
+    from gemmbridge import cli
+
+    assert cli.main(["bench", "--device", "cpu", "--shape", "8x8x8", "--rep-ms", "1", "--rounds", "1",
+                     "--peak-size", "16", "--no-progress", "--candidates", "gemmbridge,numpy"]) == 1  # fmt: skip
+
+
+def test_schema_check_names_what_is_missing():
+    doc = tiny(shapes=["8x8x8"], candidates="gemmbridge,numpy")
+    report.validate(doc)
+    broken = json.loads(json.dumps(doc))
+    del broken["rows"][0]["results"]["cupy"]
+    broken["candidates"][3]["reason"] = None
+    del broken["bandwidth"]
+    with pytest.raises(ValueError, match="bandwidth"):
+        report.validate(broken)
+    broken["bandwidth"] = doc["bandwidth"]
+    with pytest.raises(ValueError, match="every candidate.*triton is unavailable with no reason|triton"):
+        report.validate(broken)
+
+
+def test_plain_table_without_rich(monkeypatch):
+    doc = tiny(shapes=["8x8x8", "16x8x4x2"], candidates="gemmbridge,numpy")
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # import rich.console → ImportError
+    text = io.StringIO()
+    report.render(doc, file=text)
+    lines = text.getvalue().splitlines()
+    assert lines[1].split()[:4] == ["dtype", "shape", "M×N×K", "preset"]
+    assert any(line.startswith("fp32") and "2× 16×8×4" in line for line in lines)
+
+
+# -- CUDA: the candidates and the Triton kernel are right (run on a GPU machine) -------------------------------
+
+
+def _cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("label", ["bf16", "fp16", "tf32", "fp32"])
+@pytest.mark.parametrize("shape", [(256, 192, 128, 1), (100, 72, 40, 3), (64, 8, 1000, 1)])
+def test_triton_gemm_matches_float64(label, shape):
+    torch = _cuda()
+    pytest.importorskip("triton")
+    from gemmbridge.bench import triton_gemm
+
+    m, n, k, batch = shape
+    dtype = DTYPES[label]
+    a = torch.randn(*((batch,) if batch > 1 else ()), m, k, device="cuda", dtype=getattr(torch, dtype.name))
+    b = torch.randn(*((batch,) if batch > 1 else ()), k, n, device="cuda", dtype=a.dtype)
+    got = triton_gemm.matmul(a, b, allow_tf32=dtype.tf32)
+    ref = a.double() @ b.double()
+    assert got.shape == ref.shape and got.dtype == a.dtype
+    assert ((got.double() - ref).norm() / ref.norm()).item() < dtype.tolerance
+    assert triton_gemm.matmul(a.mT.contiguous().mT, b, allow_tf32=dtype.tf32).shape == got.shape  # strided a
+
+
+@pytest.mark.gpu
+def test_cuda_bench_checks_and_times_every_available_candidate():
+    _cuda()
+    doc = run(BenchOptions(device="cuda", shapes=["256x128x64", "64x64x64x4"], dtypes="bf16,fp32", rep_ms=5,
+                           rounds=1, peak_size=512, progress=False))  # fmt: skip
+    report.validate(doc)
+    available = [c["name"] for c in doc["candidates"] if c["available"]]
+    assert {"gemmbridge", "torch"} <= set(available)
+    for row in doc["rows"]:
+        assert row["baseline"] == "torch"
+        for name in available:
+            assert row["results"][name]["status"] in ("ok", "skipped"), (name, row["results"][name])
+        assert row["results"]["gemmbridge"]["status"] == "ok"

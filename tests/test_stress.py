@@ -1,0 +1,167 @@
+"""``gemmbridge stress`` on the CPU: it passes as is, and each failure path (wrong result, a failing call that
+does not raise or that writes into out, memory growth, an overfull plan cache) makes it fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemmbridge
+from gemmbridge import stress
+from gemmbridge.ops import PLAN_CACHE_SIZE
+
+SMALL = {"iterations": 120, "max_dim": 40, "seed": 1234, "progress": False}
+
+
+def run(**kwargs) -> dict:
+    lines: list[str] = []
+    result = stress.run(stress.StressOptions(**{**SMALL, **kwargs}, log=lines.append))
+    result["log"] = lines
+    return result
+
+
+def frameworks() -> str:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "numpy,torch"
+
+
+def test_passes_with_numpy_and_torch(tmp_path: Path):
+    path = tmp_path / "stress.json"
+    result = run(frameworks=frameworks(), json_path=str(path))
+    assert result["ok"], result["log"]
+    largest = 4 * len(frameworks().split(","))  # one call of the largest size per framework and dtype
+    assert result["counts"] == {"largest": largest, "valid": 96, "checked": result["counts"]["checked"], "failing": 24}
+    assert result["counts"]["checked"] >= 40  # the valid ones of the first 50, then every 10th
+    assert result["growth_after_warmup"].keys() == {"host_rss"}  # CPU: no device memory to track
+    assert result["plan_cache_max"] <= PLAN_CACHE_SIZE
+    assert "seed 1234" in result["log"][0] and result["log"][-1] == "stress PASS (seed 1234)"
+    log = json.loads(path.read_text())
+    assert log["ok"] and log["seed"] == 1234 and log["samples"][0]["iteration"] == 12
+    assert log["samples"][-1]["iteration"] == 120 and log["tolerances"]["plan_cache"] == PLAN_CACHE_SIZE
+
+
+def test_the_seed_replays_the_same_calls():
+    fws = [stress.Framework("numpy", "cpu")]
+    texts = [[stress.Drawer(7, fws, 50).valid(False).text for _ in range(20)] for _ in range(2)]
+    assert texts[0] == texts[1]
+    assert texts[0] != [stress.Drawer(8, fws, 50).valid(False).text for _ in range(20)]
+
+
+def _wrapped(monkeypatch, wrapper) -> None:
+    real = stress.matmul
+    monkeypatch.setattr(stress, "matmul", lambda *args, **kwargs: wrapper(real, *args, **kwargs))
+
+
+def test_a_wrong_result_fails(monkeypatch):
+    def planted(real, *args, **kwargs):
+        result = real(*args, **kwargs)
+        if isinstance(result, np.ndarray) and result.size and "out" not in kwargs:
+            result[...] = result * 1.5 + 1.0  # wrong, but the right type, dtype and shape
+        return result
+
+    _wrapped(monkeypatch, planted)
+    result = run(frameworks="numpy")
+    assert not result["ok"] and result["failure_count"] > 0
+    assert any("relative error" in f["problem"] for f in result["failures"])
+    assert result["log"][-1].startswith("stress FAIL")
+
+
+def test_a_failing_call_that_does_not_raise_fails(monkeypatch):
+    def swallow(real, *args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except gemmbridge.GemmError:
+            return None
+
+    _wrapped(monkeypatch, swallow)
+    result = run(frameworks="numpy")
+    assert not result["ok"] and result["counts"]["failing"] == result["failure_count"] == 24
+    assert all("did not raise" in f["problem"] for f in result["failures"])
+
+
+def test_a_failed_call_that_writes_into_out_fails(monkeypatch):
+    def scribble(real, *args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except gemmbridge.GemmError:
+            if kwargs.get("out") is not None:
+                kwargs["out"][...] = 0
+            raise
+
+    _wrapped(monkeypatch, scribble)
+    result = run(frameworks="numpy")
+    assert not result["ok"]
+    assert any(f["problem"] == "a failed call wrote into out" for f in result["failures"])
+
+
+def test_host_memory_growth_over_the_tolerance_fails(monkeypatch):
+    rss = iter(range(100 << 20, 1 << 40, 4 << 20))  # 4 MiB more at every sample: a leak
+    monkeypatch.setattr(stress, "host_rss", lambda: next(rss))
+    result = run(frameworks="numpy", rss_tolerance_mb=8)
+    assert not result["ok"] and result["failure_count"] == 0
+    assert set(result["over_tolerance"]) == {"host_rss"}
+    assert any("host_rss" in line and "OVER" in line for line in result["log"])
+
+
+def test_a_plan_cache_over_its_bound_fails(monkeypatch):
+    monkeypatch.setattr(stress, "cache_size", lambda: PLAN_CACHE_SIZE + 1)
+    result = run(frameworks="numpy", iterations=20)
+    assert not result["ok"] and result["plan_cache_max"] == PLAN_CACHE_SIZE + 1
+
+
+def test_tolerances_are_stated_and_cuda_primes_first():
+    options = stress.StressOptions(rss_tolerance_mb=8, device_tolerance_mb=64)
+    assert stress.tolerances(options, "cpu", 0) == {
+        "torch_allocated": 0, "cupy_used": 0, "device_used": 64 << 20, "host_rss": 8 << 20,
+    }  # fmt: skip
+    assert stress._prime_calls(options, "cuda") == stress.PRIME_CALLS_CUDA and stress._prime_calls(options, "cpu") == 0
+    short = stress.StressOptions(short=True)
+    assert stress._prime_calls(short, "cuda") == 0
+    assert stress.tolerances(short, "cuda", 0)["host_rss"] is None  # a short CUDA run reports RSS, does not judge it
+
+
+def test_check_tolerates_cancellation_but_not_a_missing_bias():
+    fw = stress.Framework("numpy", "cpu")
+    a = np.array([[1.0, 1.0]], dtype=np.float32)
+    b = np.array([[1e4], [-1e4 + 1e-3]], dtype=np.float32)  # a @ b cancels to about 1e-3
+    call = stress.Call("cancel", fw, (a, b), {}, "float32", None, {"a": a.astype(float), "b": b.astype(float)}, 2)
+    assert stress.check_result(call, gemmbridge.matmul(a, b)) is None
+    rng = np.random.default_rng(0)
+    a, b, bias = (rng.standard_normal(s).astype(np.float32) for s in ((30, 20), (20, 10), (10,)))
+    inputs = {"a": a.astype(float), "b": b.astype(float), "bias": bias.astype(float)}
+    call = stress.Call("bias", fw, (a, b), {"bias": bias}, "float32", None, inputs, 20)
+    assert stress.check_result(call, gemmbridge.matmul(a, b, bias=bias)) is None
+    assert "relative error" in stress.check_result(call, gemmbridge.matmul(a, b))
+
+
+def test_cli_exit_status_and_help(tmp_path: Path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gemmbridge.cli", "stress", *args], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    path = tmp_path / "log.json"
+    ok = cli("--iterations", "60", "--max-dim", "32", "--seed", "5", "--device", "cpu", "--json", str(path))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "seed 5" in ok.stdout and "stress PASS" in ok.stdout and json.loads(path.read_text())["ok"]
+    bad = cli("--frameworks", "cupy", "--device", "cpu")
+    assert bad.returncode == 2 and "cupy arrays live on the GPU" in bad.stderr
+    help_text = cli("--help").stdout
+    assert "compute-sanitizer --tool memcheck" in help_text and "--short" in help_text
+
+
+@pytest.mark.gpu
+def test_short_run_on_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    result = run(device="cuda", short=True, iterations=300)
+    assert result["ok"], result["log"]
+    assert result["growth_after_warmup"]["torch_allocated"] == 0
