@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, bench, sanitize.
+# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, sanitize.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -12,7 +12,17 @@ for step in ${STEPS:-tests}; do
   case $step in
     tests) { header "gemmbridge GPU test suite"; python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests} 2>&1; } | tee "$OUT/gpu-tests.txt" ;;
     profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
-    bench) python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json" 2>&1 | tee "$OUT/bench.txt" ;;
+    bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
+    benchcli)
+      for d in ${BENCH_DTYPES:-bf16}; do
+        { header "gemmbridge bench --dtype $d"; s=$SECONDS
+          python3 -m gemmbridge.cli bench --dtype $d --no-progress --json "$OUT/bench-$d.json" --plot "$OUT/bench-$d.png"
+          echo "bench --dtype $d took $((SECONDS-s)) s"; } 2>&1 | tee -a "$OUT/bench-log.txt"
+      done ;;
+    stress)
+      { header "gemmbridge stress --iterations ${STRESS_ITERATIONS:-100000}"
+        python3 -m gemmbridge.cli stress --device cuda --iterations ${STRESS_ITERATIONS:-100000} --rss-tolerance-mb 1 \
+          --no-progress --json "$OUT/stress.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/stress-log.txt" ;;
     sanitize)
       # memcheck without torch's caching allocator (each tensor its own allocation, so an
       # out-of-bounds access is seen; graph capture needs the caching allocator, so those tests
@@ -22,15 +32,21 @@ for step in ${STEPS:-tests}; do
           echo "## compute-sanitizer --tool $1, pytest tests/test_cuda.py tests/test_reliability.py -k '$2' ($3)"
           env $3 timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $1 --error-exitcode 9 $4 \
             python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_reliability.py -k "$2" \
-            > "$OUT/sanitizer-$1.log" 2>&1
+            > /tmp/sanitizer-$1.log 2>&1
           echo "exit status $?"
-          grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit|Race|Hazard)|passed|failed" "$OUT/sanitizer-$1.log" | head -20
+          grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit|Race|Hazard)|passed|failed" /tmp/sanitizer-$1.log | head -20
         }
         # API-call errors are not memory errors: cuda-bindings probes driver symbols with cuGetProcAddress
         # (CUDA_ERROR_INVALID_VALUE for absent ones), and the out-of-memory test fails a cudaMalloc on purpose
         run_tool memcheck "not graph and not capture and not jax and not threads" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "--report-api-errors no"
         run_tool racecheck "stream or graph or capture" X=1
         run_tool synccheck "stream or graph or capture" X=1
+        echo "## compute-sanitizer --tool memcheck, gemmbridge stress --short (torch, no caching allocator)"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --report-api-errors no \
+          --error-exitcode 9 python3 -m gemmbridge.cli stress --short --device cuda --frameworks torch --no-progress \
+          > /tmp/sanitizer-stress.log 2>&1
+        echo "exit status $?"
+        grep -E "=========|PASS|FAIL|calls" /tmp/sanitizer-stress.log | tail -8
       } 2>&1 | tee "$OUT/sanitizer.txt" ;;
   esac
 done

@@ -68,7 +68,7 @@ class JaxArrays:
         return np.asarray(x)
 
     def from_numpy(self, x: np.ndarray, like: jax.Array) -> jax.Array:
-        return jnp.asarray(x, device=_device(like))
+        return jax.device_put(x, _device(like))
 
     def current_device(self) -> int:
         from cuda.core import Device
