@@ -27,7 +27,7 @@ def native(fw: Framework, arr: np.ndarray) -> Any:
     if fw.name == "torch":
         return fw.xp.from_numpy(np.array(arr))
     if fw.name == "jax":
-        return fw.xp.asarray(arr)
+        return fw.jax.device_put(arr, fw.jax.devices("cpu")[0])
     return np.array(arr)
 
 

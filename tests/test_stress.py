@@ -15,7 +15,7 @@ import gemmbridge
 from gemmbridge import stress
 from gemmbridge.ops import PLAN_CACHE_SIZE
 
-SMALL = {"iterations": 120, "max_dim": 40, "seed": 1234, "progress": False}
+SMALL = {"iterations": 120, "max_dim": 40, "seed": 1234, "progress": False, "device": "cpu"}
 
 
 def run(**kwargs) -> dict:
