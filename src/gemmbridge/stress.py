@@ -64,7 +64,9 @@ ACCUMULATION_EPS = {
     "float16": 2.0**-24,
     "bfloat16": 2.0**-24,
 }
-GELU_FP64_TOLERANCE = 1e-9  # cuBLASLt's float64 GELU epilogue is accurate to about 1e-10 (tests/test_cuda.py)
+# cuBLASLt evaluates the GELU epilogue with less than full precision: measured up to 1.3e-9 in float64
+# (tests/test_contract.py) and 1.06e-5 in float32 (a soak on an H100, 2026-11-25)
+GELU_TOLERANCE = {"float64": 1e-8, "float32": 5e-5}
 SCALARS = (1.0, -1.0, 0.5, 2.0, -0.75, 0.25, 1.5)  # exact in every dtype, so the reference uses the same values
 EPILOGUES = ("none", "none", "relu", "gelu")
 MAX_FAILURES_KEPT = 20
@@ -427,8 +429,8 @@ def check_result(call: Call, result: Any) -> str | None:
     diff = np.abs(got - ref)
     scale = float(np.linalg.norm(ref))
     tol = TOLERANCE[call.dtype]
-    if call.dtype == "float64" and options.get("epilogue") == "gelu":
-        tol = GELU_FP64_TOLERANCE
+    if options.get("epilogue") == "gelu":
+        tol = GELU_TOLERANCE.get(call.dtype, tol)
     err = float(np.linalg.norm(diff)) / scale if scale else float(np.abs(got).max(initial=0.0))
     if err <= tol:
         return None
