@@ -144,6 +144,19 @@ def _non_array(which: str, value: Any) -> Callable:
     return lambda fw, rng: {**_kw((3, 4), (4, 5))(fw, rng), which: value}
 
 
+def huge(fw: Framework, rng: np.random.Generator) -> dict:
+    """M = 2**31 through a stride-0 view: beyond the vendor libraries' 32-bit dimensions, using 4 bytes."""
+    row = rand(fw, rng, (1, 1))
+    a = np.broadcast_to(row, (2**31, 1)) if fw.name == "numpy" else row.expand(2**31, 1)
+    return {"a": a, "b": rand(fw, rng, (1, 3))}
+
+
+def read_only_out(fw: Framework, rng: np.random.Generator) -> dict:
+    out = fw.poisoned((3, 5), F32)
+    out.setflags(write=False)
+    return {"a": rand(fw, rng, (3, 4)), "b": rand(fw, rng, (4, 5)), "out": out}
+
+
 CASES = [
     Case("inner-dims-differ", _kw((3, 4), (5, 6)), errors.ShapeError, ValueError),
     Case("inner-dims-differ-transposed", _with(_kw((3, 4), (5, 4)), transpose_a=True), errors.ShapeError, ValueError),
@@ -186,6 +199,9 @@ CASES = [
     Case("c-extra-batch", _kw((3, 4), (4, 5), c=(2, 3, 5)), errors.ShapeError, ValueError, culprit="c"),
     Case("epilogue-unknown", _with(_kw((3, 4), (4, 5)), epilogue="silu"), errors.OptionError, ValueError),
     Case("epilogue-uppercase", _with(_kw((3, 4), (4, 5)), epilogue="RELU"), errors.OptionError, ValueError),
+    Case("epilogue-list", _with(_kw((3, 4), (4, 5)), epilogue=["relu"]), errors.OptionError, ValueError),
+    Case("dims-beyond-32-bit", huge, errors.ShapeError, ValueError),
+    Case("out-read-only", read_only_out, errors.OptionError, ValueError, frameworks=("numpy",), culprit="out"),
     Case("epilogue-None", _with(_kw((3, 4), (4, 5)), epilogue=None), errors.OptionError, ValueError),
     Case("transpose_a-1d", _with(_kw((4,), (4, 5)), transpose_a=True), errors.OptionError, ValueError),
     Case("transpose_b-1d", _with(_kw((3, 4), (4,)), transpose_b=True), errors.OptionError, ValueError),
