@@ -6,37 +6,16 @@ Each test draws fresh random data, poisons every out= with NaN, and compares
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from conftest import DTYPES, LAYOUTS, Framework
 
 import gemmbridge
+from gemmbridge.reference import reference
 
 TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
 HALF = ("float16", "bfloat16")
 EPILOGUES = ("none", "relu", "gelu")
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def reference(a, b, *, transpose_a=False, transpose_b=False, c=None, alpha=1.0, beta=1.0, bias=None, epilogue="none"):
-    """``epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` in float64 with numpy's matmul semantics."""
-    a = np.swapaxes(a, -1, -2) if transpose_a else a
-    b = np.swapaxes(b, -1, -2) if transpose_b else b
-    r = alpha * np.matmul(a, b)
-    if c is not None:
-        r = r + beta * c
-    if bias is not None:
-        r = r + bias
-    if epilogue == "relu":
-        r = np.maximum(r, 0.0)
-    elif epilogue == "gelu":
-        r = gelu_tanh(r)
-    return r
 
 
 def make(fw: Framework, rng: np.random.Generator, shape, dtype: str, layout: str = "contiguous"):

@@ -41,7 +41,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -54,6 +53,7 @@ import numpy as np
 
 from . import errors
 from .ops import PLAN_CACHE_SIZE, cache_size, matmul
+from .reference import reference
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "tf32": 3e-3, "float16": 1e-2, "bfloat16": 1e-2}
@@ -202,22 +202,6 @@ def default_frameworks(device: str) -> list[str]:
 
 
 # -- problems -----------------------------------------------------------------------------------------------
-
-
-def reference(a, b, *, transpose_a=False, transpose_b=False, c=None, alpha=1.0, beta=1.0, bias=None, epilogue="none"):  # type: ignore[no-untyped-def]
-    """``epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` in float64 (numpy matmul semantics)."""
-    a = np.swapaxes(a, -1, -2) if transpose_a else a
-    b = np.swapaxes(b, -1, -2) if transpose_b else b
-    r = alpha * np.matmul(a, b)
-    if c is not None:
-        r = r + beta * c
-    if bias is not None:
-        r = r + bias
-    if epilogue == "relu":
-        r = np.maximum(r, 0.0)
-    elif epilogue == "gelu":
-        r = 0.5 * r * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (r + 0.044715 * r**3)))
-    return r
 
 
 @dataclass
