@@ -59,6 +59,15 @@ def version() -> int:
     return lt.get_version()
 
 
+def compute_types(dtype: str, tf32: bool) -> tuple[int, int]:
+    """cuBLAS compute type and scale (alpha/beta) type: fp32 accumulation for half types, TF32 when asked."""
+    if dtype == "float64":
+        return cublas.ComputeType.COMPUTE_64F, CudaDataType.CUDA_R_64F
+    if tf32 and dtype == "float32":
+        return cublas.ComputeType.COMPUTE_32F_FAST_TF32, CudaDataType.CUDA_R_32F
+    return cublas.ComputeType.COMPUTE_32F, CudaDataType.CUDA_R_32F
+
+
 def _set(setter, dtype_of, obj: int, attr: int, value: int) -> None:  # type: ignore[no-untyped-def]
     buf = np.array(value, dtype=dtype_of(attr))
     setter(obj, attr, buf.ctypes.data, buf.itemsize)
@@ -83,14 +92,8 @@ class LtPlan:
         self.handle = handle(device)
         self.layouts: list[int] = []
         self.desc = 0
+        compute, scale = compute_types(problem.dtype, tf32)
         wide = problem.dtype == "float64"
-        if wide:
-            compute = cublas.ComputeType.COMPUTE_64F
-        elif tf32 and problem.dtype == "float32":
-            compute = cublas.ComputeType.COMPUTE_32F_FAST_TF32
-        else:
-            compute = cublas.ComputeType.COMPUTE_32F
-        scale = CudaDataType.CUDA_R_64F if wide else CudaDataType.CUDA_R_32F
         self.scalars = np.array([1.0, 0.0], dtype=np.float64 if wide else np.float32)
         self.alpha_ptr = self.scalars.ctypes.data
         self.beta_ptr = self.alpha_ptr + self.scalars.itemsize

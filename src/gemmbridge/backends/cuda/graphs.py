@@ -12,6 +12,7 @@ being captured.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ MAX_FLOPS = 1 << 27  # larger products are kernel-bound: no graphs for them
 GRAPHS_PER_PLAN = 4
 
 _capture_streams: dict[int, Any] = {}
+_capture_lock = threading.Lock()  # the capture stream of a device is shared: one capture at a time
 
 
 def _check(result: tuple) -> Any:
@@ -90,20 +92,21 @@ class GraphCache:
         return True
 
     def _capture(self, device: int, enqueue: Callable[[int], None]) -> Any:
-        stream = _capture_streams.get(device)
-        if stream is None:
-            stream = _capture_streams[device] = _check(
-                driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
-            )
-        _check(driver.cuStreamBeginCapture(stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
-        try:
-            enqueue(int(stream))
-        except BaseException:
-            result = driver.cuStreamEndCapture(stream)
-            if result[0] == driver.CUresult.CUDA_SUCCESS:
-                driver.cuGraphDestroy(result[1])
-            raise
-        graph = _check(driver.cuStreamEndCapture(stream))
+        with _capture_lock:
+            stream = _capture_streams.get(device)
+            if stream is None:
+                flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
+                stream = _capture_streams[device] = _check(driver.cuStreamCreate(flags))
+            mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+            _check(driver.cuStreamBeginCapture(stream, mode))
+            try:
+                enqueue(int(stream))
+            except BaseException:
+                result = driver.cuStreamEndCapture(stream)
+                if result[0] == driver.CUresult.CUDA_SUCCESS:
+                    driver.cuGraphDestroy(result[1])
+                raise
+            graph = _check(driver.cuStreamEndCapture(stream))
         try:
             graph_exec = _check(driver.cuGraphInstantiate(graph, 0))
             return graph_exec, int(graph_exec)

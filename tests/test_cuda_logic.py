@@ -1,0 +1,115 @@
+"""The CUDA backend's pure-Python logic, checked without a GPU (driver calls replaced by a recorder)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("nvmath.bindings.cublasLt")
+real_driver = pytest.importorskip("cuda.bindings.driver")
+
+from nvmath.bindings import cublas  # noqa: E402
+
+from gemmbridge.backends.cuda import bindings, graphs  # noqa: E402
+
+OK = real_driver.CUresult.CUDA_SUCCESS
+
+
+def test_compute_types_are_cublas_compute_types_not_the_library_wide_enum():
+    """The seed project's lesson: a wrong enum (nvmath.ComputeType) made every call NOT_SUPPORTED."""
+    assert bindings.compute_types("float32", False)[0] == cublas.ComputeType.COMPUTE_32F
+    assert bindings.compute_types("float32", True)[0] == cublas.ComputeType.COMPUTE_32F_FAST_TF32
+    assert bindings.compute_types("bfloat16", True)[0] == cublas.ComputeType.COMPUTE_32F  # TF32 is for fp32 only
+    assert bindings.compute_types("float16", False)[0] == cublas.ComputeType.COMPUTE_32F  # fp32 accumulation
+    assert bindings.compute_types("float64", False)[0] == cublas.ComputeType.COMPUTE_64F
+    assert int(cublas.ComputeType.COMPUTE_32F) == 68  # cublasComputeType_t, not cudaComputeType (4)
+
+
+class RecordingDriver:
+    """Stands in for cuda.bindings.driver: records calls, returns success."""
+
+    CUresult = real_driver.CUresult
+    CUstream_flags = real_driver.CUstream_flags
+    CUstreamCaptureMode = real_driver.CUstreamCaptureMode
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        results = {"cuStreamCreate": 11, "cuStreamEndCapture": "graph", "cuGraphInstantiate": 77}
+
+        def call(*args):  # type: ignore[no-untyped-def]
+            self.calls.append((name, *args))
+            return (OK, results[name]) if name in results else (OK,)
+
+        return call
+
+
+class NotCapturing:
+    def capturing(self, device: int) -> bool:
+        return False
+
+
+@pytest.fixture
+def driver(monkeypatch: pytest.MonkeyPatch) -> RecordingDriver:
+    fake = RecordingDriver()
+    monkeypatch.setattr(graphs, "driver", fake)
+    monkeypatch.setattr(graphs, "_graph_launch_v2", None)
+    monkeypatch.setattr(graphs, "_capture_streams", {})
+    monkeypatch.setattr(graphs, "_stream_objects", {})
+    monkeypatch.setattr(fake, "CUstream", lambda handle: handle, raising=False)
+    return fake
+
+
+def test_first_sighting_runs_eagerly_second_captures_third_replays(driver: RecordingDriver):
+    cache, enqueued = graphs.GraphCache(), []
+    signature = (1, 2, 3, 4, 0, 1.0, 0.0, 5, 9)
+    assert cache.launch(signature, NotCapturing(), 0, 5, enqueued.append) is False  # caller enqueues eagerly
+    assert driver.calls == [] and enqueued == []
+    assert cache.launch(signature, NotCapturing(), 0, 5, enqueued.append) is True
+    names = [c[0] for c in driver.calls]
+    assert names == ["cuStreamCreate", "cuStreamBeginCapture", "cuStreamEndCapture", "cuGraphInstantiate",
+                     "cuGraphDestroy", "cuGraphLaunch"]  # fmt: skip
+    assert enqueued == [11]  # captured on the private stream, launched on the caller's (5)
+    assert driver.calls[-1][-1] == 5
+    driver.calls.clear()
+    assert cache.launch(signature, NotCapturing(), 0, 5, enqueued.append) is True
+    assert [c[0] for c in driver.calls] == ["cuGraphLaunch"] and enqueued == [11]
+
+
+def test_no_replay_while_the_callers_stream_is_captured(driver: RecordingDriver):
+    class Capturing:
+        def capturing(self, device: int) -> bool:
+            return True
+
+    cache = graphs.GraphCache()
+    signature = (1,)
+    cache.launch(signature, NotCapturing(), 0, 5, lambda s: None)
+    cache.launch(signature, NotCapturing(), 0, 5, lambda s: None)
+    driver.calls.clear()
+    assert cache.launch(signature, Capturing(), 0, 5, lambda s: None) is False
+    assert driver.calls == []
+
+
+def test_a_failing_capture_ends_the_capture_and_raises(driver: RecordingDriver):
+    cache = graphs.GraphCache()
+
+    def refuse(stream: int) -> None:
+        raise RuntimeError("vendor refused")
+
+    cache.launch((7,), NotCapturing(), 0, 5, refuse)
+    with pytest.raises(RuntimeError, match="vendor refused"):
+        cache.launch((7,), NotCapturing(), 0, 5, refuse)
+    assert [c[0] for c in driver.calls][-2:] == ["cuStreamEndCapture", "cuGraphDestroy"]
+    assert graphs._capture_lock.acquire(blocking=False)  # released after the failure
+    graphs._capture_lock.release()
+
+
+def test_graph_table_is_bounded_and_destroys_what_it_drops(driver: RecordingDriver):
+    cache = graphs.GraphCache()
+    for i in range(graphs.GRAPHS_PER_PLAN + 3):
+        for _ in range(2):
+            cache.launch((i,), NotCapturing(), 0, 5, lambda s: None)
+    assert len(cache.execs) == graphs.GRAPHS_PER_PLAN
+    assert sum(c[0] == "cuGraphExecDestroy" for c in driver.calls) == 3
+    cache.close()
+    assert not cache.execs
