@@ -90,16 +90,18 @@ def test_no_replay_while_the_callers_stream_is_captured(driver: RecordingDriver)
     assert driver.calls == []
 
 
-def test_a_failing_capture_ends_the_capture_and_raises(driver: RecordingDriver):
+def test_a_failing_capture_ends_the_capture_and_falls_back_to_eager_calls(driver: RecordingDriver):
     cache = graphs.GraphCache()
 
     def refuse(stream: int) -> None:
         raise RuntimeError("vendor refused")
 
-    cache.launch((7,), NotCapturing(), 0, 5, refuse)
-    with pytest.raises(RuntimeError, match="vendor refused"):
-        cache.launch((7,), NotCapturing(), 0, 5, refuse)
+    assert cache.launch((7,), NotCapturing(), 0, 5, refuse) is False
+    assert cache.launch((7,), NotCapturing(), 0, 5, refuse) is False  # the caller then calls eagerly (and raises)
     assert [c[0] for c in driver.calls][-2:] == ["cuStreamEndCapture", "cuGraphDestroy"]
+    assert cache.broken and not cache.execs
+    driver.calls.clear()
+    assert cache.launch((7,), NotCapturing(), 0, 5, refuse) is False and driver.calls == []  # no more captures
     assert graphs._capture_lock.acquire(blocking=False)  # released after the failure
     graphs._capture_lock.release()
 

@@ -49,7 +49,7 @@ class VendorError(GemmError, RuntimeError):
 
 
 class OutOfMemoryError(GemmError, MemoryError):
-    """The result (or a temporary) does not fit in the device's memory."""
+    """The result does not fit in the device's memory (raised where the result is allocated)."""
 
 
 def allocation_failed(

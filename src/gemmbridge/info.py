@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .backends.cpu import gelu_tanh
 from .ops import matmul
+from .reference import reference
 
 FRAMEWORKS = ("numpy", "torch", "cupy", "jax", "nvmath", "triton", "cuda.bindings", "cuda.core")
 
@@ -121,8 +121,7 @@ def _reference_problem(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     a = rng.standard_normal((96, 80))
     b = rng.standard_normal((80, 72))
     bias = rng.standard_normal(72)
-    ref = gelu_tanh(a @ b + bias)
-    return a, b, bias, ref
+    return a, b, bias, reference(a, b, bias=bias, epilogue="gelu")
 
 
 def _rel_err(x: np.ndarray, ref: np.ndarray) -> float:
@@ -157,16 +156,22 @@ def check_cuda() -> list[dict[str, Any]]:
     for index in range(torch.cuda.device_count()):
         a, b, bias, ref = _reference_problem(np.random.default_rng())
         device = f"cuda:{index}"
-        t = [torch.from_numpy(x).to(device=device, dtype=torch.float32) for x in (a, b, bias)]
-        out = matmul(t[0], t[1], bias=t[2], epilogue="gelu", allow_tf32=False).cpu().numpy()
+        name = f"{device} {torch.cuda.get_device_name(index)}"
+        try:
+            t = [torch.from_numpy(x).to(device=device, dtype=torch.float32) for x in (a, b, bias)]
+            out = matmul(t[0], t[1], bias=t[2], epilogue="gelu", allow_tf32=False).cpu().numpy()
+        except Exception as error:  # reported as this device's failed check, not as a crash of info
+            reason = f"{type(error).__name__}: {error}"
+            results.append({"backend": "cuda", "device": name, "ok": False, "reason": reason})
+            continue
         err = _rel_err(out, ref)
         results.append(
             {
                 "backend": "cuda",
-                "device": f"{device} {torch.cuda.get_device_name(index)}",
+                "device": name,
                 "library": library,
                 "rel_err": err,
-                "ok": err < 1e-5,
+                "ok": err < 5e-5,  # cuBLASLt's fused GELU is accurate to about 1e-5 in float32
             }
         )
     return results

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections import OrderedDict
 from typing import Any
+
+import numpy as np
 
 from .arrays import BY_TYPE, ArrayAdapter, adapter_for
 from .errors import AliasError, BackendUnavailableError, OperandTypeError, OptionError
@@ -27,6 +30,7 @@ class _Entry:
 
 
 _cuda_backend: Any = None
+_autotune: bool | None = None  # set_autotune() before the CUDA backend was loaded
 
 
 def _cuda() -> Any:
@@ -40,6 +44,8 @@ def _cuda() -> Any:
                 f"matmul: GPU operands need the CUDA backend: pip install 'gemmbridge[cuda]' ({error})"
             ) from error
         _cuda_backend = cuda
+        if _autotune is not None:
+            cuda.autotune.enabled = _autotune
     return _cuda_backend
 
 
@@ -68,7 +74,10 @@ def set_autotune(enabled: bool) -> None:
     Off by default (also set by ``GEMMBRIDGE_AUTOTUNE=1``). The first call of each new
     problem then waits for the GPU once; plans made before the switch keep their choice.
     """
-    _cuda().autotune.enabled = bool(enabled)
+    global _autotune
+    _autotune = bool(enabled)
+    if _cuda_backend is not None:
+        _cuda_backend.autotune.enabled = _autotune
 
 
 def _framework_of(fw: ArrayAdapter, x: Any, name: str, a: Any) -> None:
@@ -118,6 +127,14 @@ def matmul(
                 f"{names(fw.meta(a), fw.meta(b))}, out is {fw.meta(out)} — out is read-only"
                 + (f" ({fw.name} arrays are immutable: out= is not supported for them)" if not fw.mutable else "")
             )
+    if type(transpose_a) is not bool or type(transpose_b) is not bool:
+        transpose_a, transpose_b = (
+            _flag(fw, a, b, f"transpose_{n}", v) for n, v in (("a", transpose_a), ("b", transpose_b))
+        )
+    if type(alpha) is not float:
+        alpha = _scalar(fw, a, b, "alpha", alpha)
+    if type(beta) is not float:
+        beta = _scalar(fw, a, b, "beta", beta)
     key = (
         fw.name, fw.key(a), fw.key(b),
         None if c is None else fw.key(c),
@@ -131,7 +148,7 @@ def matmul(
         cache = _cache()
     try:
         entry = cache.get(key)
-    except TypeError:  # an unhashable option (a list as epilogue...): describe() names the mistake
+    except TypeError:  # an unhashable epilogue (the one option not checked above): describe() refuses it
         entry = None
     if entry is None:
         entry = _Entry(describe(
@@ -141,7 +158,7 @@ def matmul(
             out=None if out is None else fw.meta(out),
             transpose_a=transpose_a, transpose_b=transpose_b, epilogue=epilogue,
         ))  # fmt: skip
-        cache[key] = entry  # only reached with a hashable key: describe() refuses every unhashable option
+        cache[key] = entry
         if len(cache) > PLAN_CACHE_SIZE:
             cache.popitem(last=False)
     else:
@@ -154,17 +171,33 @@ def matmul(
             return out if out is not None else fw.empty(problem.out_shape, a)
         if problem.k == 0:
             return _zero_k(fw, problem, a, b, c, alpha, beta, bias, out, allow_tf32)
-        copies = problem.copies
-        a = fw.contiguous(a) if "a" in copies else a
-        b = fw.contiguous(b) if "b" in copies else b
-        c = fw.contiguous(c) if "c" in copies else c
-        bias = fw.contiguous(bias) if "bias" in copies else bias
+        if entry.device >= 0:  # layouts cuBLASLt cannot describe; NumPy's matmul takes any strides
+            copies = problem.copies
+            a = fw.contiguous(a) if "a" in copies else a
+            b = fw.contiguous(b) if "b" in copies else b
+            c = fw.contiguous(c) if "c" in copies else c
+            bias = fw.contiguous(bias) if "bias" in copies else bias
     if entry.device < 0:
-        return _run_cpu(fw, problem, a, b, c, bias, out, float(alpha), float(beta))
+        return _run_cpu(fw, problem, a, b, c, bias, out, alpha, beta)
     if fw.current_device() != entry.device:
         with fw.device_guard(entry.device):
             return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32)
     return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32)
+
+
+def _flag(fw: ArrayAdapter, a: Any, b: Any, name: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise OptionError(f"{names(fw.meta(a), fw.meta(b))} — {name} must be True or False, not {value!r}")
+
+
+def _scalar(fw: ArrayAdapter, a: Any, b: Any, name: str, value: Any) -> float:
+    """A Python or NumPy number as float; arrays and tensors are refused (reading one would synchronize)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(
+            f"{names(fw.meta(a), fw.meta(b))} — {name} must be a Python or NumPy number, not {type(value).__name__}"
+        )
+    return float(value)
 
 
 def _check_aliasing(fw: ArrayAdapter, problem: Problem, a: Any, b: Any, c: Any, bias: Any, out: Any) -> None:
@@ -236,8 +269,6 @@ def _run_cpu(
         result = out if out is not None else fw.empty(problem.out_shape, a)
         target = fw.to_numpy(result)
     else:
-        import numpy as np
-
         result = None
         target = np.empty(problem.out_shape, dtype=fw.to_numpy(a).dtype)
     cpu.run(

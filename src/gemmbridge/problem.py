@@ -98,7 +98,6 @@ class Problem:
     out_shape: tuple[int, ...]  # the shape returned to the caller (1-D operands squeezed)
     transpose_a: bool
     transpose_b: bool
-    has_c: bool
     has_bias: bool
     epilogue: str
     copies: frozenset[str]  # operands copied to contiguous memory first ("a", "b", "c", "bias")
@@ -158,12 +157,12 @@ def _check_devices(a: TensorMeta, b: TensorMeta, extra: dict[str, TensorMeta]) -
     return a.device
 
 
-def _logical(meta: TensorMeta, transpose: bool, name: str, promote_row: bool, names: str = "") -> TensorMeta:
+def _logical(meta: TensorMeta, transpose: bool, name: str, promote_row: bool, operands: str = "") -> TensorMeta:
     """The operand as a batch of matrices: 1-D promoted, transpose applied."""
     shape, strides = meta.shape, meta.strides
     if len(shape) == 1:
         if transpose:
-            raise OptionError(f"{names or 'matmul'} — transpose_{name} needs a matrix, {name} is 1-D")
+            raise OptionError(f"{operands or 'matmul'} — transpose_{name} needs a matrix, {name} is 1-D")
         if promote_row:
             return TensorMeta((1, shape[0]), (shape[0], strides[0]), meta.dtype, meta.device)
         return TensorMeta((shape[0], 1), (strides[0], 1), meta.dtype, meta.device)
@@ -200,7 +199,8 @@ def _collapse(
     """Merge batch dims that every operand walks linearly.
 
     Returns the inner batch (count, stride per operand), done by one vendor call,
-    and the outer dims (size, strides) looped over.
+    and the outer dims (size, strides) looped over. The largest merged dim is the
+    inner one, so ``(1000, 1, M, K) @ (1, 2, K, N)`` makes 2 calls of batch 1000.
     """
     dims = [(n, tuple(s[i] for s in strides)) for i, n in enumerate(batch_shape) if n != 1]
     merged: list[tuple[int, tuple[int, ...]]] = []
@@ -213,8 +213,9 @@ def _collapse(
         merged.append((n, st))
     if not merged:
         return 1, tuple(0 for _ in strides), []
-    inner_n, inner_st = merged[-1]
-    return inner_n, inner_st, merged[:-1]
+    inner = max(range(len(merged)), key=lambda i: merged[i][0])
+    inner_n, inner_st = merged[inner]
+    return inner_n, inner_st, merged[:inner] + merged[inner + 1 :]
 
 
 def _outer_offsets(outer: list[tuple[int, tuple[int, ...]]], n_ops: int) -> tuple[tuple[int, ...], ...]:
@@ -284,8 +285,8 @@ def describe(
     if device != "cpu" and not device.startswith("cuda:"):
         raise DeviceError(f"{names(a, b)} — device {device} is not supported (cpu, cuda)")
 
-    la = _logical(a, transpose_a, "a", promote_row=True, names=names(a, b))
-    lb = _logical(b, transpose_b, "b", promote_row=False, names=names(a, b))
+    la = _logical(a, transpose_a, "a", promote_row=True, operands=names(a, b))
+    lb = _logical(b, transpose_b, "b", promote_row=False, operands=names(a, b))
     m, k = la.shape[-2:]
     kb, n = lb.shape[-2:]
     if k != kb:
@@ -333,7 +334,6 @@ def describe(
         out_shape=out_shape,
         transpose_a=transpose_a,
         transpose_b=transpose_b,
-        has_c=c is not None,
         has_bias=bias is not None,
         epilogue=epilogue,
         copies=frozenset(copies),

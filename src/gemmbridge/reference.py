@@ -29,9 +29,9 @@ def reference(
     b = np.swapaxes(b, -1, -2) if transpose_b else b
     r = alpha * np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
     if c is not None:
-        r = r + beta * c
+        r = r + beta * np.asarray(c, np.float64)
     if bias is not None:
-        r = r + bias
+        r = r + np.asarray(bias, np.float64)
     if epilogue == "relu":
         r = np.maximum(r, 0.0)
     elif epilogue == "gelu":

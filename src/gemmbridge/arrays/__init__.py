@@ -17,8 +17,10 @@ __all__ = ["BY_TYPE", "ArrayAdapter", "adapter_for"]
 BY_TYPE: dict[type, ArrayAdapter] = {}
 
 
-def _load(module: str) -> ArrayAdapter | None:
-    root = module.split(".", 1)[0]
+_BY_ROOT: dict[str, ArrayAdapter] = {}
+
+
+def _new_adapter(root: str) -> ArrayAdapter | None:
     if root == "torch":
         from .torch import TorchArrays
 
@@ -38,12 +40,26 @@ def _load(module: str) -> ArrayAdapter | None:
     return None
 
 
+def _load(kind: type) -> ArrayAdapter | None:
+    """The one adapter of the framework that ``kind`` (or a base class of it) comes from."""
+    for cls in kind.__mro__:
+        root = cls.__module__.split(".", 1)[0]
+        root = "jax" if root == "jaxlib" else root
+        if root not in _BY_ROOT:
+            adapter = _new_adapter(root)
+            if adapter is None:
+                continue
+            _BY_ROOT[root] = adapter
+        return _BY_ROOT[root]
+    return None
+
+
 def adapter_for(x: Any, name: str) -> ArrayAdapter:
     """The adapter for operand ``name``, or OperandTypeError naming what it got."""
     kind = type(x)
     adapter = BY_TYPE.get(kind)
     if adapter is None:
-        adapter = _load(kind.__module__)
+        adapter = _load(kind)
         if adapter is None or not adapter.accepts(x):
             raise OperandTypeError(
                 f"matmul: {name} is a {kind.__module__}.{kind.__qualname__}, not a tensor or array "

@@ -25,7 +25,7 @@ class TorchArrays:
         return isinstance(x, torch.Tensor)
 
     def key(self, x: torch.Tensor) -> tuple:
-        return x.shape, x.stride(), x.dtype, x.get_device()
+        return x.shape, x.stride(), x.dtype, x.device
 
     def meta(self, x: torch.Tensor) -> TensorMeta:
         return TensorMeta(tuple(x.shape), tuple(x.stride()), _dtype_name(x.dtype), str(x.device))

@@ -76,17 +76,6 @@ def device_ms(fn: Callable[[], Any], device: str, rep_ms: float, warmup_ms: floa
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def interleaved_ms(
-    fns: dict[str, Callable[[], Any]], device: str, rep_ms: float, rounds: int
-) -> dict[str, list[float]]:
-    """Every candidate's median ms per round, the rounds interleaved A B C A B C."""
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            runs[name].append(device_ms(fn, device, rep_ms))
-    return runs
-
-
 def host_us_per_call(fn: Callable[[], Any], device: str, budget_ms: float, repeats: int = 5) -> float:
     """Median µs per call of ``calls`` eager calls without synchronization, then one synchronization."""
     for _ in range(5):

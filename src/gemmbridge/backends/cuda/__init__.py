@@ -83,7 +83,8 @@ def execute(
     found = plans.plans.get(key)
     if found is None:
         found = plans.plan(key)
-        if autotune.enabled and fw.finish is None and not fw.capturing(device):
+        # tuned into a contiguous scratch result: only when the result's layout is contiguous too
+        if autotune.enabled and out is None and fw.finish is None and not fw.capturing(device):
             scratch = fw.empty(problem.out_shape, a)
             s_ptr = fw.pointer(scratch)
             autotune.tune(found[0], problem, a_ptr, b_ptr, s_ptr if c is None else c_ptr, s_ptr, bias_ptr,

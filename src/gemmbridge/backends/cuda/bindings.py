@@ -1,4 +1,4 @@
-"""cuBLASLt through nvmath-python's generated bindings: the only module that passes raw pointers.
+"""cuBLASLt through nvmath-python's generated bindings: the only module that hands raw pointers to it.
 
 A ``LtPlan`` owns the descriptors, layouts and chosen algorithm of one problem;
 ``launch`` is the hot path: one ``cublasLtMatmul`` per outer batch offset.
@@ -231,7 +231,7 @@ def launch(
     scalars = plan.scalars
     scalars[0] = alpha
     scalars[1] = beta
-    if plan.has_bias:
+    if plan.has_bias and plan.bias_slot[0] != bias:  # the descriptor keeps the last bias pointer
         plan.bias_slot[0] = bias
         lt.matmul_desc_set_attribute(plan.desc, _Desc.BIAS_POINTER, plan.bias_slot_ptr, 8)
     algo = plan.algo_ptr

@@ -55,13 +55,13 @@ def _launch(graph: Any, stream: int) -> None:
 
 
 class GraphCache:
-    """Per-plan table: call signature → instantiated graph (or how often it was seen)."""
+    """Per-plan table: call signature → instantiated graph, and the signatures seen once."""
 
     __slots__ = ("execs", "seen", "broken")
 
     def __init__(self) -> None:
         self.execs: dict[tuple, Any] = {}
-        self.seen: dict[tuple, int] = {}
+        self.seen: set[tuple] = set()
         self.broken = False
 
     def launch(
@@ -77,11 +77,15 @@ class GraphCache:
         if self.broken or signature not in self.seen:
             if len(self.seen) >= 4 * GRAPHS_PER_PLAN:
                 self.seen.clear()
-            self.seen[signature] = 1
+            self.seen.add(signature)
             return False
         if fw.capturing(device):
             return False
-        graph = self._capture(device, enqueue)
+        try:
+            graph = self._capture(device, enqueue)
+        except Exception:  # this call is still made eagerly (and raises there if it must); no graphs for it
+            self.broken = True
+            return False
         if graph is None:
             return False
         if len(self.execs) >= GRAPHS_PER_PLAN:
