@@ -241,6 +241,16 @@ class Drawer:
             return self.rng.standard_normal(shape)
         return self.rng.standard_normal(shape, dtype=np.float32)
 
+    def poisoned_out(self, fw: Framework, shape: tuple[int, ...], dtype: str) -> Any:
+        """A NaN-filled out= (unwritten elements show): contiguous, a transposed view (written through a
+        temporary), or a row-strided slice of a larger buffer (written in place with its leading dim)."""
+        layout = self.rnd.choice(("contiguous", "contiguous", "transposed", "strided")) if len(shape) >= 2 else ""
+        if layout == "transposed":
+            return fw.mT(fw.make(np.full(shape[:-2] + (shape[-1], shape[-2]), np.nan), dtype))
+        if layout == "strided":
+            return fw.make(np.full(shape[:-2] + (2 * shape[-2], shape[-1]), np.nan), dtype)[..., ::2, :]
+        return fw.make(np.full(shape, np.nan), dtype)
+
     def operand(self, fw: Framework, shape: tuple[int, ...], dtype: str, layout: str | None = None) -> Any:
         """A random array of logical ``shape``: contiguous, a transposed view, or a row-strided view."""
         views = len(shape) >= 2 and fw.name != "jax"  # JAX arrays have no strides to vary
@@ -306,7 +316,7 @@ class Drawer:
             if c is not None and tuple(c.shape) == out_shape and self.rnd.random() < 0.5:
                 kwargs["out"] = c  # accumulate in place
             else:
-                kwargs["out"] = fw.make(np.full(out_shape, np.nan), dtype)  # poisoned: unwritten shows
+                kwargs["out"] = self.poisoned_out(fw, out_shape, dtype)
         text = f"{fw} {'tf32' if tf32 else dtype} a{tuple(a.shape)} b{tuple(b.shape)} " + " ".join(
             f"{key}={_short(value)}" for key, value in kwargs.items()
         )
