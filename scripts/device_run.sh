@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, sanitize.
+# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, rsscontrol, sanitize.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -20,9 +20,20 @@ for step in ${STEPS:-tests}; do
           echo "bench --dtype $d took $((SECONDS-s)) s"; } 2>&1 | tee -a "$OUT/bench-log.txt"
       done ;;
     stress)
-      { header "gemmbridge stress --iterations ${STRESS_ITERATIONS:-100000}"
+      # STRESS_PROBLEMS=N: the size of the problem set (gemmbridge stress --problems; 0: a new problem each call)
+      { header "gemmbridge stress --iterations ${STRESS_ITERATIONS:-100000} ${STRESS_PROBLEMS:+--problems $STRESS_PROBLEMS}"
         python3 -m gemmbridge.cli stress --device cuda --iterations ${STRESS_ITERATIONS:-100000} --rss-tolerance-mb 1 \
-          --no-progress --json "$OUT/stress.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/stress-log.txt" ;;
+          ${STRESS_PROBLEMS:+--problems $STRESS_PROBLEMS} --no-progress --json "$OUT/stress.json"; echo "exit status $?"
+      } 2>&1 | tee "$OUT/stress-log.txt" ;;
+    rsscontrol)
+      # host RSS of gemmbridge against the framework's own matmul on the same calls (scripts/soak_rss_control.py)
+      { header "scripts/soak_rss_control.py"
+        for fw in ${CONTROL_FRAMEWORKS:-torch cupy}; do for runner in gemmbridge $fw; do
+          python3 scripts/soak_rss_control.py --runner $runner --framework $fw --calls ${CONTROL_CALLS:-30000} \
+            ${CONTROL_PROBLEMS:+--problems $CONTROL_PROBLEMS} --json /tmp/rss-$fw-$runner.json
+        done; done
+        python3 -c "import glob,json,sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/rss-*.json'))], open(sys.argv[1], 'w'), indent=1)" "$OUT/rss-control.json"
+      } 2>&1 | tee "$OUT/rss-control.txt" ;;
     sanitize)
       # memcheck without torch's caching allocator (each tensor its own allocation, so an
       # out-of-bounds access is seen; graph capture needs the caching allocator, so those tests

@@ -53,6 +53,16 @@ def test_bad_options_exit_2_with_a_message():
     assert result.returncode == 2 and "is not MxNxK" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("bench", "--device", "cpu", "--dtype", "int8")
     assert result.returncode == 2 and "--dtype" in result.stderr
+    result = run_cli("stress", "--device", "cpu", "--problems", "-1")
+    assert result.returncode == 2 and "--problems -1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stress_repeats_the_problem_set_it_is_given(tmp_path):
+    path = tmp_path / "stress.json"
+    result = run_cli("stress", "--device", "cpu", "--frameworks", "numpy", "--iterations", "60", "--problems", "5",
+                     "--max-dim", "20", "--no-progress", "--json", str(path))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "a set of 5 problems" in result.stdout and json.loads(path.read_text())["problems"] == 5
 
 
 def test_bench_on_cuda_without_a_gpu_says_why():

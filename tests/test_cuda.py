@@ -174,6 +174,35 @@ def test_inputs_on_two_devices_is_an_error():
         gb.matmul(rand(4, 4, device="cuda:0"), rand(4, 4, device="cuda:1"))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_same_problems_alternate_between_two_gpus(framework):
+    """The same problems go to GPU 0 and GPU 1 in turn, each call made while the other GPU is current:
+    plans, workspaces and replayed graphs must be those of the operands' device."""
+    if framework == "cupy":
+        cupy = pytest.importorskip("cupy")
+
+        def on(device, x):
+            with cupy.cuda.Device(device):
+                return cupy.asarray(x.cpu().numpy())
+
+        current, device_of = cupy.cuda.Device, lambda x: x.device.id
+    else:
+        on, current, device_of = (lambda device, x: x.to(f"cuda:{device}")), torch.cuda.device, lambda x: x.device.index
+    for _round in range(3):
+        for device in (0, 1):
+            for m, n, k in ((8, 16, 24), (300, 200, 130)):  # a small one (replayed as a graph) and a larger one
+                a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+                ref = torch.relu(a.double() @ b.double() + bias.double()).cuda()
+                a, b, bias = on(device, a), on(device, b), on(device, bias)
+                for _repeat in range(3):  # same pointers again: the graph path captures, then replays
+                    with current(1 - device):
+                        out = gb.matmul(a, b, bias=bias, epilogue="relu", allow_tf32=False)
+                    assert device_of(out) == device
+                    got = torch.as_tensor(out.get() if framework == "cupy" else out.cpu()).cuda()
+                    assert rel_err(got, ref) < 1e-5
+
+
 def test_cpu_and_gpu_mixed_is_an_error():
     with pytest.raises(gb.DeviceError, match="CPU and GPU"):
         gb.matmul(rand(4, 4), torch.randn(4, 4))

@@ -55,6 +55,26 @@ def test_the_seed_replays_the_same_calls():
     assert texts[0] != [stress.Drawer(8, fws, 50).valid(False).text for _ in range(20)]
 
 
+def test_a_bounded_problem_set_repeats_problems_with_fresh_data():
+    fws = [stress.Framework("numpy", "cpu")]
+    drawer = stress.Drawer(7, fws, 50, problems=3)
+    calls = [drawer.valid(False) for _ in range(40)] + [drawer.failing() for _ in range(40)]
+    valid_texts = {call.text for call in calls[:40]}
+    failing_texts = {call.text for call in calls[40:]}
+    assert len(valid_texts) <= 3 and len(failing_texts) <= 3 and len(valid_texts | failing_texts) >= 4
+    same = [call for call in calls[:40] if call.text == calls[0].text]
+    assert len(same) >= 2 and not np.array_equal(same[0].args[0], same[1].args[0])  # fresh data each time
+    unbounded = stress.Drawer(7, fws, 50)
+    assert len({unbounded.valid(False).text for _ in range(40)}) > 3
+
+
+def test_a_bounded_run_records_its_problem_count():
+    result = run(frameworks="numpy", problems=4)
+    assert result["ok"] and result["problems"] == 4
+    assert "a set of 4 problems" in result["log"][0]
+    assert "a new problem each call" in run(frameworks="numpy", problems=0)["log"][0]
+
+
 def _wrapped(monkeypatch, wrapper) -> None:
     real = stress.matmul
     monkeypatch.setattr(stress, "matmul", lambda *args, **kwargs: wrapper(real, *args, **kwargs))

@@ -114,6 +114,7 @@ def _stress(args: argparse.Namespace) -> int:
         short=args.short,
         check_every=args.check_every,
         prime_calls=args.prime_calls,
+        problems=args.problems,
         rss_tolerance_mb=args.rss_tolerance_mb,
         device_tolerance_mb=args.device_tolerance_mb,
         json_path=args.json,
@@ -181,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
         "--prime-calls",
         type=int,
         help="calls before the measured ones (default 5000 on cuda, 0 on cpu and with --short)",
+    )
+    stress.add_argument(
+        "--problems",
+        type=int,
+        default=2000,
+        help="calls repeat a set of this many problems, with fresh data each call, as an application does (2000); "
+        "0: a new problem every call (widest variety; on CUDA, host RSS then grows with each kernel met first)",
     )
     stress.add_argument("--check-every", type=int, help="check every Nth result after the first 50 (default 10)")
     stress.add_argument("--rss-tolerance-mb", type=float, default=8.0, help="host RSS growth allowed after warm-up (8)")
