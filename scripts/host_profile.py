@@ -1,30 +1,14 @@
 """Host µs per call of the pieces of a small gemmbridge call (fp32 64³), to see where time goes."""
 
-import time
-
 import torch
 from cuda.bindings import driver
+from host_overhead_ab import per_call  # this folder: the timing loop both scripts use
 
 import gemmbridge as gb
 from gemmbridge import ops
 from gemmbridge.arrays import BY_TYPE
 from gemmbridge.backends.cuda import bindings, workspace
 from gemmbridge.backends.cuda import graphs as graphs_mod
-
-
-def per_call(fn, calls=5000):
-    for _ in range(300):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
-
 
 a = torch.randn(64, 64, device="cuda")
 b = torch.randn(64, 64, device="cuda")
