@@ -56,7 +56,7 @@ rows = {
     "gemmbridge_out": lambda: gb.matmul(a, b, out=d, allow_tf32=False),
     "torch_out": lambda: torch.mm(a, b, out=d),
 }
-print(json.dumps({name: round(per_call(fn), 3) for name, fn in rows.items()}))
+print(json.dumps({"gemmbridge_file": gb.__file__, **{name: round(per_call(fn), 3) for name, fn in rows.items()}}))
 """
 )
 
@@ -73,7 +73,11 @@ def main() -> None:
         for name, src in trees.items():
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
             done = subprocess.run([sys.executable, "-c", TIMER], env=env, capture_output=True, text=True, check=True)
-            samples[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            where = row.pop("gemmbridge_file")
+            if not os.path.realpath(where).startswith(os.path.realpath(src) + os.sep):
+                sys.exit(f"{name}: gemmbridge was imported from {where}, not from {src}")
+            samples[name].append(row)
             print(name, samples[name][-1], flush=True)
     medians = {
         name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()

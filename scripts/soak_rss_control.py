@@ -30,7 +30,7 @@ def framework_matmul(xp: Any, name: str) -> Any:
     def run(a: Any, b: Any, *, transpose_a: bool = False, transpose_b: bool = False, alpha: float = 1.0,
             beta: float = 1.0, c: Any = None, bias: Any = None, epilogue: str = "none",
             allow_tf32: bool | None = None, out: Any = None) -> Any:  # fmt: skip
-        if name == "torch":
+        if name == "torch":  # CuPy takes TF32 from CUPY_TF32 alone: its calls here run plain fp32
             xp.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
         swap = (lambda x: x.mT) if name == "torch" else (lambda x: xp.swapaxes(x, -1, -2))
         result = xp.matmul(swap(a) if transpose_a else a, swap(b) if transpose_b else b)
@@ -73,13 +73,16 @@ def main() -> None:
     fw = Framework(args.framework, args.device)
     run = matmul if args.runner == "gemmbridge" else framework_matmul(fw.xp, args.framework)
     drawer = Drawer(args.seed, [fw], args.max_dim, args.problems)
+    if args.samples < 2:
+        parser.error("--samples: at least 2 (after priming and at the end)")
     every = max(1, args.calls // (args.samples - 1))
     samples: list[dict[str, Any]] = []
     started = time.perf_counter()
     for i in range(args.prime + args.calls + 1):
-        if i >= args.prime and (i - args.prime) % every == 0:
+        end = i == args.prime + args.calls
+        if end or (i >= args.prime and (i - args.prime) % every == 0):
             samples.append({"call": i, **sample(args.device, [args.framework])})
-        if i == args.prime + args.calls:
+        if end:
             break
         call = drawer.valid(False)
         kwargs = call.kwargs

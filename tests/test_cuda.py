@@ -198,6 +198,7 @@ def test_same_problems_alternate_between_two_gpus(framework):
                 for _repeat in range(3):  # same pointers again: the graph path captures, then replays
                     with current(1 - device):
                         out = gb.matmul(a, b, bias=bias, epilogue="relu", allow_tf32=False)
+                        assert torch.cuda.current_device() == 1 - device  # left as the caller set it
                     assert device_of(out) == device
                     got = torch.as_tensor(out.get() if framework == "cupy" else out.cpu()).cuda()
                     assert rel_err(got, ref) < 1e-5

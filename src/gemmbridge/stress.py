@@ -7,12 +7,13 @@ failing call (bad shapes, dtypes, aliasing, options, operand types) every fifth 
 ``gemmbridge.errors.GemmError`` and leave ``out`` untouched. Results are checked against a float64 numpy
 reference on a sample (all of the first 50 calls, then every 10th).
 
-The calls repeat a set of 2000 problems drawn from that mix (``--problems``), each with fresh data on every
-call, as an application repeats its shapes; 2000 is more than the plan cache holds, so plans are evicted and
-rebuilt all through the run. ``--problems 0`` draws a new problem for every call: the widest variety, but
-on CUDA host RSS then keeps growing with each kernel the CUDA libraries meet for the first time (lazy module
-loading and the driver's per-kernel state: measured on an H200, 30,000 new problems grew host RSS by
-16 MiB under gemmbridge and 22 MiB under ``torch.matmul`` with eager module loading —
+The calls repeat a set of 2000 problems drawn from that mix (``--problems``; 2000 valid and 2000
+failing ones), each with fresh data on every call, as an application repeats its shapes; 2000 is more
+than the plan cache holds, so plans are evicted and rebuilt all through the run. ``--problems 0`` draws
+a new problem for every call: the widest variety, but on CUDA host RSS then keeps growing with each
+kernel the CUDA libraries meet for the first time (lazy module loading and the driver's per-kernel
+state: measured on an H200, 30,000 new problems grew host RSS by 16 MiB under gemmbridge and 22 MiB
+under ``torch.matmul`` with eager module loading —
 ``benchmarks/results/2026-11-26-h200-soak-rss-control.json``), which is not a leak of this library.
 
 Memory is sampled after a warm-up (10 % of the calls) and at the end, each time after ``gc.collect()``,
@@ -231,14 +232,17 @@ class Drawer:
     """Draws calls from a seeded ``random.Random`` (decisions) and numpy Generator (data).
 
     With ``problems``, each call's decisions (framework, dtype, shapes, views, options, failure kind) come
-    from one of that many fixed seeds, picked at random: the calls repeat a bounded set of problems, as a
-    training loop does, while the data is fresh on every call.
+    from one of that many fixed seeds, picked at random: the calls repeat a bounded set of problems (that
+    many valid ones and that many failing ones), as a training loop does, while the data is fresh on every
+    call.
     """
 
     def __init__(self, seed: int, frameworks: list[Framework], max_dim: int, problems: int | None = None) -> None:
         self.rnd = random.Random(seed)
         self.rng = np.random.default_rng(seed)
         self.frameworks, self.max_dim = frameworks, max_dim
+        if problems is not None and problems < 0:
+            raise ValueError(f"Drawer: problems={problems}: None or 0 (a new problem each call) or more")
         self.structures = [self.rnd.randrange(1 << 62) for _ in range(problems or 0)]
 
     @contextlib.contextmanager
@@ -616,10 +620,11 @@ def run(options: StressOptions) -> dict[str, Any]:
     prime = _prime_calls(options, device)
     limits = tolerances(options, device, prime)
     drawn = "a new problem each call"
+    replay_set = "" if options.problems == StressOptions.problems else f" --problems {options.problems}"
     if options.problems:
         drawn = f"a set of {options.problems} problems (fresh data each call)"
     log(f"gemmbridge stress: {iterations} calls on {device} ({', '.join(names)}), {drawn}, dims up to {max_dim}, "
-        f"seed {seed} (replay: --seed {seed})")  # fmt: skip
+        f"seed {seed} (replay: --seed {seed}{replay_set})")  # fmt: skip
     rss = "not judged" if limits["host_rss"] is None else f"≤ {options.rss_tolerance_mb:g} MiB"
     log(f"tolerances after warm-up: framework allocator growth 0 B, device memory in use (cudaMemGetInfo) "
         f"growth ≤ {options.device_tolerance_mb:g} MiB, host RSS growth {rss}, "
