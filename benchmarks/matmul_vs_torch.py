@@ -15,20 +15,17 @@ import json
 import platform
 import statistics
 import time
+from typing import Any
 
 import torch
 import triton.testing
 
 import gemmbridge as gb
 from gemmbridge.backends.cuda import bindings
+from gemmbridge.bench import data
 
 SHAPES = [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096), (2048, 11008, 4096)]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
-TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "tf32": 1e-3, "fp32": 1e-5}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref).norm() / ref.norm()).item()
+LABELS = ("bf16", "fp16", "tf32", "fp32")
 
 
 def prepare(name: str) -> None:
@@ -43,7 +40,7 @@ def time_tflops(fn, flops: int) -> float:
 
 
 def bench_shape(label: str, m: int, n: int, k: int) -> dict:
-    dtype = DTYPES[label]
+    dtype = data.torch_dtype(data.DTYPES[label])
     tf32 = label == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     a = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -57,9 +54,9 @@ def bench_shape(label: str, m: int, n: int, k: int) -> dict:
     row: dict = {"dtype": label, "m": m, "n": n, "k": k}
     for name, fn in candidates.items():
         prepare(name)
-        err = rel_err(fn(), ref)
+        err = data.rel_err(fn(), ref, "cuda")
         row[f"{name}_rel_err"] = err
-        if not err < TOLERANCE[label]:
+        if not err < data.DTYPES[label].tolerance:
             raise SystemExit(f"{name} is wrong for {label} {m}x{n}x{k}: rel err {err:.2e}")
     del ref
     flops = 2 * m * n * k
@@ -95,14 +92,14 @@ def bench_host(n: int = 64) -> dict:
     a = torch.randn(n, n, device="cuda")
     b = torch.randn(n, n, device="cuda")
     ref = a.double() @ b.double()
-    assert rel_err(gb.matmul(a, b, allow_tf32=False), ref) < 1e-5
+    assert data.rel_err(gb.matmul(a, b, allow_tf32=False), ref, "cuda") < data.DTYPES["fp32"].tolerance
     gb.set_autotune(False)
     candidates = {"gemmbridge": lambda: gb.matmul(a, b, allow_tf32=False), "torch": lambda: torch.matmul(a, b)}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(2):
         for name, fn in candidates.items():
             samples[name] += host_us_per_call(fn)
-    row = {"shape": [n, n, n], "dtype": "fp32"}
+    row: dict[str, Any] = {"shape": [n, n, n], "dtype": "fp32"}
     for name, values in samples.items():
         row[f"{name}_us"] = statistics.median(values)
         row[f"{name}_us_samples"] = values
@@ -129,7 +126,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = {
+    result: dict[str, Any] = {
         "card": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "versions": versions(),
@@ -138,7 +135,7 @@ def main() -> None:
         "candidates": ["gemmbridge", "gemmbridge-autotuned", "torch"],
         "gemm": [],
     }
-    for label in DTYPES:
+    for label in LABELS:
         for m, n, k in SHAPES:
             if label == "fp32" and m * n * k > 4096**3:
                 continue

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from typing import Any
 
 from gemmbridge import matmul
+from gemmbridge.reference import gelu
 from gemmbridge.stress import Drawer, Framework, sample
 
 
@@ -43,8 +43,7 @@ def framework_matmul(xp: Any, name: str) -> Any:
         if epilogue == "relu":
             result = xp.maximum(result, xp.zeros_like(result)) if name == "cupy" else xp.relu(result)
         elif epilogue == "gelu":
-            inner = math.sqrt(2.0 / math.pi) * (result + 0.044715 * result * result * result)
-            result = 0.5 * result * (1.0 + xp.tanh(inner))
+            result = gelu(result, xp)
         if out is not None:
             out[...] = result
             return out

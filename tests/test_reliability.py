@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gemmbridge as gb
-from gemmbridge.stress import GELU_TOLERANCE
+from gemmbridge.reference import GELU_TOLERANCE, TOLERANCE, reference
 
 THREADS = 8
 CALLS_PER_THREAD = 60
@@ -27,16 +27,7 @@ def _mixed_problem(rng: np.random.Generator) -> dict:
 
 
 def _reference(p: dict) -> np.ndarray:
-    from gemmbridge.backends.cpu import gelu_tanh
-
-    ref = p["alpha"] * (p["a"] @ p["b"])
-    if p["bias"] is not None:
-        ref = ref + p["bias"]
-    if p["epilogue"] == "relu":
-        return np.maximum(ref, 0.0)
-    if p["epilogue"] == "gelu":
-        return gelu_tanh(ref)
-    return ref
+    return reference(p["a"], p["b"], alpha=p["alpha"], bias=p["bias"], epilogue=p["epilogue"])
 
 
 def _hammer(run_one, index: int, errors: list) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +66,7 @@ def test_threads_cpu():
     _run_threads(run_one)
 
 
-GPU_TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+GPU_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 @pytest.mark.gpu
@@ -90,7 +81,7 @@ def test_threads_gpu_each_with_its_own_stream():
         if not hasattr(local, "stream"):
             local.device = torch.device("cuda", index % torch.cuda.device_count())
             local.stream = torch.cuda.Stream(device=local.device)
-        dtype = str(rng.choice(list(GPU_TOLERANCE)))
+        dtype = str(rng.choice(GPU_DTYPES))
         with torch.cuda.device(local.device), torch.cuda.stream(local.stream):
             arrays = {k: v for k, v in p.items() if isinstance(v, np.ndarray)}
             t = {k: torch.from_numpy(v).to(local.device, getattr(torch, dtype)) for k, v in arrays.items()}
@@ -101,7 +92,7 @@ def test_threads_gpu_each_with_its_own_stream():
         if dtype in ("float16", "bfloat16"):  # the reference takes the inputs as rounded
             p.update({k: v.to(torch.float64).cpu().numpy() for k, v in t.items()})
         gelu = GELU_TOLERANCE.get(dtype, 0.0) if p["epilogue"] == "gelu" else 0.0  # cuBLASLt's GELU precision
-        return result, max(GPU_TOLERANCE[dtype], gelu)
+        return result, max(TOLERANCE[dtype], gelu)
 
     _run_threads(run_one)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Any
 
 from .errors import GemmError
 
@@ -73,28 +75,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0 if all(c.get("ok") is not False for c in result["checks"]) else 1
 
 
+def _options(cls: Any, args: argparse.Namespace, **extra: Any) -> Any:
+    """``cls`` (an options dataclass) from the parsed arguments named like its fields; the rest keep its defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in vars(args).items() if key in names}, **extra)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import report
     from .bench.runner import BenchOptions, run
 
-    options = BenchOptions(
-        device=args.device,
-        dtypes=args.dtype,
-        presets=args.preset,
-        shapes=args.shape or [],
-        candidates=args.candidates,
-        rep_ms=args.rep_ms,
-        rounds=args.rounds,
-        peak_size=args.peak_size,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    doc = run(options)
+    doc = run(_options(BenchOptions, args))
     report.render(doc)
-    if args.json:
+    if getattr(args, "json", None):
         report.write_json(doc, args.json)
         print(f"wrote {args.json}")
-    if args.plot:
+    if getattr(args, "plot", None):
         from .bench.plot import plot
 
         plot(doc, args.plot)
@@ -105,22 +101,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _stress(args: argparse.Namespace) -> int:
     from .stress import StressOptions, run
 
-    options = StressOptions(
-        iterations=args.iterations,
-        seed=args.seed,
-        device=args.device,
-        frameworks=args.frameworks,
-        max_dim=args.max_dim,
-        short=args.short,
-        check_every=args.check_every,
-        prime_calls=args.prime_calls,
-        problems=args.problems,
-        rss_tolerance_mb=args.rss_tolerance_mb,
-        device_tolerance_mb=args.device_tolerance_mb,
-        json_path=args.json,
-        progress=not args.no_progress,
-        log=lambda line: print(line, flush=True),
-    )
+    options = _options(StressOptions, args, log=lambda line: print(line, flush=True))
     return 0 if run(options)["ok"] else 1
 
 
@@ -139,25 +120,30 @@ def _parser() -> argparse.ArgumentParser:
         "the project's Triton GEMM, cupy.matmul and nvmath-python, all in one run on the same inputs.",
         epilog=BENCH_EPILOG,
         formatter_class=raw,
+        argument_default=argparse.SUPPRESS,  # absent options keep the options dataclass's defaults
     )
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when torch sees a GPU, else cpu")
     bench.add_argument(
-        "--dtype", help="comma list of bf16, fp16, tf32, fp32, fp64 (default: bf16 on cuda, fp32 on cpu)"
+        "--dtype", dest="dtypes", help="comma list of bf16, fp16, tf32, fp32, fp64 (default: bf16 on cuda, fp32 on cpu)"
     )
     bench.add_argument(
-        "--preset", help="comma list of square, llm, lora, small, all (default: all, or none with --shape)"
+        "--preset",
+        dest="presets",
+        help="comma list of square, llm, lora, small, all (default: all, or none with --shape)",
     )
-    bench.add_argument("--shape", action="append", metavar="MxNxK[xBATCH]", help="a shape to time (repeatable)")
+    bench.add_argument(
+        "--shape", dest="shapes", action="append", metavar="MxNxK[xBATCH]", help="a shape to time (repeatable)"
+    )
     bench.add_argument("--candidates", help="comma list of candidates to run (the others are listed as not selected)")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument(
         "--plot", metavar="PATH", help="write a PNG: TFLOP/s against FLOPs per candidate, with the roofline"
     )
     bench.add_argument("--rep-ms", type=float, help="timed milliseconds per measurement (default 60 cuda, 25 cpu)")
-    bench.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each candidate keeps its best (2)")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds; each candidate keeps its best (2)")
     bench.add_argument("--peak-size", type=int, help="M=N=K of the GEMM that measures the peak (8192 cuda, 1024 cpu)")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--seed", type=int, help="seed of the random inputs (0)")
+    bench.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     bench.set_defaults(run=_bench)
 
     stress = sub.add_parser(
@@ -167,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         "out=, and failing calls) and check results on a sample, device memory, host RSS and the plan cache.",
         epilog=STRESS_EPILOG,
         formatter_class=raw,
+        argument_default=argparse.SUPPRESS,  # absent options keep the options dataclass's defaults
     )
     stress.add_argument("--iterations", type=int, help="calls to make (default 1000; 200 with --short)")
     stress.add_argument("--seed", type=int, help="replay a run (default: a fresh seed, printed)")
@@ -186,15 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument(
         "--problems",
         type=int,
-        default=2000,
         help="calls repeat a set of this many problems, with fresh data each call, as an application does (2000); "
         "0: a new problem every call (widest variety; on CUDA, host RSS then grows with each kernel met first)",
     )
     stress.add_argument("--check-every", type=int, help="check every Nth result after the first 50 (default 10)")
-    stress.add_argument("--rss-tolerance-mb", type=float, default=8.0, help="host RSS growth allowed after warm-up (8)")
-    stress.add_argument("--device-tolerance-mb", type=float, default=64.0, help="cudaMemGetInfo growth allowed (64)")
-    stress.add_argument("--json", metavar="PATH", help="write the log (counts, failures, memory samples) as JSON")
-    stress.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stress.add_argument("--rss-tolerance-mb", type=float, help="host RSS growth allowed after warm-up (8)")
+    stress.add_argument("--device-tolerance-mb", type=float, help="cudaMemGetInfo growth allowed (64)")
+    stress.add_argument(
+        "--json", dest="json_path", metavar="PATH", help="write the log (counts, failures, memory samples) as JSON"
+    )
+    stress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     stress.set_defaults(run=_stress)
     return parser
 

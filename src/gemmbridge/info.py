@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .ops import matmul
-from .reference import reference
+from .reference import GELU_TOLERANCE, TOLERANCE, reference, rel_err
 
 FRAMEWORKS = ("numpy", "torch", "cupy", "jax", "nvmath", "triton", "cuda.bindings", "cuda.core")
 
@@ -39,7 +39,8 @@ def _cublaslt_version_text(value: int) -> str:
     return f"{value // 10000}.{value // 100 % 100}.{value % 100}"
 
 
-def _torch_sees_cuda() -> bool:
+def torch_sees_cuda() -> bool:
+    """Whether torch is installed and sees a CUDA device (the default device of bench and stress)."""
     try:
         import torch
     except ImportError:
@@ -50,7 +51,7 @@ def _torch_sees_cuda() -> bool:
 def cuda_versions() -> dict[str, str | None]:
     """CUDA driver, runtime and cuBLASLt versions; nothing CUDA is loaded where no driver is found."""
     found: dict[str, str | None] = {"cuda_driver": None, "cuda_runtime": None, "cublasLt": None}
-    if not _torch_sees_cuda() and ctypes.util.find_library("cuda") is None:
+    if not torch_sees_cuda() and ctypes.util.find_library("cuda") is None:
         found["cuda_note"] = "no CUDA driver found"
         return found
     try:
@@ -124,17 +125,14 @@ def _reference_problem(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     return a, b, bias, reference(a, b, bias=bias, epilogue="gelu")
 
 
-def _rel_err(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x.astype(np.float64) - ref) / np.linalg.norm(ref))
-
-
 def check_cpu() -> dict[str, Any]:
     """fp32 matmul + bias + gelu on the CPU backend against a float64 reference."""
     a, b, bias, ref = _reference_problem(np.random.default_rng())
     f32 = np.float32
     out = matmul(a.astype(f32), b.astype(f32), bias=bias.astype(f32), epilogue="gelu")
-    err = _rel_err(out, ref)
-    return {"backend": "cpu", "device": "cpu", "library": f"numpy BLAS ({_blas()})", "rel_err": err, "ok": err < 1e-5}
+    err = rel_err(out, ref)
+    ok = err < TOLERANCE["float32"]
+    return {"backend": "cpu", "device": "cpu", "library": f"numpy BLAS ({_blas()})", "rel_err": err, "ok": ok}
 
 
 def check_cuda() -> list[dict[str, Any]]:
@@ -164,14 +162,14 @@ def check_cuda() -> list[dict[str, Any]]:
             reason = f"{type(error).__name__}: {error}"
             results.append({"backend": "cuda", "device": name, "ok": False, "reason": reason})
             continue
-        err = _rel_err(out, ref)
+        err = rel_err(out, ref)
         results.append(
             {
                 "backend": "cuda",
                 "device": name,
                 "library": library,
                 "rel_err": err,
-                "ok": err < 5e-5,  # cuBLASLt's fused GELU is accurate to about 1e-5 in float32
+                "ok": err < GELU_TOLERANCE["float32"],  # cuBLASLt's fused GELU: about 1e-5 in float32
             }
         )
     return results

@@ -61,11 +61,11 @@ from typing import Any
 import numpy as np
 
 from . import errors
+from .info import torch_sees_cuda
 from .ops import PLAN_CACHE_SIZE, cache_size, matmul
-from .reference import reference
+from .reference import GELU_TOLERANCE, TOLERANCE, reference
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "tf32": 3e-3, "float16": 1e-2, "bfloat16": 1e-2}
 ACCUMULATION_EPS = {
     "float64": 2.0**-53,
     "float32": 2.0**-24,
@@ -73,12 +73,11 @@ ACCUMULATION_EPS = {
     "float16": 2.0**-24,
     "bfloat16": 2.0**-24,
 }
-# cuBLASLt evaluates the GELU epilogue with less than full precision: measured up to 1.3e-9 in float64
-# (tests/test_contract.py) and 1.06e-5 in float32 (a soak on an H100, 2026-11-25)
-GELU_TOLERANCE = {"float64": 1e-8, "float32": 5e-5}
 SCALARS = (1.0, -1.0, 0.5, 2.0, -0.75, 0.25, 1.5)  # exact in every dtype, so the reference uses the same values
 EPILOGUES = ("none", "none", "relu", "gelu")
 MAX_FAILURES_KEPT = 20
+CHECK_FIRST = 50  # calls all checked against float64 before checking every --check-every'th
+WARMUP_FRACTION = 0.1  # of the counted calls, before the first memory sample
 # Host RSS on CUDA grows by a few hundred MiB over the first few thousand distinct problems — CUDA's lazy
 # kernel loading and the libraries' own per-kernel state (measured on an H200: growth in steps up to about
 # 4000 calls, then flat; the same with CUDA_MODULE_LOADING=EAGER minus the module part, and with gemmbridge's
@@ -94,9 +93,7 @@ class StressOptions:
     frameworks: str | None = None  # comma list of numpy, torch, cupy, jax
     max_dim: int | None = None  # default 300 (64 with short)
     short: bool = False
-    check_first: int = 50
     check_every: int | None = None  # default 10 (1 with short)
-    warmup_fraction: float = 0.1
     prime_calls: int | None = None  # calls before the counted ones; default 5000 on cuda (0 with short), 0 on cpu
     problems: int = 2000  # every call is one of this many fixed problems, with fresh data; 0: a new problem each call
     rss_tolerance_mb: float = 8.0
@@ -147,12 +144,9 @@ class Framework:
         if self.name == "numpy":
             return host
         if self.name == "torch":
-            torch = self.xp
-            if dtype == "bfloat16":
-                tensor = torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
-            else:
-                tensor = torch.from_numpy(host)
-            return tensor.to(self.device)
+            from .arrays.torch import tensor_from_numpy
+
+            return tensor_from_numpy(host).to(self.device)
         if self.name == "cupy":
             return self.xp.asarray(host)
         import jax
@@ -583,14 +577,7 @@ def _prime_calls(options: StressOptions, device: str) -> int:
 
 
 def _resolve(options: StressOptions) -> tuple[str, list[str], int, int, int]:
-    device = options.device
-    if device is None:
-        try:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            device = "cpu"
+    device = options.device or ("cuda" if torch_sees_cuda() else "cpu")
     if device not in ("cpu", "cuda"):
         raise errors.OptionError(f"stress: --device {device!r}: choose cpu or cuda")
     names = [n.strip() for n in options.frameworks.split(",")] if options.frameworks else default_frameworks(device)
@@ -629,9 +616,9 @@ def run(options: StressOptions) -> dict[str, Any]:
     log(f"tolerances after warm-up: framework allocator growth 0 B, device memory in use (cudaMemGetInfo) "
         f"growth ≤ {options.device_tolerance_mb:g} MiB, host RSS growth {rss}, "
         f"plan cache ≤ {PLAN_CACHE_SIZE}")  # fmt: skip
-    log(f"results checked against float64: the first {options.check_first} calls, then every {check_every}th")
+    log(f"results checked against float64: the first {CHECK_FIRST} calls, then every {check_every}th")
     drawer = Drawer(seed, frameworks, max_dim, options.problems or None)
-    warmup = prime + min(max(1, int(iterations * options.warmup_fraction)), iterations - 1)
+    warmup = prime + min(max(1, int(iterations * WARMUP_FRACTION)), iterations - 1)
     every = max(1, iterations // 10)
     if prime:
         log(f"first {prime} priming calls (drawn and checked alike), so that the CUDA libraries' own per-kernel "
@@ -655,7 +642,7 @@ def run(options: StressOptions) -> dict[str, Any]:
         for i in range(prime + iterations):
             if i == warmup or (i > warmup and (i - prime) % every == 0):
                 samples.append({"iteration": i, **sample(device, names)})
-            checked = i < options.check_first or i % check_every == 0
+            checked = i < CHECK_FIRST or i % check_every == 0
             call = drawer.failing() if i % 5 == 4 else drawer.valid(checked)
             counts["failing" if call.expect else "valid"] += 1
             counts["checked"] += bool(call.inputs64)

@@ -16,6 +16,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _NAMES.get(dtype) or str(dtype).removeprefix("torch.")
 
 
+def tensor_from_numpy(x: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing ``x``'s memory (ml_dtypes bfloat16 seen as torch.bfloat16)."""
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
 class TorchArrays:
     name = "torch"
     mutable = True
@@ -57,9 +64,7 @@ class TorchArrays:
         return x.numpy()
 
     def from_numpy(self, x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        if x.dtype.name == "bfloat16":
-            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(x)
+        return tensor_from_numpy(x)
 
     def current_device(self) -> int:
         return torch._C._cuda_getDevice()  # type: ignore[attr-defined]

@@ -82,9 +82,10 @@ class Torch(Candidate):
     def prepare(self, a: Any, b: Any, dtype: DType) -> Callable[[], Any]:
         import torch
 
+        from ..arrays.torch import tensor_from_numpy
+
         if isinstance(a, np.ndarray):  # the CPU run's numpy inputs, seen in place
-            a, b = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if x.dtype.name == "bfloat16"
-                    else torch.from_numpy(x) for x in (a, b))  # fmt: skip
+            a, b = tensor_from_numpy(a), tensor_from_numpy(b)
         return lambda: torch.matmul(a, b)
 
 

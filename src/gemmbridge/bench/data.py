@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError
+from ..problem import ITEMSIZE
+from ..reference import TOLERANCE
+from ..reference import reference as reference64
+from ..reference import rel_err as rel_err64
 from .presets import Shape
 
 
@@ -20,17 +24,28 @@ from .presets import Shape
 class DType:
     label: str  # what the user types: bf16, fp16, tf32, fp32, fp64
     name: str  # the storage dtype: bfloat16, float16, float32, float64
-    tf32: bool  # float32 inputs, TF32 tensor cores allowed
-    tolerance: float  # relative Frobenius error a correct candidate stays under
-    itemsize: int
+
+    @property
+    def tf32(self) -> bool:
+        """float32 inputs, TF32 tensor cores allowed."""
+        return self.label == "tf32"
+
+    @property
+    def tolerance(self) -> float:
+        """Relative Frobenius error a correct candidate stays under."""
+        return TOLERANCE["tf32" if self.tf32 else self.name]
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.name]
 
 
 DTYPES = {
-    "bf16": DType("bf16", "bfloat16", False, 1e-2, 2),
-    "fp16": DType("fp16", "float16", False, 1e-2, 2),
-    "tf32": DType("tf32", "float32", True, 3e-3, 4),
-    "fp32": DType("fp32", "float32", False, 1e-5, 4),
-    "fp64": DType("fp64", "float64", False, 1e-12, 8),
+    "bf16": DType("bf16", "bfloat16"),
+    "fp16": DType("fp16", "float16"),
+    "tf32": DType("tf32", "float32"),
+    "fp32": DType("fp32", "float32"),
+    "fp64": DType("fp64", "float64"),
 }
 
 
@@ -88,7 +103,7 @@ def to_float64(x: Any, device: str) -> Any:
 def reference(a: Any, b: Any, device: str) -> Any:
     """``a @ b`` in float64, from the (rounded) inputs."""
     if device == "cpu":
-        return np.matmul(a.astype(np.float64), b.astype(np.float64))
+        return reference64(a, b)
     return a.double() @ b.double()
 
 
@@ -98,7 +113,7 @@ def rel_err(x: Any, ref: Any, device: str) -> float:
     if tuple(got.shape) != tuple(ref.shape):
         return float("inf")
     if device == "cpu":
-        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        return rel_err64(got, ref)
     return float((got - ref).norm() / ref.norm())
 
 

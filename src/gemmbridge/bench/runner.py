@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, OptionError
+from ..info import torch_sees_cuda
 from . import report
 from .candidates import BASELINES, Candidate, candidates
 from .data import DType, parse_dtypes
@@ -49,20 +50,12 @@ class BenchOptions:
     progress: bool = True
 
 
-def _cuda_visible() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
 def resolve_device(name: str | None) -> str:
     if name is None:
-        return "cuda" if _cuda_visible() else "cpu"
+        return "cuda" if torch_sees_cuda() else "cpu"
     if name not in ("cpu", "cuda"):
         raise OptionError(f"bench: --device {name!r}: choose cpu or cuda")
-    if name == "cuda" and not _cuda_visible():
+    if name == "cuda" and not torch_sees_cuda():
         raise BackendUnavailableError("bench: --device cuda needs torch with a visible CUDA device (inputs are torch)")
     return name
 
