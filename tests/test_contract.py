@@ -498,3 +498,26 @@ def test_cache_distinguishes_options(fw, rng):
     assert gemmbridge.cache_size() == 12
     gemmbridge.clear_cache()
     assert gemmbridge.cache_size() == 0
+
+
+def test_cache_is_bounded_and_keeps_the_problems_in_use(monkeypatch):
+    """Past PLAN_CACHE_SIZE problems the cache evicts; a problem hit since it was last passed over stays."""
+    from gemmbridge import ops
+
+    monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 8)
+    gemmbridge.clear_cache()
+    described = []
+    real = ops.describe
+    monkeypatch.setattr(
+        ops, "describe", lambda *args, **kwargs: described.append(args[0].shape) or real(*args, **kwargs)
+    )
+    hot = np.ones((2, 3), np.float32), np.ones((3, 2), np.float32)
+    gemmbridge.matmul(*hot)
+    for n in range(1, 30):
+        gemmbridge.matmul(np.ones((n, 4), np.float32), np.ones((4, 2), np.float32))
+        gemmbridge.matmul(*hot)  # a hit every call: never evicted
+        assert gemmbridge.cache_size() <= 8
+    assert described.count((2, 3)) == 1 and gemmbridge.cache_size() == 8
+    gemmbridge.matmul(np.ones((1, 4), np.float32), np.ones((4, 2), np.float32))  # long evicted: described again
+    assert described.count((1, 4)) == 2
+    gemmbridge.clear_cache()

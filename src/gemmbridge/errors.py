@@ -7,6 +7,8 @@ Each class also subclasses the built-in exception a Python user would expect
 
 from __future__ import annotations
 
+import math
+
 
 class GemmError(Exception):
     """Base class of every error raised by gemmbridge."""
@@ -58,9 +60,7 @@ def allocation_failed(
     """The error to raise when the framework could not allocate ``what``: OutOfMemoryError, or ``error`` itself."""
     if not (isinstance(error, MemoryError) or "out of memory" in str(error).lower()):
         return error
-    size = itemsize
-    for n in shape:
-        size *= n
+    size = itemsize * math.prod(shape)
     return OutOfMemoryError(
         f"matmul: the {what} {shape} {dtype} ({size / 2**30:.2f} GiB) does not fit in {device} memory: {error}"
     )

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import BY_TYPE, ArrayAdapter, adapter_for
+from .backends import cpu
 from .errors import AliasError, BackendUnavailableError, OperandTypeError, OptionError
 from .problem import Problem, describe, names
 
@@ -20,13 +21,22 @@ _local = threading.local()
 class _Entry:
     """A described problem and, for CUDA, its vendor plans."""
 
-    __slots__ = ("problem", "device", "plain", "plans")
+    __slots__ = ("problem", "device", "plain", "plans", "overlaps", "used")
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.device = -1 if problem.device == "cpu" else int(problem.device.split(":")[1])
         self.plain = not (problem.empty or problem.k == 0 or problem.copies)  # no special case applies
         self.plans: Any = None if self.device < 0 else _cuda().PlanSet(problem, self.device)
+        # byte extents for the aliasing check with out=: (out lo, out hi), then (slot, name, lo, hi) per operand
+        size, extents = problem.itemsize, problem.extents
+        self.overlaps = (
+            tuple(e * size for e in extents["out"]) if "out" in extents else (0, 0),
+            tuple((slot, name, extents[name][0] * size, extents[name][1] * size)
+                  for slot, name in enumerate(("a", "b", "c", "bias"))
+                  if name in extents and extents[name][0] != extents[name][1]),
+        )  # fmt: skip
+        self.used = False  # the cache's second chance: set on a hit, cleared when passed over for eviction
 
 
 _cuda_backend: Any = None
@@ -116,12 +126,13 @@ def matmul(
     fw = BY_TYPE.get(type(a)) or adapter_for(a, "a")
     if type(b) is not type(a):
         _framework_of(fw, b, "b", a)
-    if c is not None:
+    if c is not None and type(c) is not type(a):
         _framework_of(fw, c, "c", a)
-    if bias is not None:
+    if bias is not None and type(bias) is not type(a):
         _framework_of(fw, bias, "bias", a)
     if out is not None:
-        _framework_of(fw, out, "out", a)
+        if type(out) is not type(a):
+            _framework_of(fw, out, "out", a)
         if not fw.writable(out):
             raise OptionError(
                 f"{names(fw.meta(a), fw.meta(b))}, out is {fw.meta(out)} — out is read-only"
@@ -135,11 +146,11 @@ def matmul(
         alpha = _scalar(fw, a, b, "alpha", alpha)
     if type(beta) is not float:
         beta = _scalar(fw, a, b, "beta", beta)
+    kc = None if c is None else fw.key(c)
     key = (
-        fw.name, fw.key(a), fw.key(b),
-        None if c is None else fw.key(c),
+        fw.name, fw.key(a), fw.key(b), kc,
         None if bias is None else fw.key(bias),
-        None if out is None else fw.key(out),
+        None if out is None else kc if out is c else fw.key(out),
         transpose_a, transpose_b, epilogue,
     )  # fmt: skip
     try:
@@ -158,14 +169,14 @@ def matmul(
             out=None if out is None else fw.meta(out),
             transpose_a=transpose_a, transpose_b=transpose_b, epilogue=epilogue,
         ))  # fmt: skip
+        if len(cache) >= PLAN_CACHE_SIZE:
+            _evict(cache)
         cache[key] = entry
-        if len(cache) > PLAN_CACHE_SIZE:
-            cache.popitem(last=False)
     else:
-        cache.move_to_end(key)
+        entry.used = True
     problem = entry.problem
-    if out is not None:
-        _check_aliasing(fw, problem, a, b, c, bias, out)
+    # with out=, the operands' addresses are read once: for the aliasing check and for the vendor call
+    pointers = None if out is None else _check_aliasing(fw, entry, a, b, c, bias, out)
     if not entry.plain:
         if problem.empty:
             return out if out is not None else fw.empty(problem.out_shape, a)
@@ -177,12 +188,24 @@ def matmul(
             b = fw.contiguous(b) if "b" in copies else b
             c = fw.contiguous(c) if "c" in copies else c
             bias = fw.contiguous(bias) if "bias" in copies else bias
+            pointers = None  # copies have addresses of their own
     if entry.device < 0:
         return _run_cpu(fw, problem, a, b, c, bias, out, alpha, beta)
     if fw.current_device() != entry.device:
         with fw.device_guard(entry.device):
-            return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32)
-    return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32)
+            return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32, pointers)
+    return _cuda_backend.execute(fw, entry.plans, a, b, c, bias, out, alpha, beta, allow_tf32, pointers)
+
+
+def _evict(cache: OrderedDict) -> None:
+    """Drop one entry: the oldest not used since it was last passed over (a second-chance approximation of
+    LRU that costs a hit nothing but a flag; a full pass clears every flag, so this ends)."""
+    while True:
+        key, entry = cache.popitem(last=False)
+        if not entry.used:
+            return
+        entry.used = False
+        cache[key] = entry
 
 
 def _flag(fw: ArrayAdapter, a: Any, b: Any, name: str, value: Any) -> bool:
@@ -200,27 +223,33 @@ def _scalar(fw: ArrayAdapter, a: Any, b: Any, name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_aliasing(fw: ArrayAdapter, problem: Problem, a: Any, b: Any, c: Any, bias: Any, out: Any) -> None:
-    size = problem.itemsize
-    out_ptr = fw.pointer(out)
-    lo, hi = problem.extents["out"]
-    if lo == hi:
-        return
-    out_lo, out_hi = out_ptr + lo * size, out_ptr + hi * size
-    for name, x in (("a", a), ("b", b), ("c", c), ("bias", bias)):
-        if x is None:
+def _check_aliasing(fw: ArrayAdapter, entry: _Entry, a: Any, b: Any, c: Any, bias: Any, out: Any) -> tuple:
+    """AliasError when ``out`` overlaps an operand other than ``c`` itself; else the addresses of
+    (a, b, c, bias, out), 0 for an absent operand."""
+    pout = fw.pointer(out)
+    pointers = (
+        fw.pointer(a), fw.pointer(b),
+        pout if c is out else 0 if c is None else fw.pointer(c),
+        0 if bias is None else fw.pointer(bias),
+        pout,
+    )  # fmt: skip
+    (out_lo, out_hi), operands = entry.overlaps
+    if out_lo == out_hi:
+        return pointers
+    out_lo += pout
+    out_hi += pout
+    for slot, name, lo, hi in operands:
+        ptr = pointers[slot]
+        if ptr + hi <= out_lo or out_hi <= ptr + lo:
             continue
-        lo, hi = problem.extents[name]
-        ptr = fw.pointer(x)
-        if lo == hi or ptr + hi * size <= out_lo or out_hi <= ptr + lo * size:
-            continue
-        if name == "c" and ptr == out_ptr and fw.key(c) == fw.key(out):
+        if name == "c" and (c is out or (ptr == pout and fw.key(c) == fw.key(out))):
             continue  # accumulating in place: out is c
-        extra = "" if name in ("a", "b") else f", {name} is {fw.meta(x)}"
+        extra = "" if name in ("a", "b") else f", {name} is {fw.meta((a, b, c, bias)[slot])}"
         raise AliasError(
             f"{names(fw.meta(a), fw.meta(b))}{extra}, out is {fw.meta(out)} — out overlaps {name} "
             "(out may only be c itself)"
         )
+    return pointers
 
 
 def _zero_k(
@@ -263,8 +292,6 @@ def _zero_k(
 def _run_cpu(
     fw: ArrayAdapter, problem: Problem, a: Any, b: Any, c: Any, bias: Any, out: Any, alpha: float, beta: float
 ) -> Any:
-    from .backends import cpu
-
     if fw.mutable:
         result = out if out is not None else fw.empty(problem.out_shape, a)
         target = fw.to_numpy(result)

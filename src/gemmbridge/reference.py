@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 # Relative Frobenius error a correct result stays under, by dtype ("tf32": float32 on TF32 tensor cores)
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "tf32": 3e-3, "float16": 1e-2, "bfloat16": 1e-2}
@@ -18,7 +18,7 @@ GELU_TOLERANCE = {"float64": 1e-8, "float32": 5e-5}
 
 def gelu(x: Any, xp: Any = np) -> Any:
     """GELU, tanh approximation: ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``, with array module ``xp``."""
-    return 0.5 * x * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + xp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
 def rel_err(x: Any, ref: np.ndarray) -> float:

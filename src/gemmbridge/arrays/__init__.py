@@ -33,7 +33,7 @@ def _new_adapter(root: str) -> ArrayAdapter | None:
         from .cupy import CupyArrays
 
         return cast(ArrayAdapter, CupyArrays())
-    if root in ("jax", "jaxlib"):
+    if root == "jax":  # jaxlib types are mapped to "jax" by _load
         from .jax import JaxArrays
 
         return cast(ArrayAdapter, JaxArrays())

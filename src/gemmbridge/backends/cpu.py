@@ -8,13 +8,10 @@ accumulated in float32 and rounded once into the output, like cuBLASLt.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..problem import Problem
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+from ..reference import SQRT_2_OVER_PI
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -23,7 +20,7 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     inner *= 0.044715
     inner += 1.0
     inner *= x
-    inner *= _SQRT_2_OVER_PI
+    inner *= SQRT_2_OVER_PI
     np.tanh(inner, out=inner)
     inner += 1.0
     inner *= 0.5

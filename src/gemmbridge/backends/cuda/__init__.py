@@ -34,8 +34,8 @@ class PlanSet:
         return entry
 
 
-def _aligned_copy(fw: ArrayAdapter, x: Any) -> Any:
-    copy = fw.empty(tuple(fw.meta(x).shape), x)
+def _aligned_copy(fw: ArrayAdapter, x: Any, n: int) -> Any:
+    copy = fw.empty((n,), x)
     fw.copy_into(copy, x)
     return copy
 
@@ -51,8 +51,10 @@ def execute(
     alpha: float,
     beta: float,
     allow_tf32: bool | None,
+    pointers: tuple[int, int, int, int, int] | None = None,
 ) -> Any:
-    """Enqueue ``plans.problem`` for these operands; return the result array."""
+    """Enqueue ``plans.problem`` for these operands; return the result array. ``pointers``: the addresses of
+    (a, b, c, bias, out) when the caller has read them already (0 for an absent operand)."""
     problem = plans.problem
     device = plans.device
     if out is not None and not problem.out_via_temp:
@@ -64,16 +66,18 @@ def execute(
             raise allocation_failed(
                 "result", problem.out_shape, problem.dtype, problem.itemsize, problem.device, error
             ) from error
-    a_ptr, b_ptr, d_ptr = fw.pointer(a), fw.pointer(b), fw.pointer(d)
-    c_ptr = d_ptr if c is None else fw.pointer(c)
+    if pointers is None:
+        a_ptr, b_ptr, d_ptr = fw.pointer(a), fw.pointer(b), fw.pointer(d)
+        c_ptr = 0 if c is None else fw.pointer(c)
+        bias_ptr = 0 if bias is None else fw.pointer(bias)
+    else:
+        a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr = pointers
+        d_ptr = out_ptr if d is out else fw.pointer(d)
     if c is None:
-        beta = 0.0
-    bias_ptr = 0
-    if bias is not None:
+        c_ptr, beta = d_ptr, 0.0
+    if bias_ptr & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
+        bias = _aligned_copy(fw, bias, problem.n)
         bias_ptr = fw.pointer(bias)
-        if bias_ptr & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
-            bias = _aligned_copy(fw, bias)
-            bias_ptr = fw.pointer(bias)
     tf32 = problem.dtype == "float32" and (fw.default_allow_tf32() if allow_tf32 is None else bool(allow_tf32))
     # the largest power of two (at most 256) dividing each pointer, in cuBLASLt's operand order
     pb, pa, pc, pd = b_ptr | 256, a_ptr | 256, c_ptr | 256, d_ptr | 256
