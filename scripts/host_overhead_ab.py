@@ -56,6 +56,9 @@ rows = {
     "gemmbridge_out": lambda: gb.matmul(a, b, out=d, allow_tf32=False),
     "torch_out": lambda: torch.mm(a, b, out=d),
 }
+if hasattr(gb, "Plan"):  # trees from before plan objects have no such row
+    plan = gb.Plan(a, b, out=d)
+    rows["gemmbridge_plan_out"] = lambda: plan.run(a, b, out=d, allow_tf32=False)
 print(json.dumps({"gemmbridge_file": gb.__file__, **{name: round(per_call(fn), 3) for name, fn in rows.items()}}))
 """
 )
@@ -83,9 +86,13 @@ def main() -> None:
         name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
     }
     for name, row in medians.items():
-        print(f"{name:>8}: gemmbridge {row['gemmbridge']:.2f} µs vs torch {row['torch']:.2f} "
-              f"({row['gemmbridge'] / row['torch']:.3f}×); with out= {row['gemmbridge_out']:.2f} vs "
-              f"{row['torch_out']:.2f} ({row['gemmbridge_out'] / row['torch_out']:.3f}×)")  # fmt: skip
+        line = (f"{name:>8}: gemmbridge {row['gemmbridge']:.2f} µs vs torch {row['torch']:.2f} "
+                f"({row['gemmbridge'] / row['torch']:.3f}×); with out= {row['gemmbridge_out']:.2f} vs "
+                f"{row['torch_out']:.2f} ({row['gemmbridge_out'] / row['torch_out']:.3f}×)")  # fmt: skip
+        if "gemmbridge_plan_out" in row:
+            plan = row["gemmbridge_plan_out"]
+            line += f"; Plan.run(out=) {plan:.2f} ({plan / row['torch_out']:.3f}×)"
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"trees": trees, "samples": samples, "medians": medians}, f, indent=1)

@@ -5,43 +5,42 @@ from cuda.bindings import driver
 from host_overhead_ab import per_call  # this folder: the timing loop both scripts use
 
 import gemmbridge as gb
-from gemmbridge import ops
 from gemmbridge.arrays import BY_TYPE
 from gemmbridge.backends.cuda import bindings, workspace
 from gemmbridge.backends.cuda import graphs as graphs_mod
+from gemmbridge.plan import PLANS, call_key
+from gemmbridge.problem import Operands
 
 a = torch.randn(64, 64, device="cuda")
 b = torch.randn(64, 64, device="cuda")
 d = torch.empty(64, 64, device="cuda")
 for _ in range(3):
     gb.matmul(a, b, out=d)  # the second sighting of these pointers captures a graph
-fw = BY_TYPE[torch.Tensor]
-entry = next(iter(ops._cache().values()))
-plan, graphs = next(iter(entry.plans.plans.values()))
-stream = fw.stream(0)
+view = BY_TYPE[torch.Tensor]
+plan = next(iter(PLANS.plans.values()))
+lt_plan, graphs = next(iter(plan.state.plans.values()))
+ctx = view.context(0, a)
 graph = next(iter(graphs.execs.values()))
-graph_obj = graph[0]
-ws = workspace.pointer(fw, 0, stream, a)
-ap, bp, dp = a.data_ptr(), b.data_ptr(), d.data_ptr()
-key = ("torch", fw.key(a), fw.key(b), None, None, None, False, False, "none")
+ws = workspace.pointer(view, ctx)
+ptrs = Operands(a.data_ptr(), b.data_ptr(), d.data_ptr(), d.data_ptr(), 0, 0, 0)
+options = (False, False, "none", None)
+explicit = gb.Plan(a, b, out=d)
 rows = {
     "gb.matmul": lambda: gb.matmul(a, b),
     "torch.matmul": lambda: torch.matmul(a, b),
     "torch.mm(out=)": lambda: torch.mm(a, b, out=d),
     "gb.matmul(out=)": lambda: gb.matmul(a, b, out=d),
-    "cublasLtMatmul (vendor floor)": lambda: bindings.launch(
-        plan, entry.problem, ap, bp, dp, dp, 0, 1.0, 0.0, ws, stream
-    ),
-    "cuGraphLaunch (classic bindings)": lambda: driver.cuGraphLaunch(graph_obj, stream),
-    "graphs._launch (used)": lambda: graphs_mod._launch(graph, stream),
-    "new_empty": lambda: a.new_empty((64, 64)),
-    "fw.key x2": lambda: (fw.key(a), fw.key(b)),
-    "key+lookup": lambda: ops._cache().get(("torch", fw.key(a), fw.key(b), None, None, None, False, False, "none")),
-    "stream": lambda: fw.stream(0),
-    "capturing": lambda: fw.capturing(0),
-    "current_device": lambda: fw.current_device(),
-    "tf32 flag": lambda: fw.default_allow_tf32(),
-    "workspace": lambda: workspace.pointer(fw, 0, stream, a),
+    "gb.Plan.run(out=)": lambda: explicit.run(a, b, out=d),
+    "cublasLtMatmul (vendor floor)": lambda: bindings.launch(lt_plan, ptrs, 1.0, 0.0, ws, ctx.stream),
+    "cuGraphLaunch (classic bindings)": lambda: driver.cuGraphLaunch(graph[0], ctx.stream),
+    "graphs._launch (used)": lambda: graphs_mod._launch(graph, ctx.stream),
+    "torch.empty": lambda: ctx.empty((64, 64), "float32"),
+    "view.key x2": lambda: (view.key(a), view.key(b)),
+    "key+lookup": lambda: PLANS.plans.get(call_key(view, a, b, None, None, None, None, None, options)),
+    "context (stream, capture state)": lambda: view.context(0, a),
+    "current_device": lambda: view.current_device(),
+    "tf32 policy": lambda: ctx.tf32(),
+    "workspace": lambda: workspace.pointer(view, ctx),
     "data_ptr x3": lambda: (a.data_ptr(), b.data_ptr(), d.data_ptr()),
 }
 for name, fn in rows.items():

@@ -501,15 +501,15 @@ def test_cache_distinguishes_options(fw, rng):
 
 
 def test_cache_is_bounded_and_keeps_the_problems_in_use(monkeypatch):
-    """Past PLAN_CACHE_SIZE problems the cache evicts; a problem hit since it was last passed over stays."""
-    from gemmbridge import ops
+    """Past its size the plan cache evicts; a plan hit since it was last passed over stays."""
+    from gemmbridge import plan
 
-    monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 8)
+    monkeypatch.setattr(plan.PLANS, "size", 8)
     gemmbridge.clear_cache()
     described = []
-    real = ops.describe
+    real = plan.describe
     monkeypatch.setattr(
-        ops, "describe", lambda *args, **kwargs: described.append(args[0].shape) or real(*args, **kwargs)
+        plan, "describe", lambda *args, **kwargs: described.append(args[0].shape) or real(*args, **kwargs)
     )
     hot = np.ones((2, 3), np.float32), np.ones((3, 2), np.float32)
     gemmbridge.matmul(*hot)

@@ -239,8 +239,6 @@ def test_jax_gpu_arrays():
 
 def test_small_problem_graph_replay_follows_data_and_scalars():
     """Repeated pointers replay a captured graph; new data and new alpha still give fresh results."""
-    from gemmbridge import ops
-
     gb.clear_cache()
     a, b = rand(32, 24), rand(24, 16)
     out = torch.empty(32, 16, device="cuda")
@@ -252,24 +250,79 @@ def test_small_problem_graph_replay_follows_data_and_scalars():
         gb.matmul(a, b, alpha=alpha, out=out)
         torch.cuda.synchronize()
         assert rel_err(out, alpha * (a.double() @ b.double())) < 1e-5
-    (entry,) = ops._cache().values()
-    (plan_and_graphs,) = entry.plans.plans.values()
+    (plan,) = gb.plan.PLANS.plans.values()
+    (plan_and_graphs,) = plan.state.plans.values()
     assert plan_and_graphs[1].execs, "a repeated small call should have been captured"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_autotune_selects_a_working_candidate(dtype):
-    from gemmbridge import ops
+@pytest.mark.parametrize("with_out", [False, True], ids=["", "out"])
+def test_autotune_times_every_candidate_and_keeps_a_working_one(dtype, with_out, monkeypatch):
+    """Tuning runs (also for a plan first made by an out= call) and never writes the caller's out or c."""
+    from gemmbridge.backends.cuda import autotune
 
+    timed = []
+    real = autotune.tune
+    monkeypatch.setattr(autotune, "tune", lambda *args: timed.append(real(*args)) or timed[-1])
     gb.clear_cache()
     gb.set_autotune(True)
     try:
         a, b, c = rand(512, 256, dtype=dtype), rand(256, 384, dtype=dtype), rand(512, 384, dtype=dtype)
         expected = 0.5 * (a.double() @ b.double()) + c.double()
-        out = gb.matmul(a, b, c=c, alpha=0.5, out=c, allow_tf32=False)  # in place: tuning must not touch c
+        out = gb.matmul(a, b, c=c, alpha=0.5, out=c if with_out else None, allow_tf32=False)
         assert rel_err(out, expected) < TOL[dtype]
     finally:
         gb.set_autotune(False)
-    (entry,) = ops._cache().values()
-    ((plan, _),) = entry.plans.plans.values()
-    assert 0 <= plan.choice < plan.candidates
+    (plan,) = gb.plan.PLANS.plans.values()
+    ((lt_plan, _),) = plan.state.plans.values()
+    assert len(timed) == 1 and len(timed[0]) == lt_plan.candidates
+    assert 0 <= lt_plan.choice < lt_plan.candidates and timed[0][lt_plan.choice] < float("inf")
+
+
+def test_two_captured_graphs_have_their_own_workspaces_and_replay_concurrently(monkeypatch):
+    from gemmbridge.backends.cuda import workspace
+
+    seen: list[int] = []
+    real = workspace._capture_pointer
+    monkeypatch.setattr(workspace, "_capture_pointer", lambda view, ctx: seen.append(real(view, ctx)) or seen[-1])
+    a, b = rand(256, 256), rand(256, 256)
+    graphs, outs = [], []
+    for _ in range(2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # both on torch's shared default capture stream
+            outs.append(gb.matmul(a, b, allow_tf32=False))
+        graphs.append(g)
+    assert len(seen) == 2 and seen[0] != seen[1], "two graphs share a workspace"
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(3):
+        a.copy_(rand(256, 256))
+        torch.cuda.synchronize()
+        for g, s in zip(graphs, streams):
+            with torch.cuda.stream(s):
+                g.replay()
+        torch.cuda.synchronize()
+        for out in outs:
+            assert rel_err(out, a.double() @ b.double()) < 1e-5
+
+
+def test_plans_evicted_during_a_capture_destroy_nothing_inside_it(monkeypatch):
+    monkeypatch.setattr(gb.plan.PLANS, "size", 4)
+    gb.clear_cache()
+    for n in range(1, 9):  # small problems: each gets a replayed graph outside the capture
+        x = rand(8, n)
+        for _ in range(3):
+            gb.matmul(x, rand(n, 8))
+    g = torch.cuda.CUDAGraph()
+    a = rand(16, 16)
+    with torch.cuda.graph(g):
+        outs = [gb.matmul(a, rand(16, n + 1)) for n in range(8)]  # 8 new plans: evictions inside the capture
+    g.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(o).all() for o in outs)
+    gb.clear_cache()
+
+
+def test_negative_bit_is_refused_on_cuda():
+    z = torch.complex(rand(3, 4), rand(3, 4))
+    with pytest.raises(gb.OperandTypeError, match="negative bit"):
+        gb.matmul(z.conj().imag, rand(4, 5))

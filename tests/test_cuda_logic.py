@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+
 import pytest
 
 pytest.importorskip("nvmath.bindings.cublasLt")
@@ -44,50 +47,39 @@ class RecordingDriver:
         return call
 
 
-class NotCapturing:
-    def capturing(self, device: int) -> bool:
-        return False
-
-
 @pytest.fixture
-def driver(monkeypatch: pytest.MonkeyPatch) -> RecordingDriver:
+def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDriver]:
     fake = RecordingDriver()
     monkeypatch.setattr(graphs, "driver", fake)
     monkeypatch.setattr(graphs, "_graph_launch_v2", None)
     monkeypatch.setattr(graphs, "_capture_streams", {})
     monkeypatch.setattr(graphs, "_stream_objects", {})
     monkeypatch.setattr(fake, "CUstream", lambda handle: handle, raising=False)
-    return fake
+    monkeypatch.setattr(graphs, "_doomed", [])
+    yield fake
+    gc.collect()  # the test's graph caches hand their executables to _doomed: destroy them with the fake
+    graphs.drain()
+
+
+def launch(cache: graphs.GraphCache, signature: tuple, enqueue) -> bool:  # type: ignore[no-untyped-def]
+    """What cuda.run does on a stream that is not being captured: replay, else record."""
+    return cache.replay(signature, 5) or cache.record(signature, 0, 5, enqueue)
 
 
 def test_first_sighting_runs_eagerly_second_captures_third_replays(driver: RecordingDriver):
     cache, enqueued = graphs.GraphCache(), []
     signature = (1, 2, 3, 4, 0, 1.0, 0.0, 5, 9)
-    assert cache.launch(signature, NotCapturing(), 0, 5, enqueued.append) is False  # caller enqueues eagerly
+    assert launch(cache, signature, enqueued.append) is False  # caller enqueues eagerly
     assert driver.calls == [] and enqueued == []
-    assert cache.launch(signature, NotCapturing(), 0, 5, enqueued.append) is True
+    assert launch(cache, signature, enqueued.append) is True
     names = [c[0] for c in driver.calls]
     assert names == ["cuStreamCreate", "cuStreamBeginCapture", "cuStreamEndCapture", "cuGraphInstantiate",
                      "cuGraphDestroy", "cuGraphLaunch"]  # fmt: skip
     assert enqueued == [11]  # captured on the private stream, launched on the caller's (5)
     assert driver.calls[-1][-1] == 5
     driver.calls.clear()
-    assert cache.launch(signature, NotCapturing(), 0, 5, enqueued.append) is True
+    assert launch(cache, signature, enqueued.append) is True
     assert [c[0] for c in driver.calls] == ["cuGraphLaunch"] and enqueued == [11]
-
-
-def test_no_replay_while_the_callers_stream_is_captured(driver: RecordingDriver):
-    class Capturing:
-        def capturing(self, device: int) -> bool:
-            return True
-
-    cache = graphs.GraphCache()
-    signature = (1,)
-    cache.launch(signature, NotCapturing(), 0, 5, lambda s: None)
-    cache.launch(signature, NotCapturing(), 0, 5, lambda s: None)
-    driver.calls.clear()
-    assert cache.launch(signature, Capturing(), 0, 5, lambda s: None) is False
-    assert driver.calls == []
 
 
 def test_a_failing_capture_ends_the_capture_and_falls_back_to_eager_calls(driver: RecordingDriver):
@@ -96,12 +88,12 @@ def test_a_failing_capture_ends_the_capture_and_falls_back_to_eager_calls(driver
     def refuse(stream: int) -> None:
         raise RuntimeError("vendor refused")
 
-    assert cache.launch((7,), NotCapturing(), 0, 5, refuse) is False
-    assert cache.launch((7,), NotCapturing(), 0, 5, refuse) is False  # the caller then calls eagerly (and raises)
+    assert launch(cache, (7,), refuse) is False
+    assert launch(cache, (7,), refuse) is False  # the caller then calls eagerly (and raises)
     assert [c[0] for c in driver.calls][-2:] == ["cuStreamEndCapture", "cuGraphDestroy"]
     assert cache.broken and not cache.execs
     driver.calls.clear()
-    assert cache.launch((7,), NotCapturing(), 0, 5, refuse) is False and driver.calls == []  # no more captures
+    assert launch(cache, (7,), refuse) is False and driver.calls == []  # no more captures
     assert graphs._capture_lock.acquire(blocking=False)  # released after the failure
     graphs._capture_lock.release()
 
@@ -110,8 +102,33 @@ def test_graph_table_is_bounded_and_destroys_what_it_drops(driver: RecordingDriv
     cache = graphs.GraphCache()
     for i in range(graphs.GRAPHS_PER_PLAN + 3):
         for _ in range(2):
-            cache.launch((i,), NotCapturing(), 0, 5, lambda s: None)
+            launch(cache, (i,), lambda s: None)
     assert len(cache.execs) == graphs.GRAPHS_PER_PLAN
     assert sum(c[0] == "cuGraphExecDestroy" for c in driver.calls) == 3
     cache.close()
     assert not cache.execs
+
+
+def test_closing_never_destroys_executables_until_drained(driver: RecordingDriver, monkeypatch):
+    """A plan dropped while the caller's stream is capturing must not destroy graphs inside that capture."""
+    monkeypatch.setattr(graphs, "_doomed", [])
+    cache = graphs.GraphCache()
+    for _ in range(2):
+        launch(cache, (1,), lambda s: None)
+    driver.calls.clear()
+    cache.close()
+    assert driver.calls == [] and len(graphs._doomed) == 1
+    graphs.drain()
+    assert [c[0] for c in driver.calls] == ["cuGraphExecDestroy"] and graphs._doomed == []
+
+
+def test_a_driver_error_in_graph_launch_is_a_vendor_error(driver: RecordingDriver, monkeypatch):
+    from gemmbridge.errors import VendorError
+
+    cache = graphs.GraphCache()
+    for _ in range(2):
+        launch(cache, (1,), lambda s: None)
+    monkeypatch.setattr(driver, "cuGraphLaunch", lambda *args: (real_driver.CUresult.CUDA_ERROR_INVALID_HANDLE,),
+                        raising=False)  # fmt: skip
+    with pytest.raises(VendorError, match="cuGraphLaunch failed"):
+        cache.replay((1,), 5)

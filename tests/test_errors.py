@@ -224,7 +224,74 @@ CASES = [
          culprit="out", marks=(pytest.mark.gpu,)),
     Case("out-on-gpu", on_gpu("out", out=(3, 5)), errors.DeviceError, ValueError, frameworks=("torch",),
          culprit="out", marks=(pytest.mark.gpu,)),
+    Case("allow_tf32-string", _with(_kw((3, 4), (4, 5)), allow_tf32="no"), errors.OptionError, ValueError),
+    Case("out_dtype-float16-from-float32", _with(_kw((3, 4), (4, 5)), out_dtype="float16"), errors.DTypeError,
+         TypeError),
+    Case("out_dtype-float32-from-float64", _with(_kw((3, 4), (4, 5), "float64", "float64"), out_dtype="float32"),
+         errors.DTypeError, TypeError),
+    Case("half-inputs-float32-out-without-out_dtype", _kw((3, 4), (4, 5), "bfloat16", "bfloat16", out=(3, 5)),
+         errors.DTypeError, TypeError, culprit="out"),
+    Case("half-bias-with-float32-result", _with(_kw((3, 4), (4, 5), "float16", "float16", bias=((5,), "float16")),
+         out_dtype="float32"), errors.DTypeError, TypeError, culprit="bias"),
+    Case("training-epilogue-batched", _with(_kw((2, 3, 4), (4, 5)), epilogue="gelu_aux"), errors.ShapeError,
+         ValueError),
+    Case("training-epilogue-vector", _with(_kw((3, 4), (4,)), epilogue="bgrad_a"), errors.ShapeError, ValueError),
+    Case("dgelu-without-aux", _with(_kw((3, 4), (4, 5)), epilogue="dgelu"), errors.OptionError, ValueError),
+    Case("drelu-with-bias", lambda fw, rng: {**_kw((3, 4), (4, 5), bias=(5,))(fw, rng), "epilogue": "drelu",
+         "aux": native(fw, np.zeros((3, 16), np.uint8))}, errors.OptionError, ValueError, culprit="bias"),
+    Case("aux-wrong-shape", _with(_kw((3, 4), (4, 5), aux=(3, 5)), epilogue="dgelu"), errors.ShapeError,
+         ValueError, culprit="aux"),
+    Case("aux-wrong-dtype", _with(_kw((3, 4), (4, 5), aux=(3, 16)), epilogue="drelu"), errors.DTypeError,
+         TypeError, culprit="aux"),
+    Case("aux-without-an-aux-epilogue", _kw((3, 4), (4, 5), aux=(3, 8)), errors.OptionError, ValueError,
+         culprit="aux"),
+    Case("bias_grad-wrong-length", _with(_kw((3, 4), (4, 5), bias_grad=(5,)), epilogue="bgrad_a"),
+         errors.ShapeError, ValueError, culprit="bias_grad"),
+    Case("bias_grad-without-a-bgrad-epilogue", _kw((3, 4), (4, 5), bias_grad=(5,)), errors.OptionError, ValueError,
+         culprit="bias_grad"),
+    Case("bgrad-with-K=0", _with(_kw((3, 0), (0, 5)), epilogue="bgrad_b"), errors.ShapeError, ValueError),
+    Case("bias_grad-inside-out", lambda fw, rng: _bias_grad_inside_out(fw, rng), errors.AliasError, ValueError,
+         culprit="out"),
+    Case("out-leaf-requires-grad", lambda fw, rng: _torch_out(fw, rng, "leaf"), errors.OptionError, ValueError,
+         frameworks=("torch",), culprit="out"),
+    Case("out-inference-tensor", lambda fw, rng: _torch_out(fw, rng, "inference"), errors.OptionError, ValueError,
+         frameworks=("torch",), culprit="out"),
+    Case("inputs-require-grad", lambda fw, rng: _requires_grad(fw, rng), errors.OptionError, ValueError,
+         frameworks=("torch",)),
+    Case("a-negative-bit", lambda fw, rng: _negative_bit(fw, rng), errors.OperandTypeError, TypeError,
+         frameworks=("torch",), names=()),
+    Case("a-sparse", lambda fw, rng: {**_kw((3, 4), (4, 5))(fw, rng), "a": rand(fw, rng, (3, 4)).to_sparse()},
+         errors.OperandTypeError, TypeError, frameworks=("torch",), names=()),
+    Case("a-sparse-csr", lambda fw, rng: {**_kw((3, 4), (4, 5))(fw, rng), "a": rand(fw, rng, (3, 4)).to_sparse_csr()},
+         errors.OperandTypeError, TypeError, frameworks=("torch",), names=(),
+         marks=(pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta"),)),
 ]  # fmt: skip
+
+
+def _bias_grad_inside_out(fw: Framework, rng: np.random.Generator) -> dict:
+    out = fw.poisoned((4, 5), F32)
+    return {"a": rand(fw, rng, (4, 3)), "b": rand(fw, rng, (3, 5)), "epilogue": "bgrad_b", "bias_grad": out[1],
+            "out": out}  # fmt: skip
+
+
+def _torch_out(fw: Framework, rng: np.random.Generator, kind: str) -> dict:
+    """An out that torch.mm(out=) refuses too: a leaf requiring grad, or an inference tensor outside inference mode."""
+    if kind == "leaf":
+        out = fw.poisoned((3, 5), F32).requires_grad_()
+    else:
+        with fw.xp.inference_mode():
+            out = fw.poisoned((3, 5), F32)
+    return {"a": rand(fw, rng, (3, 4)), "b": rand(fw, rng, (4, 5)), "out": out}
+
+
+def _requires_grad(fw: Framework, rng: np.random.Generator) -> dict:
+    return {"a": rand(fw, rng, (3, 4)).requires_grad_(), "b": rand(fw, rng, (4, 5))}
+
+
+def _negative_bit(fw: Framework, rng: np.random.Generator) -> dict:
+    """A real tensor with torch's lazy negation bit: the imaginary part of a conjugated complex tensor."""
+    z = fw.xp.complex(rand(fw, rng, (3, 4)), rand(fw, rng, (3, 4)))
+    return {"a": z.conj().imag, "b": rand(fw, rng, (4, 5))}
 
 
 def _mixed(**where: str) -> Callable:
@@ -361,3 +428,38 @@ def test_error_classes() -> None:
         assert issubclass(cls, errors.GemmError) and issubclass(cls, builtin)
         assert getattr(gemmbridge, cls.__name__) is cls
     assert errors.VendorError("x", status="CUBLAS_STATUS_NOT_SUPPORTED").status == "CUBLAS_STATUS_NOT_SUPPORTED"
+
+
+def test_numpy_memory_error_is_out_of_memory_error() -> None:
+    a = np.ones((1 << 21, 1), np.float64)
+    with pytest.raises(errors.OutOfMemoryError, match=r"the result \(2097152, 2097152\) float64 \(32768.00 GiB\)"):
+        gemmbridge.matmul(a, a.T)
+
+
+def test_set_autotune_refuses_what_is_not_a_bool() -> None:
+    with pytest.raises(errors.OptionError, match="set_autotune"):
+        gemmbridge.set_autotune("x")  # type: ignore[arg-type]
+
+
+def test_a_valid_out_with_crossing_strides_is_written() -> None:
+    """Shape (3, 2) with strides (2, 3) reaches six distinct elements: it is no alias of itself."""
+    buf = np.full(8, np.nan)
+    out = np.lib.stride_tricks.as_strided(buf, (3, 2), (16, 24))
+    a, b = np.arange(6.0).reshape(3, 2), np.eye(2)
+    assert gemmbridge.matmul(a, b, out=out) is out
+    np.testing.assert_array_equal(out, a)
+
+
+def test_interleaved_out_and_c_that_never_meet_are_accepted() -> None:
+    buf = np.arange(24.0).reshape(3, 8)
+    c, out = buf[:, 1::2], buf[:, ::2]
+    want = np.eye(3) @ np.ones((3, 4)) + c
+    assert gemmbridge.matmul(np.eye(3), np.ones((3, 4)), c=c, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_cpu_backend_warnings_point_at_the_callers_line() -> None:
+    a = np.full((2, 2), 60000.0, np.float16)
+    with pytest.warns(RuntimeWarning, match="overflow encountered in the CPU backend") as caught:
+        gemmbridge.matmul(a, a)
+    assert caught[0].filename == __file__

@@ -1,5 +1,6 @@
 """gemmbridge: any framework's tensors to the vendor's tuned GEMM, zero-copy, on the caller's stream."""
 
+from . import epilogues
 from .errors import (
     AliasError,
     BackendUnavailableError,
@@ -12,7 +13,8 @@ from .errors import (
     ShapeError,
     VendorError,
 )
-from .ops import cache_size, clear_cache, matmul, set_autotune
+from .ops import cache_size, clear_cache, matmul
+from .plan import Plan, set_autotune
 
 __version__ = "0.1.0"
 
@@ -25,11 +27,13 @@ __all__ = [
     "OperandTypeError",
     "OptionError",
     "OutOfMemoryError",
+    "Plan",
     "ShapeError",
     "VendorError",
     "__version__",
     "cache_size",
     "clear_cache",
+    "epilogues",
     "matmul",
     "set_autotune",
 ]

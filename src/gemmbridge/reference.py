@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from . import epilogues
+
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 # Relative Frobenius error a correct result stays under, by dtype ("tf32": float32 on TF32 tensor cores)
@@ -21,12 +23,18 @@ def gelu(x: Any, xp: Any = np) -> Any:
     return 0.5 * x * (1.0 + xp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
+def gelu_grad(x: Any, xp: Any = np) -> Any:
+    """d gelu / dx of the tanh form: ``0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)``, ``t = tanh(u)``."""
+    t = xp.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
 def rel_err(x: Any, ref: np.ndarray) -> float:
     """‖x − ref‖_F / ‖ref‖_F in float64 (``x`` any NumPy-convertible array); NaN results give NaN."""
     return float(np.linalg.norm(np.asarray(x, np.float64) - ref) / np.linalg.norm(ref))
 
 
-def reference(
+def expected(
     a: np.ndarray,
     b: np.ndarray,
     *,
@@ -37,20 +45,44 @@ def reference(
     beta: float = 1.0,
     bias: np.ndarray | None = None,
     epilogue: str = "none",
-) -> np.ndarray:
-    """``epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` in float64, numpy ``matmul`` semantics.
+    aux: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Every output of a call in float64, numpy ``matmul`` semantics (``epilogues.py`` has the formulas).
 
-    GELU is the tanh approximation (``gelu``).
+    ``d``: the result; ``pre``: ``P + bias``, what a ``*_aux`` epilogue saves (a relu aux holds
+    ``pre > 0``); ``bias_grad`` where the epilogue makes one. ``aux`` (``d*`` epilogues): the saved
+    pre-activation (float, gelu) or mask (bool, relu), ``M × N`` without padding.
     """
+    kind = epilogues.TABLE[epilogue]
     a = np.swapaxes(a, -1, -2) if transpose_a else a
     b = np.swapaxes(b, -1, -2) if transpose_b else b
-    r = alpha * np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    r = alpha * np.matmul(a64, b64)
     if c is not None:
         r = r + beta * np.asarray(c, np.float64)
     if bias is not None:
         r = r + np.asarray(bias, np.float64)
-    if epilogue == "relu":
+    found = {"pre": r}
+    if kind.activation == "relu":
         r = np.maximum(r, 0.0)
-    elif epilogue == "gelu":
+    elif kind.activation == "gelu":
         r = gelu(r)
-    return r
+    if kind.aux_in == "relu":
+        assert aux is not None
+        r = r * np.asarray(aux, bool)
+    elif kind.aux_in == "gelu":
+        assert aux is not None
+        r = r * gelu_grad(np.asarray(aux, np.float64))
+    found["d"] = r
+    if kind.bias_grad == "d":
+        found["bias_grad"] = r.sum(axis=-2)
+    elif kind.bias_grad == "a":
+        found["bias_grad"] = a64.sum(axis=-1)
+    elif kind.bias_grad == "b":
+        found["bias_grad"] = b64.sum(axis=-2)
+    return found
+
+
+def reference(a: np.ndarray, b: np.ndarray, **options: Any) -> np.ndarray:
+    """``epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` in float64 (``expected``'s ``d``)."""
+    return expected(a, b, **options)["d"]

@@ -1,4 +1,15 @@
-"""The interface every framework adapter implements."""
+"""The two interfaces a framework implements: a view of its tensors, and a context for one call.
+
+``TensorView`` is what gemmbridge reads from an operand (a cache key, its metadata, its address)
+and the framework's rules for using it (``guard``: may this call read and write these tensors;
+``written``: tell the framework an output was written behind its back). It is stateless and
+shared.
+
+``CallContext`` is resolved once per call, for one device: the stream the work goes on, whether
+that stream is being captured into a CUDA graph, the framework's TF32 policy, and the allocator
+(results are allocated by the caller's framework on that stream). CPU calls get a context too:
+it hands NumPy views of the operands to the CPU backend.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +22,41 @@ import numpy as np
 from ..problem import TensorMeta
 
 
-class ArrayAdapter(Protocol):
+class CallContext(Protocol):
+    device: int  # CUDA device index, -1 on the CPU
+    stream: int  # raw CUDA stream handle the call is enqueued on (0 on the CPU)
+    capturing: bool  # the stream is being captured into a CUDA graph
+    graph_owns_memory: bool  # memory allocated during a capture lives as long as the graph (torch's graph pools)
+    finish: Callable[[], None] | None  # waits for gemmbridge's own stream (frameworks with no stream API)
+
+    def tf32(self) -> bool: ...  # the framework's default for float32 on tensor cores
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any: ...
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any: ...
+    def contiguous(self, x: Any) -> Any: ...
+    def copy_into(self, dst: Any, src: Any) -> None: ...
+    def host(self, x: Any) -> np.ndarray: ...  # CPU only: a NumPy view of x
+    def from_host(self, x: np.ndarray) -> Any: ...  # CPU only: x as the framework's array
+
+
+class TensorView(Protocol):
     """One framework's arrays, as gemmbridge sees them.
 
-    ``key(x)`` is the hashable cache key of everything but the pointer;
-    ``meta(x)`` the same as a ``TensorMeta`` (built only on a cache miss).
+    ``key(x)`` is the hashable cache key of everything but the pointer; ``meta(x)`` the same as a
+    ``TensorMeta`` (built only on a cache miss), or the error that this operand cannot be used.
     """
 
     name: str
     mutable: bool  # False for frameworks whose arrays cannot be written (JAX)
-    # None, or a callable(device) that waits for gemmbridge's own stream (frameworks with no stream API)
-    finish: Callable[[int], None] | None
+    # None, or a check run on every call: refuses operands the framework forbids here (autograd)
+    guard: Callable[..., None] | None
+    # None, or a callable told of each output written through a pointer (version counters)
+    written: Callable[[Any], None] | None
 
     def accepts(self, x: Any) -> bool: ...
     def key(self, x: Any) -> tuple: ...
     def meta(self, x: Any) -> TensorMeta: ...
     def pointer(self, x: Any) -> int: ...
-    def writable(self, x: Any) -> bool: ...
-    def empty(self, shape: tuple[int, ...], like: Any) -> Any: ...
-    def zeros(self, shape: tuple[int, ...], like: Any) -> Any: ...
-    def contiguous(self, x: Any) -> Any: ...
-    def copy_into(self, dst: Any, src: Any) -> None: ...
-    def to_numpy(self, x: Any) -> np.ndarray: ...
-    def from_numpy(self, x: np.ndarray, like: Any) -> Any: ...
-    # CUDA only
+    def writable(self, x: Any) -> str | None: ...  # None, or why x cannot be written
+    def context(self, device: int, like: Any) -> CallContext: ...
     def current_device(self) -> int: ...
     def device_guard(self, index: int) -> AbstractContextManager: ...
-    def stream(self, index: int) -> int: ...
-    def capturing(self, index: int) -> bool: ...
-    def workspace(self, nbytes: int, like: Any) -> tuple[Any, int]: ...
-    def default_allow_tf32(self) -> bool: ...

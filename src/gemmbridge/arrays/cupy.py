@@ -10,12 +10,52 @@ import numpy as np
 
 from ..errors import OperandTypeError
 from ..problem import TensorMeta
+from .numpy import element_strides, numpy_dtype
+
+
+class CupyCall:
+    """One call's device, stream, capture state and allocator."""
+
+    __slots__ = ("device", "stream", "capturing", "_device")
+    finish = None  # work is ordered on the caller's stream: nothing to wait for
+    graph_owns_memory = False
+
+    def __init__(self, device: int) -> None:
+        stream = cupy.cuda.get_current_stream(device)
+        self.device, self.stream, self.capturing = device, stream.ptr, stream.is_capturing()
+        self._device = cupy.cuda.Device(device)
+
+    def tf32(self) -> bool:
+        return os.environ.get("CUPY_TF32", "0") == "1"
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> cupy.ndarray:
+        with self._device:
+            return cupy.empty(shape, dtype=numpy_dtype(dtype))
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> cupy.ndarray:
+        with self._device:
+            return cupy.zeros(shape, dtype=numpy_dtype(dtype))
+
+    def contiguous(self, x: cupy.ndarray) -> cupy.ndarray:
+        with self._device:
+            return cupy.ascontiguousarray(x)
+
+    def copy_into(self, dst: cupy.ndarray, src: cupy.ndarray) -> None:
+        with self._device:
+            dst[...] = src
+
+    def host(self, x: cupy.ndarray) -> np.ndarray:
+        raise OperandTypeError("matmul: cupy arrays live on the GPU")
+
+    def from_host(self, x: np.ndarray) -> cupy.ndarray:
+        raise OperandTypeError("matmul: cupy arrays live on the GPU")
 
 
 class CupyArrays:
     name = "cupy"
     mutable = True
-    finish = None  # work is ordered on the caller's stream: nothing to wait for
+    guard = None
+    written = None
 
     def accepts(self, x: Any) -> bool:
         return isinstance(x, cupy.ndarray)
@@ -24,59 +64,19 @@ class CupyArrays:
         return x.shape, x.strides, x.dtype, x.device.id
 
     def meta(self, x: cupy.ndarray) -> TensorMeta:
-        size = x.itemsize
-        if any(s % size for s in x.strides):
-            raise OperandTypeError(
-                f"matmul: a cupy operand of shape {x.shape} has byte strides {x.strides} "
-                f"that are not multiples of its itemsize {size}"
-            )
-        strides = tuple(s // size for s in x.strides)
-        return TensorMeta(x.shape, strides, x.dtype.name, f"cuda:{x.device.id}")
+        return TensorMeta(x.shape, element_strides(x), x.dtype.name, f"cuda:{x.device.id}")
 
     def pointer(self, x: cupy.ndarray) -> int:
         return x.data.ptr
 
-    def writable(self, x: Any) -> bool:
-        return True
+    def writable(self, x: cupy.ndarray) -> str | None:
+        return None
 
-    def empty(self, shape: tuple[int, ...], like: cupy.ndarray) -> cupy.ndarray:
-        with like.device:
-            return cupy.empty(shape, dtype=like.dtype)
-
-    def zeros(self, shape: tuple[int, ...], like: cupy.ndarray) -> cupy.ndarray:
-        with like.device:
-            return cupy.zeros(shape, dtype=like.dtype)
-
-    def contiguous(self, x: cupy.ndarray) -> cupy.ndarray:
-        with x.device:
-            return cupy.ascontiguousarray(x)
-
-    def copy_into(self, dst: cupy.ndarray, src: cupy.ndarray) -> None:
-        with dst.device:
-            dst[...] = src
-
-    def to_numpy(self, x: cupy.ndarray) -> np.ndarray:
-        raise OperandTypeError("matmul: cupy arrays live on the GPU")
-
-    def from_numpy(self, x: np.ndarray, like: cupy.ndarray) -> cupy.ndarray:
-        raise OperandTypeError("matmul: cupy arrays live on the GPU")
+    def context(self, device: int, like: cupy.ndarray) -> CupyCall:
+        return CupyCall(device)
 
     def current_device(self) -> int:
         return cupy.cuda.runtime.getDevice()
 
     def device_guard(self, index: int) -> cupy.cuda.Device:
         return cupy.cuda.Device(index)
-
-    def stream(self, index: int) -> int:
-        return cupy.cuda.get_current_stream(index).ptr
-
-    def capturing(self, index: int) -> bool:
-        return cupy.cuda.get_current_stream(index).is_capturing()
-
-    def workspace(self, nbytes: int, like: cupy.ndarray) -> tuple[cupy.ndarray, int]:
-        with like.device:
-            buf = cupy.empty((nbytes,), dtype=cupy.uint8)
-        return buf, buf.data.ptr
-
-    def default_allow_tf32(self) -> bool:
-        return os.environ.get("CUPY_TF32", "0") == "1"

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import OperandTypeError
 from ..problem import TensorMeta, contiguous_strides
+from .numpy import numpy_dtype
 
 _STREAMS: dict[int, Any] = {}
 
@@ -32,9 +33,61 @@ def _device_name(d: Any) -> str:
     return "cpu" if d.platform == "cpu" else f"cuda:{d.local_hardware_id}"
 
 
+def _own_stream(index: int) -> Any:
+    stream = _STREAMS.get(index)
+    if stream is None:
+        from cuda.core import Device
+
+        device = Device(index)
+        device.set_current()
+        stream = _STREAMS[index] = device.create_stream()
+    return stream
+
+
+class JaxCall:
+    """One call on gemmbridge's own stream of the device (GPU), or on NumPy copies (CPU)."""
+
+    __slots__ = ("device", "stream", "target", "finish")
+    capturing = False
+    graph_owns_memory = False
+
+    def __init__(self, device: int, like: jax.Array) -> None:
+        self.device, self.target = device, _device(like)
+        if device >= 0:
+            own = _own_stream(device)
+            self.stream, self.finish = int(own.handle), own.sync
+        else:
+            self.stream, self.finish = 0, None
+
+    def tf32(self) -> bool:
+        """TF32 only when JAX's default matmul precision was lowered explicitly."""
+        precision = getattr(jax.config, "jax_default_matmul_precision", None)
+        return precision in ("tensorfloat32", "default", "fastest", "bfloat16")
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> jax.Array:
+        return jnp.empty(shape, dtype=numpy_dtype(dtype), device=self.target)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> jax.Array:
+        return jnp.zeros(shape, dtype=numpy_dtype(dtype), device=self.target)
+
+    def contiguous(self, x: jax.Array) -> jax.Array:
+        return x
+
+    def copy_into(self, dst: jax.Array, src: jax.Array) -> None:
+        raise OperandTypeError("matmul: jax arrays are immutable; out= is not supported for them")
+
+    def host(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def from_host(self, x: np.ndarray) -> jax.Array:
+        return jax.device_put(x, self.target)
+
+
 class JaxArrays:
     name = "jax"
     mutable = False
+    guard = None
+    written = None
 
     def accepts(self, x: Any) -> bool:
         return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
@@ -49,26 +102,11 @@ class JaxArrays:
         x.block_until_ready()
         return x.unsafe_buffer_pointer()
 
-    def writable(self, x: Any) -> bool:
-        return False
+    def writable(self, x: jax.Array) -> str | None:
+        return "jax arrays are immutable: out= is not supported for them"
 
-    def empty(self, shape: tuple[int, ...], like: jax.Array) -> jax.Array:
-        return jnp.empty(shape, dtype=like.dtype, device=_device(like))
-
-    def zeros(self, shape: tuple[int, ...], like: jax.Array) -> jax.Array:
-        return jnp.zeros(shape, dtype=like.dtype, device=_device(like))
-
-    def contiguous(self, x: jax.Array) -> jax.Array:
-        return x
-
-    def copy_into(self, dst: jax.Array, src: jax.Array) -> None:
-        raise OperandTypeError("matmul: jax arrays are immutable; out= is not supported for them")
-
-    def to_numpy(self, x: jax.Array) -> np.ndarray:
-        return np.asarray(x)
-
-    def from_numpy(self, x: np.ndarray, like: jax.Array) -> jax.Array:
-        return jax.device_put(x, _device(like))
+    def context(self, device: int, like: jax.Array) -> JaxCall:
+        return JaxCall(device, like)
 
     def current_device(self) -> int:
         from cuda.core import Device
@@ -85,29 +123,3 @@ class JaxArrays:
             yield
         finally:
             previous.set_current()
-
-    def stream(self, index: int) -> int:
-        stream = _STREAMS.get(index)
-        if stream is None:
-            from cuda.core import Device
-
-            device = Device(index)
-            device.set_current()
-            stream = _STREAMS[index] = device.create_stream()
-        return int(stream.handle)
-
-    def finish(self, index: int) -> None:
-        """Wait for gemmbridge's stream: JAX cannot be told to order after it."""
-        _STREAMS[index].sync()
-
-    def capturing(self, index: int) -> bool:
-        return False
-
-    def workspace(self, nbytes: int, like: jax.Array) -> tuple[jax.Array, int]:
-        buf = jnp.empty((nbytes,), dtype=jnp.uint8, device=_device(like))
-        return buf, self.pointer(buf)
-
-    def default_allow_tf32(self) -> bool:
-        """TF32 only when JAX's default matmul precision was lowered explicitly."""
-        precision = getattr(jax.config, "jax_default_matmul_precision", None)
-        return precision in ("tensorfloat32", "default", "fastest", "bfloat16")

@@ -5,13 +5,17 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import BackendUnavailableError, OperandTypeError
 from ..problem import TensorMeta
 
+DTYPES = {"bfloat16": ml_dtypes.bfloat16}
 
-def _element_strides(x: np.ndarray) -> tuple[int, ...]:
+
+def element_strides(x: Any) -> tuple[int, ...]:
+    """Byte strides of an array with ``shape``, ``strides`` and ``itemsize`` as strides in elements."""
     size = x.itemsize
     if any(s % size for s in x.strides):
         raise OperandTypeError(
@@ -21,9 +25,50 @@ def _element_strides(x: np.ndarray) -> tuple[int, ...]:
     return tuple(s // size for s in x.strides)
 
 
+def numpy_dtype(name: str) -> Any:
+    return DTYPES.get(name, name)
+
+
+class NumpyCall:
+    """A CPU call on NumPy arrays: the arrays are their own host views."""
+
+    __slots__ = ()
+    device = -1
+    stream = 0
+    capturing = False
+    graph_owns_memory = False
+    finish = None
+
+    def tf32(self) -> bool:
+        return False
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.empty(shape, dtype=numpy_dtype(dtype))
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.zeros(shape, dtype=numpy_dtype(dtype))
+
+    def contiguous(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x)
+
+    def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.copyto(dst, src)
+
+    def host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def from_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+_CALL = NumpyCall()
+
+
 class NumpyArrays:
     name = "numpy"
     mutable = True
+    guard = None
+    written = None
 
     def accepts(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)
@@ -32,43 +77,19 @@ class NumpyArrays:
         return x.shape, x.strides, x.dtype
 
     def meta(self, x: np.ndarray) -> TensorMeta:
-        return TensorMeta(x.shape, _element_strides(x), x.dtype.name, "cpu")
+        return TensorMeta(x.shape, element_strides(x), x.dtype.name, "cpu")
 
     def pointer(self, x: np.ndarray) -> int:
         return int(x.__array_interface__["data"][0])
 
-    def writable(self, x: Any) -> bool:
-        return bool(x.flags.writeable)
+    def writable(self, x: np.ndarray) -> str | None:
+        return None if x.flags.writeable else "it is read-only"
 
-    def empty(self, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
-        return np.empty(shape, dtype=like.dtype)
+    def context(self, device: int, like: np.ndarray) -> NumpyCall:
+        return _CALL
 
-    def zeros(self, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
-        return np.zeros(shape, dtype=like.dtype)
-
-    def contiguous(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x)
-
-    def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
-        np.copyto(dst, src)
-
-    def to_numpy(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def from_numpy(self, x: np.ndarray, like: np.ndarray) -> np.ndarray:
-        return x
-
-    def _no_gpu(self, *_: Any) -> Any:
-        raise BackendUnavailableError("numpy arrays live on the CPU; there is no CUDA stream for them")
-
-    current_device = _no_gpu
-    finish = None
-    stream = _no_gpu
-    capturing = _no_gpu
-    workspace = _no_gpu
+    def current_device(self) -> int:
+        raise BackendUnavailableError("numpy arrays live on the CPU; there is no CUDA device for them")
 
     def device_guard(self, index: int) -> AbstractContextManager:
-        return self._no_gpu()
-
-    def default_allow_tf32(self) -> bool:
-        return False
+        raise BackendUnavailableError("numpy arrays live on the CPU; there is no CUDA device for them")

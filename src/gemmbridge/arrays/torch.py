@@ -1,15 +1,36 @@
-"""PyTorch tensors (CPU and CUDA)."""
+"""PyTorch tensors (CPU and CUDA).
+
+Autograd rules, as ``torch.mm(out=...)`` applies them: an output is never written behind autograd's
+back. An ``out`` that requires grad (with grad mode on), an inference tensor outside inference mode,
+or an output whose inputs require grad are refused; every output written through a pointer has its
+version counter bumped, so a tensor saved for backward and overwritten later fails loudly in
+backward instead of giving wrong gradients.
+"""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import OperandTypeError, OptionError
 from ..problem import TensorMeta
 
-_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+_is_grad_enabled = torch.is_grad_enabled
+# absent from CPU-only builds of torch, where no CUDA call is made
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+_increment_version = torch._C._increment_version  # type: ignore[attr-defined]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -23,64 +44,125 @@ def tensor_from_numpy(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+def numpy_view(x: torch.Tensor) -> np.ndarray:
+    """A NumPy array sharing a CPU tensor's memory (torch.bfloat16 seen as ml_dtypes bfloat16)."""
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
+
+
+def tf32_policy() -> bool:
+    """torch's TF32 setting for float32 matmuls: the legacy flag, or the ``fp32_precision`` API (torch ≥ 2.9).
+
+    Once the new API has been used, torch's legacy getter raises ("mix of the legacy and new APIs").
+    """
+    try:
+        return bool(torch._C._get_cublas_allow_tf32())  # type: ignore[attr-defined]
+    except RuntimeError:
+        precision = torch.backends.cuda.matmul.fp32_precision
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+
+
+class TorchCall:
+    """One call's device, stream, capture state and allocator (CUDA), or NumPy views (CPU)."""
+
+    __slots__ = ("device", "stream", "capturing", "target")
+    finish = None  # work is ordered on the caller's stream: nothing to wait for
+    graph_owns_memory = True
+
+    def __init__(self, device: int, like: torch.Tensor) -> None:
+        self.device = device
+        self.target = like.device
+        if device >= 0:
+            self.stream = _raw_stream(device)  # type: ignore[misc]
+            self.capturing = _is_capturing()  # type: ignore[misc]
+        else:
+            self.stream, self.capturing = 0, False
+
+    def tf32(self) -> bool:
+        return tf32_policy()
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        return torch.empty(shape, dtype=DTYPES[dtype], device=self.target)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        return torch.zeros(shape, dtype=DTYPES[dtype], device=self.target)
+
+    def contiguous(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().contiguous()
+
+    def copy_into(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.no_grad():
+            dst.copy_(src)
+
+    def host(self, x: torch.Tensor) -> np.ndarray:
+        return numpy_view(x)
+
+    def from_host(self, x: np.ndarray) -> torch.Tensor:
+        return tensor_from_numpy(x)
+
+
 class TorchArrays:
     name = "torch"
     mutable = True
-    finish = None  # work is ordered on the caller's stream: nothing to wait for
 
     def accepts(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
 
     def key(self, x: torch.Tensor) -> tuple:
-        return x.shape, x.stride(), x.dtype, x.device
+        return x.shape, x.stride(), x.dtype, x.device, x.layout, x.is_neg()
 
     def meta(self, x: torch.Tensor) -> TensorMeta:
+        what = f"a torch tensor of shape {tuple(x.shape)}"
+        if x.layout != torch.strided:
+            raise OperandTypeError(f"matmul: {what} has layout {x.layout}; only strided (dense) tensors are supported")
+        if x.is_neg() or x.is_conj():
+            raise OperandTypeError(
+                f"matmul: {what} has the {'negative' if x.is_neg() else 'conjugate'} bit set (a lazily negated or "
+                "conjugated view): call .resolve_neg() / .resolve_conj() on it first"
+            )
         return TensorMeta(tuple(x.shape), tuple(x.stride()), _dtype_name(x.dtype), str(x.device))
 
     def pointer(self, x: torch.Tensor) -> int:
         return x.data_ptr()
 
-    def writable(self, x: Any) -> bool:
-        return True
+    def writable(self, x: torch.Tensor) -> str | None:
+        if x.requires_grad and _is_grad_enabled():
+            if x.is_leaf:
+                return "it is a leaf that requires grad (write into it under torch.no_grad())"
+            return "it requires grad: autograd cannot see a write through out= (use the result instead)"
+        if x.is_inference() and not torch.is_inference_mode_enabled():
+            return "it is an inference tensor, written outside torch.inference_mode()"
+        return None
 
-    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return like.new_empty(shape)
+    def guard(self, a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> None:
+        """Refuse inputs that require grad while grad mode is on: the result would have no grad_fn."""
+        if _is_grad_enabled() and (
+            a.requires_grad
+            or b.requires_grad
+            or (c is not None and c.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            which = [n for n, x in (("a", a), ("b", b), ("c", c), ("bias", bias)) if x is not None and x.requires_grad]
+            raise OptionError(
+                f"matmul: a is {tuple(a.shape)} {_dtype_name(a.dtype)} on {a.device}, b is {tuple(b.shape)} "
+                f"{_dtype_name(b.dtype)} on {b.device} — {', '.join(which)} require grad, and gemmbridge.matmul "
+                "is not differentiable: call it under torch.no_grad(), or detach the inputs"
+            )
 
-    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    def written(self, x: torch.Tensor) -> None:
+        _increment_version((x,))
 
-    def contiguous(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous()
-
-    def copy_into(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
-
-    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
-        x = x.detach()
-        if x.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return x.numpy()
-
-    def from_numpy(self, x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        return tensor_from_numpy(x)
+    def context(self, device: int, like: torch.Tensor) -> TorchCall:
+        return TorchCall(device, like)
 
     def current_device(self) -> int:
         return torch._C._cuda_getDevice()  # type: ignore[attr-defined]
 
-    def device_guard(self, index: int) -> torch.cuda.device:
+    def device_guard(self, index: int) -> AbstractContextManager:
         return torch.cuda.device(index)
-
-    def stream(self, index: int) -> int:
-        return torch._C._cuda_getCurrentRawStream(index)  # type: ignore[attr-defined]
-
-    def capturing(self, index: int) -> bool:
-        return torch._C._cuda_isCurrentStreamCapturing()  # type: ignore[attr-defined]
-
-    def workspace(self, nbytes: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=like.device)
-        return buf, buf.data_ptr()
-
-    def default_allow_tf32(self) -> bool:
-        return torch._C._get_cublas_allow_tf32()  # type: ignore[attr-defined]

@@ -1,17 +1,18 @@
-"""CPU backend: the BLAS that NumPy ships.
+"""CPU backend: the BLAS that NumPy ships, and NumPy versions of every epilogue.
 
-``np.matmul`` hands row- and column-major (transposed) matrices to the BLAS
-without copying; alpha, beta·c, bias and the epilogue are applied in place on
-the output. Half types (float16, bfloat16) are converted to float32 copies,
-accumulated in float32 and rounded once into the output, like cuBLASLt.
+``np.matmul`` hands row- and column-major (transposed) matrices to the BLAS without copying;
+alpha, beta·c, bias and the epilogue (``epilogues.py``) are applied in place on the result. Half
+types (float16, bfloat16) are converted to float32 copies, accumulated in float32 and rounded once
+into the result, like cuBLASLt; a float32 result from half inputs is written unrounded.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..problem import Problem
-from ..reference import SQRT_2_OVER_PI
+from .. import epilogues
+from ..problem import HALF, Operands, Problem
+from ..reference import SQRT_2_OVER_PI, gelu_grad
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -26,6 +27,17 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     inner *= 0.5
     x *= inner
     return x
+
+
+def relu_mask(pre: np.ndarray, width: int) -> np.ndarray:
+    """The relu aux of ``pre`` (M × N): bit ``n % 8`` of byte ``n // 8`` of row m set where pre > 0."""
+    bits = np.zeros((pre.shape[0], width * 8), dtype=bool)
+    bits[:, : pre.shape[1]] = pre > 0
+    return np.packbits(bits, axis=1, bitorder="little")
+
+
+def _mask_of(aux: np.ndarray, n: int) -> np.ndarray:
+    return np.unpackbits(aux, axis=1, bitorder="little")[:, :n].astype(bool)
 
 
 def _as_matrices(x: np.ndarray, transpose: bool, vector_axis: int) -> np.ndarray:
@@ -43,35 +55,44 @@ def _promoted(x: np.ndarray, a_vec: bool, b_vec: bool) -> np.ndarray:
     return x
 
 
-def run(
-    problem: Problem,
-    a: np.ndarray,
-    b: np.ndarray,
-    c: np.ndarray | None,
-    bias: np.ndarray | None,
-    out: np.ndarray,
-    alpha: float,
-    beta: float,
-) -> None:
-    """Write ``epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` into ``out``."""
+def run(problem: Problem, ops: Operands, alpha: float, beta: float) -> None:
+    """Write ``D`` (into ``ops.d``) and the epilogue's outputs (``ops.aux``, ``ops.bias_grad``).
+
+    ``ops`` holds NumPy arrays; ``c`` is None or the given c (``beta`` is then applied).
+    """
+    a, b, c, out = ops.a, ops.b, ops.c, ops.d
+    kind = epilogues.TABLE[problem.epilogue]
     a_vec, b_vec = a.ndim == 1, b.ndim == 1
     lhs = _as_matrices(a, problem.transpose_a, 0)
     rhs = _as_matrices(b, problem.transpose_b, -1)
-    half = problem.dtype in ("float16", "bfloat16")
-    if half:
+    if problem.dtype in HALF:
         lhs, rhs = lhs.astype(np.float32), rhs.astype(np.float32)
     target = _promoted(out, a_vec, b_vec)
-    in_place_c = c is not None and np.shares_memory(c, out)
-    acc = np.matmul(lhs, rhs, out=None if half or in_place_c else target)
+    direct = lhs.dtype == target.dtype and (c is None or not np.shares_memory(c, out))
+    acc = np.matmul(lhs, rhs, out=target if direct else None)
     if alpha != 1.0:
         acc *= alpha
     if c is not None and beta != 0.0:
         acc += beta * _promoted(c, a_vec, b_vec).astype(acc.dtype, copy=False)
-    if bias is not None:
-        acc += bias.astype(acc.dtype, copy=False)
-    if problem.epilogue == "relu":
+    if ops.bias is not None:
+        acc += ops.bias.astype(acc.dtype, copy=False)
+    if kind.aux_out == "gelu":
+        ops.aux[:, : problem.n] = acc
+    elif kind.aux_out == "relu":
+        ops.aux[...] = relu_mask(acc, ops.aux.shape[1])
+    if kind.activation == "relu":
         np.maximum(acc, 0, out=acc)
-    elif problem.epilogue == "gelu":
+    elif kind.activation == "gelu":
         gelu_tanh(acc)
+    if kind.aux_in == "relu":
+        acc *= _mask_of(ops.aux, problem.n)
+    elif kind.aux_in == "gelu":
+        acc *= gelu_grad(ops.aux[:, : problem.n].astype(acc.dtype))
+    if kind.bias_grad == "d":
+        ops.bias_grad[...] = acc.sum(axis=0)
+    elif kind.bias_grad == "a":
+        ops.bias_grad[...] = lhs.sum(axis=1, dtype=acc.dtype)
+    elif kind.bias_grad == "b":
+        ops.bias_grad[...] = rhs.sum(axis=0, dtype=acc.dtype)
     if acc is not target:
         target[...] = acc

@@ -1,110 +1,198 @@
 """CUDA backend: a described problem on cuBLASLt, on the caller's stream.
 
-``execute`` is the hot path of a GPU call: allocate the result in the caller's
-framework, look the plan up by pointer alignment, and enqueue (or replay) it.
+``run`` is the hot path of a GPU call: allocate the outputs in the caller's framework, pick the
+vendor plan by pointer alignment and TF32, and enqueue (or replay) it. Everything it needs of the
+caller's framework comes from the call's ``CallContext`` (stream, capture state, TF32 policy,
+allocator) and the operands' addresses from the ``TensorView``.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
-from ...arrays import ArrayAdapter
-from ...errors import allocation_failed
-from . import autotune, bindings, workspace
+from ... import epilogues
+from ...arrays import CallContext, TensorView
+from ...errors import OptionError, allocation_failed
+from ...problem import ITEMSIZE, Operands, Problem
+from . import autotune, bindings, graphs, workspace
 from .graphs import MAX_FLOPS, GraphCache
+from .layouts import lt_problem
+
+_AUX_ALIGNMENT = 16  # bytes cuBLASLt needs of the aux and bias-gradient pointers
+_new = tuple.__new__  # Operands(...) without NamedTuple's slower constructor (hot path)
 
 
-class PlanSet:
-    """The vendor plans of one problem, keyed by pointer alignments and TF32."""
+def described(problem: Problem) -> str:
+    """The problem as error messages name it."""
+    mixed = "" if problem.result_dtype == problem.dtype else f"→{problem.result_dtype}"
+    return (
+        f"{problem.dtype}{mixed} m={problem.m} n={problem.n} k={problem.k} batch={problem.batch_shape} "
+        f"epilogue={problem.epilogue} bias={problem.has_bias} on {problem.device}"
+    )
 
-    __slots__ = ("problem", "device", "plans", "small")
 
-    def __init__(self, problem: Any, device: int) -> None:
+class PlanState:
+    """The vendor plans of one problem on one device, keyed by pointer alignments and TF32; shared by threads."""
+
+    __slots__ = ("problem", "lt", "device", "plans", "small", "fp32", "lock", "described")
+
+    def __init__(self, problem: Problem, device: int) -> None:
+        kind = epilogues.TABLE[problem.epilogue]
+        if kind.aux_in != "none" and problem.k == 1:
+            raise OptionError(
+                f"matmul: {described(problem)} — cuBLASLt's {problem.epilogue} epilogue needs K ≥ 2 (K = 1 here)"
+            )
         self.problem = problem
+        self.lt = lt_problem(problem)
         self.device = device
         self.plans: dict[tuple, tuple[bindings.LtPlan, GraphCache]] = {}
-        flops = 2 * problem.m * problem.n * problem.k * len(problem.outer_offsets) * problem.batch_count
-        self.small = flops <= MAX_FLOPS
+        self.small = problem.flops <= MAX_FLOPS
+        self.fp32 = problem.dtype == "float32"  # TF32 is a question for float32 only
+        self.lock = threading.Lock()
+        self.described = described(problem)
 
-    def plan(self, key: tuple) -> tuple[bindings.LtPlan, GraphCache]:
+    def plan(
+        self, key: tuple, view: TensorView, ctx: CallContext, ptrs: Operands, alpha: float, beta: float, ws: int
+    ) -> tuple[bindings.LtPlan, GraphCache]:
+        """The plan for pointer alignments and TF32 ``key``, made (and tuned, when on) the first time."""
+        with self.lock:
+            found = self.plans.get(key)
+            if found is not None:
+                return found
+            lt = self.lt
+            alignments = tuple(min(p, lay.alignment) for p, lay in zip(key, (lt.a, lt.b, lt.c, lt.d)))
+            plan = bindings.LtPlan(self.device, lt, key[4], alignments, self.described)  # type: ignore[arg-type]
+            if autotune.enabled and ctx.finish is None and not ctx.capturing:
+                self._tune(plan, view, ctx, ptrs, alpha, beta, ws)
+            found = self.plans[key] = (plan, GraphCache())
+        return found
+
+    def _tune(
+        self, plan: bindings.LtPlan, view: TensorView, ctx: CallContext, ptrs: Operands, alpha: float, beta: float,
+        ws: int,
+    ) -> None:  # fmt: skip
+        """Time the candidates, writing scratch buffers laid out like this call's outputs."""
         problem = self.problem
-        layouts = (problem.lt_a, problem.lt_b, problem.lt_c, problem.lt_d)
-        alignments = tuple(min(p, lay.alignment) for p, lay in zip(key, layouts))
-        entry = self.plans[key] = (bindings.LtPlan(self.device, problem, key[4], alignments), GraphCache())  # type: ignore[arg-type]
-        return entry
+        d_bytes = (problem.byte_extents.d or (0, 0))[1] or math.prod(problem.out_shape) * problem.result_itemsize
+        scratch = [ctx.empty((max(d_bytes, 1),), "uint8")]
+        d = view.pointer(scratch[0])
+        aux, bias_grad = ptrs.aux, ptrs.bias_grad
+        if epilogues.TABLE[problem.epilogue].aux_out != "none":
+            scratch.append(ctx.empty(problem.aux_shape or (), problem.aux_dtype))
+            aux = view.pointer(scratch[-1])
+        if problem.bias_grad_length:
+            scratch.append(ctx.empty((problem.bias_grad_length,), problem.result_dtype))
+            bias_grad = view.pointer(scratch[-1])
+        c = d if ptrs.c == ptrs.d else ptrs.c
+        tuned = ptrs._replace(c=c, d=d, aux=aux, bias_grad=bias_grad)
+        autotune.tune(plan, tuned, alpha, beta, ws, ctx.stream)
+
+    def close(self) -> None:
+        for plan, graph_cache in self.plans.values():
+            graph_cache.close()
+            plan.close()
+        self.plans.clear()
 
 
-def _aligned_copy(fw: ArrayAdapter, x: Any, n: int) -> Any:
-    copy = fw.empty((n,), x)
-    fw.copy_into(copy, x)
+def _empty(ctx: CallContext, shape: tuple[int, ...], dtype: str, what: str, problem: Problem) -> Any:
+    try:
+        return ctx.empty(shape, dtype)
+    except (MemoryError, RuntimeError) as error:
+        raise allocation_failed(what, shape, dtype, ITEMSIZE[dtype], problem.device, error) from error
+
+
+def _aligned_copy(ctx: CallContext, x: Any, n: int, dtype: str) -> Any:
+    copy = ctx.empty((n,), dtype)
+    ctx.copy_into(copy, x)
     return copy
 
 
-def execute(
-    fw: ArrayAdapter,
-    plans: PlanSet,
-    a: Any,
-    b: Any,
-    c: Any,
-    bias: Any,
-    out: Any,
+def run(
+    state: PlanState,
+    view: TensorView,
+    ctx: CallContext,
+    ops: Operands,
+    ptrs: Operands | None,
     alpha: float,
     beta: float,
     allow_tf32: bool | None,
-    pointers: tuple[int, int, int, int, int] | None = None,
-) -> Any:
-    """Enqueue ``plans.problem`` for these operands; return the result array. ``pointers``: the addresses of
-    (a, b, c, bias, out) when the caller has read them already (0 for an absent operand)."""
-    problem = plans.problem
-    device = plans.device
-    if out is not None and not problem.out_via_temp:
-        d = out
+) -> tuple[Any, Any, Any]:
+    """Enqueue ``state.problem`` for the framework arrays ``ops``; return (result, aux, bias_grad).
+
+    ``ptrs``: the operands' addresses when the caller has read them already (0 for an absent one).
+    Outputs not given are allocated by the caller's framework.
+    """
+    problem = state.problem
+    out, aux, bias_grad = ops.d, ops.aux, ops.bias_grad
+    d = (
+        out
+        if out is not None and not problem.out_via_temp
+        else _empty(ctx, problem.out_shape, problem.result_dtype, "result", problem)
+    )
+    if aux is None and problem.aux_shape is not None:
+        aux = _empty(ctx, problem.aux_shape, problem.aux_dtype, "aux", problem)
+    if bias_grad is None and problem.bias_grad_length:
+        bias_grad = _empty(ctx, (problem.bias_grad_length,), problem.result_dtype, "bias_grad", problem)
+    pointer = view.pointer
+    if ptrs is None:
+        pa, pb, pd = pointer(ops.a), pointer(ops.b), pointer(d)
+        pc = pd if ops.c is None else pointer(ops.c)
+        pbias = 0 if ops.bias is None else pointer(ops.bias)
+        paux = 0 if aux is None else pointer(aux)
+        pgrad = 0 if bias_grad is None else pointer(bias_grad)
     else:
-        try:
-            d = fw.empty(problem.out_shape, a)
-        except (MemoryError, RuntimeError) as error:
-            raise allocation_failed(
-                "result", problem.out_shape, problem.dtype, problem.itemsize, problem.device, error
-            ) from error
-    if pointers is None:
-        a_ptr, b_ptr, d_ptr = fw.pointer(a), fw.pointer(b), fw.pointer(d)
-        c_ptr = 0 if c is None else fw.pointer(c)
-        bias_ptr = 0 if bias is None else fw.pointer(bias)
-    else:
-        a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr = pointers
-        d_ptr = out_ptr if d is out else fw.pointer(d)
-    if c is None:
-        c_ptr, beta = d_ptr, 0.0
-    if bias_ptr & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
-        bias = _aligned_copy(fw, bias, problem.n)
-        bias_ptr = fw.pointer(bias)
-    tf32 = problem.dtype == "float32" and (fw.default_allow_tf32() if allow_tf32 is None else bool(allow_tf32))
-    # the largest power of two (at most 256) dividing each pointer, in cuBLASLt's operand order
-    pb, pa, pc, pd = b_ptr | 256, a_ptr | 256, c_ptr | 256, d_ptr | 256
-    key = (pb & -pb, pa & -pa, pc & -pc, pd & -pd, tf32)
-    stream = fw.stream(device)
-    ws = workspace.pointer(fw, device, stream, a)
-    found = plans.plans.get(key)
+        pa, pb, pc, pd, pbias, paux, pgrad = ptrs
+        if d is not out:
+            pd = pointer(d)
+        if ops.c is None:
+            pc = pd
+        if aux is not None and not paux:
+            paux = pointer(aux)
+        if bias_grad is not None and not pgrad:
+            pgrad = pointer(bias_grad)
+    if ops.c is None:
+        beta = 0.0
+    if pbias & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
+        pbias = pointer(_aligned_copy(ctx, ops.bias, problem.n, problem.result_dtype))
+    if (paux | pgrad) & (_AUX_ALIGNMENT - 1):
+        raise OptionError(
+            f"matmul: {state.described} — cuBLASLt needs aux and bias_grad at {_AUX_ALIGNMENT}-byte aligned addresses"
+        )
+    tf32 = state.fp32 and (ctx.tf32() if allow_tf32 is None else allow_tf32)
+    # the largest power of two (at most 256) dividing each pointer, in cuBLASLt's operand order (A is our b)
+    xb, xa, xc, xd = pb | 256, pa | 256, pc | 256, pd | 256
+    key = (xb & -xb, xa & -xa, xc & -xc, xd & -xd, tf32)
+    ptrs = _new(Operands, (pa, pb, pc, pd, pbias, paux, pgrad))
+    stream = ctx.stream
+    ws = workspace.pointer(view, ctx)
+    found = state.plans.get(key)
     if found is None:
-        found = plans.plan(key)
-        # tuned into a contiguous scratch result: only when the result's layout is contiguous too
-        if autotune.enabled and out is None and fw.finish is None and not fw.capturing(device):
-            scratch = fw.empty(problem.out_shape, a)
-            s_ptr = fw.pointer(scratch)
-            autotune.tune(found[0], problem, a_ptr, b_ptr, s_ptr if c is None else c_ptr, s_ptr, bias_ptr,
-                          alpha, beta, ws, stream)  # fmt: skip
-    plan, graphs = found
-
-    def enqueue(on: int) -> None:
-        bindings.launch(plan, problem, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, ws, on)
-
-    if not (plans.small and fw.finish is None) or not graphs.launch(
-        (a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, alpha, beta, stream, ws), fw, device, stream, enqueue
-    ):
-        enqueue(stream)
-    if fw.finish is not None:
-        fw.finish(device)
+        found = state.plan(key, view, ctx, ptrs, alpha, beta, ws)
+    plan, graph_cache = found
+    if state.small and ctx.finish is None and not ctx.capturing:
+        signature = (ptrs, alpha, beta, stream, ws)
+        if not graph_cache.replay(signature, stream) and not graph_cache.record(
+            signature, state.device, stream, lambda on: bindings.launch(plan, ptrs, alpha, beta, ws, on)
+        ):
+            bindings.launch(plan, ptrs, alpha, beta, ws, stream)
+    else:
+        bindings.launch(plan, ptrs, alpha, beta, ws, stream)
+    if ctx.finish is not None:
+        ctx.finish()
     if d is not out and out is not None:
-        fw.copy_into(out, d)
-        return out
-    return d
+        ctx.copy_into(out, d)
+        d = out
+    return d, aux, bias_grad
+
+
+def release(state: PlanState) -> None:
+    """Free a plan's vendor objects; graph executables wait for ``graphs.drain``."""
+    state.close()
+
+
+def drain() -> None:
+    """Destroy what waits for a moment outside any capture (graph executables, ended captures' workspaces)."""
+    graphs.drain()
+    workspace.release_finished_captures()

@@ -1,15 +1,16 @@
 """cuBLASLt through nvmath-python's generated bindings: the only module that hands raw pointers to it.
 
-A ``LtPlan`` owns the descriptors, layouts and chosen algorithm of one problem;
-``launch`` is the hot path: one ``cublasLtMatmul`` per outer batch offset.
-Every enum comes from ``nvmath.bindings`` / ``nvmath`` — none is written here. The compute
-type is cuBLAS's ``cublasComputeType_t`` (``cublas.ComputeType``), not the library-wide
-``nvmath.ComputeType``, whose values differ.
+A ``LtPlan`` owns the descriptors, layouts and chosen algorithm of one problem (``layouts.LtProblem``);
+``launch`` is the hot path: one ``cublasLtMatmul`` per outer batch offset. Every enum comes from
+``nvmath.bindings`` / ``nvmath`` — none is written here. The compute type is cuBLAS's
+``cublasComputeType_t`` (``cublas.ComputeType``), not the library-wide ``nvmath.ComputeType``,
+whose values differ. Every failure of the library becomes a ``VendorError`` naming the problem.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 from nvmath import CudaDataType
@@ -17,24 +18,18 @@ from nvmath.bindings import cublas
 from nvmath.bindings import cublasLt as lt
 
 from ...errors import VendorError
-from ...problem import Layout, Problem
+from ...problem import Operands
+from .layouts import LtLayout, LtProblem
 
 WORKSPACE_BYTES = 32 * 1024 * 1024
 HEURISTIC_CANDIDATES = 8
+NOT_SUPPORTED = int(cublas.Status.NOT_SUPPORTED)
 
 _DATA_TYPE = {
     "float16": CudaDataType.CUDA_R_16F,
     "bfloat16": CudaDataType.CUDA_R_16BF,
     "float32": CudaDataType.CUDA_R_32F,
     "float64": CudaDataType.CUDA_R_64F,
-}
-_EPILOGUE = {
-    ("none", False): lt.Epilogue.DEFAULT,
-    ("none", True): lt.Epilogue.BIAS,
-    ("relu", False): lt.Epilogue.RELU,
-    ("relu", True): lt.Epilogue.RELU_BIAS,
-    ("gelu", False): lt.Epilogue.GELU,
-    ("gelu", True): lt.Epilogue.GELU_BIAS,
 }
 _Desc = lt.MatmulDescAttribute
 _Lay = lt.MatrixLayoutAttribute
@@ -44,6 +39,15 @@ _handles: dict[int, int] = {}
 _handles_lock = threading.Lock()
 
 
+def status_of(error: Exception) -> str:
+    status = getattr(error, "status", None)
+    return lt.get_status_name(status) if isinstance(status, int) else str(error)
+
+
+def vendor_error(what: str, error: Exception, problem: str) -> VendorError:
+    return VendorError(f"matmul: {what} failed with {status_of(error)} for {problem}", status_of(error))
+
+
 def handle(device: int) -> int:
     """The process's cuBLASLt handle for ``device`` (cuBLASLt handles are thread-safe)."""
     h = _handles.get(device)
@@ -51,7 +55,10 @@ def handle(device: int) -> int:
         with _handles_lock:
             h = _handles.get(device)
             if h is None:
-                h = _handles[device] = lt.create()
+                try:
+                    h = _handles[device] = lt.create()
+                except Exception as error:  # no driver, no device, out of memory
+                    raise vendor_error("cublasLtCreate", error, f"cuda:{device}") from error
     return h
 
 
@@ -68,61 +75,61 @@ def compute_types(dtype: str, tf32: bool) -> tuple[int, int]:
     return cublas.ComputeType.COMPUTE_32F, CudaDataType.CUDA_R_32F
 
 
-def _set(setter, dtype_of, obj: int, attr: int, value: int) -> None:  # type: ignore[no-untyped-def]
+def _set(setter: Any, dtype_of: Any, obj: int, attr: int, value: int) -> None:
     buf = np.array(value, dtype=dtype_of(attr))
     setter(obj, attr, buf.ctypes.data, buf.itemsize)
 
 
-def _status(error: Exception) -> str:
-    status = getattr(error, "status", None)
-    return lt.get_status_name(status) if isinstance(status, int) else str(error)
-
-
-def _describe(problem: Problem) -> str:
-    return (
-        f"{problem.dtype} m={problem.m} n={problem.n} k={problem.k} batch={problem.batch_shape} "
-        f"epilogue={problem.epilogue} bias={problem.has_bias} on {problem.device}"
-    )
-
-
 class LtPlan:
-    """Descriptors, layouts and algorithm of one problem, created once and reused."""
+    """Descriptors, layouts and algorithm of one problem, created once and reused by every thread.
 
-    def __init__(self, device: int, problem: Problem, tf32: bool, alignments: tuple[int, int, int, int]) -> None:
+    ``lock`` serializes the per-call state (alpha/beta, the bias and aux pointers held by the
+    descriptor, the algorithm choice) from the attribute writes to the enqueue.
+    """
+
+    def __init__(
+        self, device: int, problem: LtProblem, tf32: bool, alignments: tuple[int, int, int, int], described: str
+    ) -> None:
         self.handle = handle(device)
+        self.described = described
+        self.lock = threading.Lock()
         self.layouts: list[int] = []
         self.desc = 0
-        compute, scale = compute_types(problem.dtype, tf32)
-        wide = problem.dtype == "float64"
-        self.scalars = np.array([1.0, 0.0], dtype=np.float64 if wide else np.float32)
+        self._results: Any = None
+        compute, scale = compute_types(problem.a_dtype, tf32)
+        self.scalars = np.array([1.0, 0.0], dtype=np.float64 if problem.a_dtype == "float64" else np.float32)
         self.alpha_ptr = self.scalars.ctypes.data
         self.beta_ptr = self.alpha_ptr + self.scalars.itemsize
-        self.bias_slot = np.zeros(1, dtype=np.int64)
-        self.bias_slot_ptr = self.bias_slot.ctypes.data
-        self.has_bias = problem.has_bias
-        size = problem.itemsize
-        self.offsets = tuple(tuple(o * size for o in offs) for offs in problem.outer_offsets)
+        self.epilogue = problem.epilogue
+        self.bias_attr = "BIAS" in problem.epilogue or "BGRAD" in problem.epilogue  # bias in, or bias gradient out
+        self.aux_attr = problem.aux_ld > 0
+        self.slots = np.zeros(2, dtype=np.int64)  # the bias and aux pointers the descriptor holds
+        self.offsets = problem.offsets
         try:
             self.desc = lt.matmul_desc_create(compute, scale)
-            dset = lt.matmul_desc_set_attribute
-            ddt = lt.get_matmul_desc_attribute_dtype
+            dset, ddt = lt.matmul_desc_set_attribute, lt.get_matmul_desc_attribute_dtype
             op = {False: cublas.Operation.N, True: cublas.Operation.T}
-            _set(dset, ddt, self.desc, _Desc.TRANSA, op[problem.lt_a.transpose])
-            _set(dset, ddt, self.desc, _Desc.TRANSB, op[problem.lt_b.transpose])
-            _set(dset, ddt, self.desc, _Desc.EPILOGUE, _EPILOGUE[problem.epilogue, problem.has_bias])
-            data_type = _DATA_TYPE[problem.dtype]
-            self.la, self.lb, self.lc, self.ld = (
-                self._layout(data_type, lay, problem.batch_count)
-                for lay in (problem.lt_a, problem.lt_b, problem.lt_c, problem.lt_d)
+            _set(dset, ddt, self.desc, _Desc.TRANSA, op[problem.a.transpose])
+            _set(dset, ddt, self.desc, _Desc.TRANSB, op[problem.b.transpose])
+            _set(dset, ddt, self.desc, _Desc.EPILOGUE, getattr(lt.Epilogue, problem.epilogue))
+            if self.aux_attr:
+                _set(dset, ddt, self.desc, _Desc.EPILOGUE_AUX_LD, problem.aux_ld)
+            self.la, self.lb = (
+                self._layout(problem.a_dtype, lay, problem.batch_count) for lay in (problem.a, problem.b)
             )
-            self.algo, self.workspace_size = self._choose(problem, alignments)
-            self.algo_ptr = self.algo.ptr
-        except Exception:
+            self.lc, self.ld = (
+                self._layout(problem.d_dtype, lay, problem.batch_count) for lay in (problem.c, problem.d)
+            )
+            self._choose(alignments)
+        except lt.cuBLASLtError as error:
+            self.close()
+            raise vendor_error("creating the cuBLASLt descriptors", error, described) from error
+        except BaseException:
             self.close()
             raise
 
-    def _layout(self, data_type: int, lay: Layout, batch: int) -> int:
-        h = lt.matrix_layout_create(data_type, lay.rows, lay.cols, lay.ld)
+    def _layout(self, dtype: str, lay: LtLayout, batch: int) -> int:
+        h = lt.matrix_layout_create(_DATA_TYPE[dtype], lay.rows, lay.cols, lay.ld)
         self.layouts.append(h)
         if batch > 1:
             lset, ldt = lt.matrix_layout_set_attribute, lt.get_matrix_layout_attribute_dtype
@@ -130,74 +137,46 @@ class LtPlan:
             _set(lset, ldt, h, _Lay.STRIDED_BATCH_OFFSET, lay.batch_stride)
         return h
 
-    def _choose(self, problem: Problem, alignments: tuple[int, int, int, int]) -> tuple[lt.MatmulHeuristicResult, int]:
+    def _choose(self, alignments: tuple[int, int, int, int]) -> None:
         pref = lt.matmul_preference_create()
         try:
             pset, pdt = lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype
             _set(pset, pdt, pref, _Pref.MAX_WORKSPACE_BYTES, WORKSPACE_BYTES)
-            names = (
-                _Pref.MIN_ALIGNMENT_A_BYTES,
-                _Pref.MIN_ALIGNMENT_B_BYTES,
-                _Pref.MIN_ALIGNMENT_C_BYTES,
-                _Pref.MIN_ALIGNMENT_D_BYTES,
-            )
+            names = (_Pref.MIN_ALIGNMENT_A_BYTES, _Pref.MIN_ALIGNMENT_B_BYTES, _Pref.MIN_ALIGNMENT_C_BYTES,
+                     _Pref.MIN_ALIGNMENT_D_BYTES)  # fmt: skip
             for attr, align in zip(names, alignments):
                 _set(pset, pdt, pref, attr, align)
+            # the heuristic may check the epilogue pointers: aligned stand-ins until the first call sets them
+            if self.bias_attr:
+                self._set_pointer(_Desc.BIAS_POINTER, 0, 256)
+            if self.aux_attr:
+                self._set_pointer(_Desc.EPILOGUE_AUX_POINTER, 1, 256)
             results = lt.MatmulHeuristicResult(HEURISTIC_CANDIDATES)
             count = np.zeros(1, dtype=np.int32)
-            try:
-                lt.matmul_algo_get_heuristic(
-                    self.handle,
-                    self.desc,
-                    self.la,
-                    self.lb,
-                    self.lc,
-                    self.ld,
-                    pref,
-                    HEURISTIC_CANDIDATES,
-                    results.ptr,
-                    count.ctypes.data,
-                )
-            except lt.cuBLASLtError as error:
-                raise VendorError(
-                    f"matmul: cuBLASLt heuristic failed with {_status(error)} for {_describe(problem)}", _status(error)
-                ) from error
+            lt.matmul_algo_get_heuristic(self.handle, self.desc, self.la, self.lb, self.lc, self.ld, pref,
+                                         HEURISTIC_CANDIDATES, results.ptr, count.ctypes.data)  # fmt: skip
         finally:
             lt.matmul_preference_destroy(pref)
         if count[0] == 0:
             raise VendorError(
-                f"matmul: cuBLASLt has no algorithm for {_describe(problem)} (alignments {alignments} bytes)",
+                f"matmul: cuBLASLt has no algorithm for {self.described} (alignments {alignments} bytes)",
                 "CUBLAS_STATUS_NOT_SUPPORTED",
             )
         self._results = results  # keeps the algorithms' memory alive
-        self._candidates = int(count[0])
-        self._choice = 0
-        best = lt.MatmulHeuristicResult.from_ptr(results.ptr, 1)
-        return best, int(best.workspace_size)
+        self.candidates = int(count[0])
+        self.select(0)
 
-    @property
-    def candidates(self) -> int:
-        """How many algorithms the heuristic offered (at most HEURISTIC_CANDIDATES)."""
-        return self._candidates
-
-    @property
-    def choice(self) -> int:
-        return self._choice
+    def _set_pointer(self, attr: int, slot: int, ptr: int) -> None:
+        self.slots[slot] = ptr
+        lt.matmul_desc_set_attribute(self.desc, attr, self.slots.ctypes.data + 8 * slot, 8)
 
     def select(self, index: int) -> None:
         """Use the heuristic's candidate ``index`` (0 is its first pick)."""
-        self._choice = index
+        self.choice = index
         size = lt.matmul_heuristic_result_dtype.itemsize
         self.algo = lt.MatmulHeuristicResult.from_ptr(self._results.ptr + index * size, 1)
         self.algo_ptr = self.algo.ptr
         self.workspace_size = int(self.algo.workspace_size)
-
-    def fall_back(self) -> bool:
-        """Switch to the heuristic's next candidate after a refusal; False when none is left."""
-        if self._choice + 1 >= self._candidates:
-            return False
-        self.select(self._choice + 1)
-        return True
 
     def close(self) -> None:
         for h in self.layouts:
@@ -214,54 +193,38 @@ class LtPlan:
             pass
 
 
-def launch(
-    plan: LtPlan,
-    problem: Problem,
-    a: int,
-    b: int,
-    c: int,
-    d: int,
-    bias: int,
-    alpha: float,
-    beta: float,
-    workspace: int,
-    stream: int,
-) -> None:
-    """Enqueue the product on ``stream``; pointers are device addresses, offsets in bytes."""
-    scalars = plan.scalars
-    scalars[0] = alpha
-    scalars[1] = beta
-    if plan.has_bias and plan.bias_slot[0] != bias:  # the descriptor keeps the last bias pointer
-        plan.bias_slot[0] = bias
-        lt.matmul_desc_set_attribute(plan.desc, _Desc.BIAS_POINTER, plan.bias_slot_ptr, 8)
-    algo = plan.algo_ptr
+def launch(plan: LtPlan, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> None:
+    """Enqueue the product on ``stream``; ``ptrs`` are our operands' device addresses (0: absent)."""
+    with plan.lock:
+        plan.scalars[0] = alpha
+        plan.scalars[1] = beta
+        try:
+            if plan.bias_attr:  # the descriptor keeps the last bias (or bias-gradient) pointer
+                bias = ptrs.bias or ptrs.bias_grad
+                if plan.slots[0] != bias:
+                    plan._set_pointer(_Desc.BIAS_POINTER, 0, bias)
+            if plan.aux_attr and plan.slots[1] != ptrs.aux:
+                plan._set_pointer(_Desc.EPILOGUE_AUX_POINTER, 1, ptrs.aux)
+        except lt.cuBLASLtError as error:
+            raise vendor_error("setting an epilogue pointer", error, plan.described) from error
+        _enqueue(plan, ptrs, workspace, stream)
+
+
+def _enqueue(plan: LtPlan, ptrs: Operands, workspace: int, stream: int) -> None:
+    """One cublasLtMatmul per outer offset. A refusal (NOT_SUPPORTED) before anything was enqueued moves the
+    plan to the heuristic's next candidate for good (the refusal is a property of the problem and the
+    algorithm); any other status is raised as it is and changes nothing."""
     launched = 0
     try:
         for oa, ob, oc, od in plan.offsets:
-            # cuBLASLt's A is our b, its B our a (module doc of problem.py)
-            lt.matmul(
-                plan.handle,
-                plan.desc,
-                plan.alpha_ptr,
-                b + ob,
-                plan.la,
-                a + oa,
-                plan.lb,
-                plan.beta_ptr,
-                c + oc,
-                plan.lc,
-                d + od,
-                plan.ld,
-                algo,
-                workspace,
-                plan.workspace_size,
-                stream,
-            )
+            # its A is our b, its B our a (layouts.py)
+            lt.matmul(plan.handle, plan.desc, plan.alpha_ptr, ptrs.b + oa, plan.la, ptrs.a + ob, plan.lb,
+                      plan.beta_ptr, ptrs.c + oc, plan.lc, ptrs.d + od, plan.ld, plan.algo_ptr, workspace,
+                      plan.workspace_size, stream)  # fmt: skip
             launched += 1
     except lt.cuBLASLtError as error:
-        if launched == 0 and plan.fall_back():  # nothing enqueued yet: the next algorithm may accept it
-            launch(plan, problem, a, b, c, d, bias, alpha, beta, workspace, stream)
+        if launched == 0 and getattr(error, "status", None) == NOT_SUPPORTED and plan.choice + 1 < plan.candidates:
+            plan.select(plan.choice + 1)
+            _enqueue(plan, ptrs, workspace, stream)
             return
-        raise VendorError(
-            f"matmul: cublasLtMatmul failed with {_status(error)} for {_describe(problem)}", _status(error)
-        ) from error
+        raise vendor_error("cublasLtMatmul", error, plan.described) from error

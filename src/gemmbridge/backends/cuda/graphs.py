@@ -1,13 +1,15 @@
 """Small products replayed as CUDA graphs.
 
-For a small GEMM the host cost of ``cublasLtMatmul`` itself (about 8 µs on an
-H100 host) exceeds the kernel's run time. A graph launch costs less, so when the
-same plan meets the same pointers, scalars and stream a second time (an
-allocator hands the same addresses back in a loop), the call is captured once
-on a private stream and from then on replayed on the caller's stream. Pointers
-are baked into a graph, so a graph is only replayed for exactly the pointers it
-was captured with; nothing is replayed while the caller's stream is itself
-being captured.
+For a small GEMM the host cost of ``cublasLtMatmul`` itself (about 8 µs on an H100 host) exceeds
+the kernel's run time. A graph launch costs less, so when the same plan meets the same pointers,
+scalars, stream and workspace a second time (an allocator hands the same addresses back in a
+loop), the call is captured once on a private stream and from then on replayed on the caller's
+stream. Pointers are baked into a graph, so a graph is only replayed for exactly the call it was
+captured from; nothing is captured or replayed while the caller's stream is itself being captured.
+
+Graph executables are never destroyed while a capture may be under way on the calling thread (a
+destroy inside a capture can invalidate it): ``close`` hands them to ``_doomed``, and ``drain``
+destroys them from a call that is known not to be capturing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from cuda.bindings import driver
 
-from ...arrays import ArrayAdapter
+from ...errors import VendorError
 
 try:  # cuda-bindings >= 13.5: integer-handle entry points with far less Python overhead
     from cuda.bindings._v2.driver import graph_launch as _graph_launch_v2
@@ -30,11 +32,13 @@ GRAPHS_PER_PLAN = 4
 
 _capture_streams: dict[int, Any] = {}
 _capture_lock = threading.Lock()  # the capture stream of a device is shared: one capture at a time
+_doomed: list[Any] = []  # graph executables to destroy once no capture can be under way
 
 
-def _check(result: tuple) -> Any:
+def check(result: tuple, what: str) -> Any:
+    """The value of a cuda.bindings driver call, or VendorError naming the call and its status."""
     if result[0] != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver call failed: {result[0]!r}")
+        raise VendorError(f"matmul: {what} failed with {result[0]!r}", str(result[0]))
     return result[1] if len(result) > 1 else None
 
 
@@ -42,56 +46,67 @@ _stream_objects: dict[int, Any] = {}
 
 
 def _launch(graph: Any, stream: int) -> None:
-    """cuGraphLaunch on a raw stream handle; raises on a driver error."""
+    """cuGraphLaunch on a raw stream handle."""
     if _graph_launch_v2 is not None:
-        _graph_launch_v2(graph[1], stream)
+        try:
+            _graph_launch_v2(graph[1], stream)
+        except Exception as error:  # the v2 entry points raise on a driver error
+            raise VendorError(f"matmul: cuGraphLaunch failed: {error}", str(error)) from error
         return
     wrapped = _stream_objects.get(stream)
     if wrapped is None:
         if len(_stream_objects) > 256:
             _stream_objects.clear()
         wrapped = _stream_objects[stream] = driver.CUstream(stream)
-    _check(driver.cuGraphLaunch(graph[0], wrapped))
+    check(driver.cuGraphLaunch(graph[0], wrapped), "cuGraphLaunch")
+
+
+def drain() -> None:
+    """Destroy the graph executables of closed caches (call only where no capture is under way)."""
+    while _doomed:
+        driver.cuGraphExecDestroy(_doomed.pop()[0])
 
 
 class GraphCache:
     """Per-plan table: call signature → instantiated graph, and the signatures seen once."""
 
-    __slots__ = ("execs", "seen", "broken")
+    __slots__ = ("execs", "seen", "broken", "lock")
 
     def __init__(self) -> None:
         self.execs: dict[tuple, Any] = {}
         self.seen: set[tuple] = set()
         self.broken = False
+        self.lock = threading.Lock()
 
-    def launch(
-        self, signature: tuple, fw: ArrayAdapter, device: int, stream: int, enqueue: Callable[[int], None]
-    ) -> bool:
-        """Replay (or capture, on the second sighting) ``enqueue``; False means: call it eagerly."""
+    def replay(self, signature: tuple, stream: int) -> bool:
+        """Launch the graph captured for ``signature`` on ``stream``; False when there is none."""
         graph = self.execs.get(signature)
-        if graph is not None:
-            if fw.capturing(device):
-                return False
-            _launch(graph, stream)
-            return True
-        if self.broken or signature not in self.seen:
-            if len(self.seen) >= 4 * GRAPHS_PER_PLAN:
-                self.seen.clear()
-            self.seen.add(signature)
-            return False
-        if fw.capturing(device):
-            return False
-        try:
-            graph = self._capture(device, enqueue)
-        except Exception:  # this call is still made eagerly (and raises there if it must); no graphs for it
-            self.broken = True
-            return False
         if graph is None:
             return False
-        if len(self.execs) >= GRAPHS_PER_PLAN:
-            old = self.execs.pop(next(iter(self.execs)))
-            driver.cuGraphExecDestroy(old[0])
-        self.execs[signature] = graph
+        _launch(graph, stream)
+        return True
+
+    def record(self, signature: tuple, device: int, stream: int, enqueue: Callable[[int], None]) -> bool:
+        """On the second sighting of ``signature``, capture ``enqueue`` and launch it; False: call it eagerly.
+
+        The caller has checked that its stream is not being captured.
+        """
+        if _doomed:
+            drain()
+        with self.lock:
+            if self.broken or signature not in self.seen:
+                if len(self.seen) >= 4 * GRAPHS_PER_PLAN:
+                    self.seen.clear()
+                self.seen.add(signature)
+                return False
+            try:
+                graph = self._capture(device, enqueue)
+            except Exception:  # this call is still made eagerly (and raises there if it must); no graphs for it
+                self.broken = True
+                return False
+            if len(self.execs) >= GRAPHS_PER_PLAN:
+                driver.cuGraphExecDestroy(self.execs.pop(next(iter(self.execs)))[0])
+            self.execs[signature] = graph
         _launch(graph, stream)
         return True
 
@@ -100,9 +115,9 @@ class GraphCache:
             stream = _capture_streams.get(device)
             if stream is None:
                 flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
-                stream = _capture_streams[device] = _check(driver.cuStreamCreate(flags))
+                stream = _capture_streams[device] = check(driver.cuStreamCreate(flags), "cuStreamCreate")
             mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-            _check(driver.cuStreamBeginCapture(stream, mode))
+            check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
             try:
                 enqueue(int(stream))
             except BaseException:
@@ -110,23 +125,20 @@ class GraphCache:
                 if result[0] == driver.CUresult.CUDA_SUCCESS:
                     driver.cuGraphDestroy(result[1])
                 raise
-            graph = _check(driver.cuStreamEndCapture(stream))
+            graph = check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
         try:
-            graph_exec = _check(driver.cuGraphInstantiate(graph, 0))
+            graph_exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
             return graph_exec, int(graph_exec)
-        except RuntimeError:
-            self.broken = True
-            return None
         finally:
             driver.cuGraphDestroy(graph)
 
     def close(self) -> None:
-        for graph in self.execs.values():
-            driver.cuGraphExecDestroy(graph[0])
+        """Hand the executables to ``drain`` (the caller may be inside a capture)."""
+        _doomed.extend(self.execs.values())
         self.execs.clear()
 
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # interpreter shutdown: the driver may be gone already
+        except Exception:  # interpreter shutdown
             pass

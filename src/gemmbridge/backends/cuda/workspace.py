@@ -1,8 +1,21 @@
-"""cuBLASLt workspace: one buffer per (device, stream), never shared by two streams.
+"""cuBLASLt workspaces: stream-ordered, never shared by two streams that can run at once.
 
-Each buffer is allocated by the caller's framework while that stream is
-current, so its allocator orders reuse after the stream's work. The table is
-bounded; the oldest entry is dropped first.
+Policy (each buffer is ``WORKSPACE_BYTES``, allocated by the caller's framework on the stream):
+
+- the legacy default stream (handle 0 or 1): one per device, shared by every thread, since all
+  work on it is serialized;
+- the per-thread default stream (handle 2): one per thread and device, freed with the thread;
+- any other stream: one per (device, stream), at most ``MAX_STREAMS`` kept; the least recently
+  added is dropped first, which is safe because the framework's allocator orders the reuse of a
+  freed buffer after the work already queued on its stream;
+- a stream being captured into a CUDA graph: one per capture and stream, allocated inside the
+  capture. It must live as long as the graph can replay, and two graphs must not share one (they
+  may be replayed at once on different streams). PyTorch allocates it from the graph's private
+  memory pool, which lives as long as the graph: it is let go when the capture ends. Frameworks
+  without graph-owned memory keep it for the life of the process.
+
+Memory: outside captures at most ``MAX_STREAMS`` + one per device + one per thread that uses a
+per-thread default stream.
 """
 
 from __future__ import annotations
@@ -10,21 +23,41 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ...arrays import ArrayAdapter
+from cuda.bindings import driver
+
+from ...arrays import CallContext, TensorView
 from .bindings import WORKSPACE_BYTES
 
-MAX_STREAMS = 64
-_buffers: dict[tuple[str, int, int, int], tuple[Any, int]] = {}
+MAX_STREAMS = 16
+_LEGACY = (0, 1)
+_PER_THREAD = 2
+
+_buffers: dict[tuple[int, int], tuple[Any, int]] = {}  # (device, stream) → (buffer, address)
+_per_thread = threading.local()
+_captures: dict[tuple[int, int, int], tuple[Any, int]] = {}  # (device, stream, capture id) → (buffer, address)
+_kept: list[Any] = []  # capture workspaces of frameworks without graph-owned memory
 _lock = threading.Lock()
 
 
-def pointer(fw: ArrayAdapter, device: int, stream: int, like: Any) -> int:
-    """Address of the workspace for ``stream`` on ``device``.
+def _allocate(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
+    buf = ctx.empty((WORKSPACE_BYTES,), "uint8")
+    return buf, view.pointer(buf)
 
-    Handles 0, 1 and 2 (the legacy and per-thread default streams) name a different stream in
-    each thread, so their workspaces are per thread too.
-    """
-    key = (fw.name, device, stream, threading.get_ident() if stream <= 2 else 0)
+
+def pointer(view: TensorView, ctx: CallContext) -> int:
+    """Address of the workspace for the call's stream (module doc)."""
+    if ctx.capturing:
+        return _capture_pointer(view, ctx)
+    stream = ctx.stream
+    if stream == _PER_THREAD:
+        table = getattr(_per_thread, "buffers", None)
+        if table is None:
+            table = _per_thread.buffers = {}
+        entry = table.get(ctx.device)
+        if entry is None:
+            entry = table[ctx.device] = _allocate(view, ctx)
+        return entry[1]
+    key = (ctx.device, 0 if stream in _LEGACY else stream)
     entry = _buffers.get(key)
     if entry is None:
         with _lock:
@@ -32,9 +65,45 @@ def pointer(fw: ArrayAdapter, device: int, stream: int, like: Any) -> int:
             if entry is None:
                 if len(_buffers) >= MAX_STREAMS:
                     _buffers.pop(next(iter(_buffers)))
-                entry = _buffers[key] = fw.workspace(WORKSPACE_BYTES, like)
+                entry = _buffers[key] = _allocate(view, ctx)
     return entry[1]
 
 
+def capture_id(stream: int) -> int | None:
+    """The id of the capture under way on ``stream``, or None."""
+    result = driver.cuStreamGetCaptureInfo(driver.CUstream(stream))
+    if result[0] != driver.CUresult.CUDA_SUCCESS:
+        return None
+    if result[1] != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE:
+        return None
+    return int(result[2])
+
+
+def _capture_pointer(view: TensorView, ctx: CallContext) -> int:
+    capture = capture_id(ctx.stream)
+    key = (ctx.device, ctx.stream, -1 if capture is None else capture)
+    with _lock:
+        entry = _captures.get(key)
+        if entry is None:
+            _release_finished()
+            entry = _captures[key] = _allocate(view, ctx)
+            if not ctx.graph_owns_memory:
+                _kept.append(entry[0])
+    return entry[1]
+
+
+def release_finished_captures() -> None:
+    """Let go of the workspaces of captures that have ended (the graphs keep what they need)."""
+    with _lock:
+        _release_finished()
+
+
+def _release_finished() -> None:
+    for key in list(_captures):
+        if capture_id(key[1]) != key[2]:
+            del _captures[key]
+
+
 def count() -> int:
-    return len(_buffers)
+    """Workspaces held outside captures by the process (the per-thread ones of this thread included)."""
+    return len(_buffers) + len(getattr(_per_thread, "buffers", {}))

@@ -1,0 +1,188 @@
+"""A NumPy stand-in for the cuBLASLt library, for running the CUDA backend's own code on the CPU.
+
+``FakeLt`` replaces ``nvmath.bindings.cublasLt`` inside ``gemmbridge.backends.cuda.bindings``: the
+enums and attribute dtypes are the real ones, the library calls are emulated. Descriptor and
+layout attributes are read from the host buffers the backend passes, exactly as the library reads
+them, and ``matmul`` computes what cuBLASLt documents, in its column-major terms, on host memory:
+
+- ``D = alpha·op(A)·op(B) + beta·C`` per batch (C unread when beta is 0); A, B, C, D column-major
+  ``rows × cols`` with ``ld``;
+- bias (``BIAS_POINTER``) has one element per row of D and is added along each column;
+- ``*_AUX`` writes the pre-activation to aux (``EPILOGUE_AUX_POINTER``, column-major, leading
+  dimension ``EPILOGUE_AUX_LD``; the relu mask as bits, bit ``i + j·ld`` of a little-endian bit
+  string), ``D*`` multiplies by the activation's derivative read from aux;
+- ``*_BGRAD`` of ``DRELU``/``DGELU`` sums D over its columns into the bias pointer (one per row);
+  ``BGRADA`` sums op(A) over K (one per row of D), ``BGRADB`` sums op(B) over K (one per column).
+
+The device "pointers" are host addresses of NumPy arrays, so the test arrays must stay alive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import time
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from nvmath import CudaDataType
+from nvmath.bindings import cublas
+from nvmath.bindings import cublasLt as real
+
+from gemmbridge.reference import gelu, gelu_grad
+
+_NUMPY = {
+    int(CudaDataType.CUDA_R_16F): np.dtype(np.float16),
+    int(CudaDataType.CUDA_R_16BF): np.dtype(ml_dtypes.bfloat16),
+    int(CudaDataType.CUDA_R_32F): np.dtype(np.float32),
+    int(CudaDataType.CUDA_R_64F): np.dtype(np.float64),
+}
+_D = real.MatmulDescAttribute
+_L = real.MatrixLayoutAttribute
+
+
+def raw(address: int, dtype: Any, count: int) -> np.ndarray:
+    """``count`` elements of ``dtype`` at host ``address``, writable, no copy."""
+    dtype = np.dtype(dtype)
+    return np.frombuffer((ctypes.c_char * max(count * dtype.itemsize, 1)).from_address(address), dtype)[:count]
+
+
+def _read(ptr: int, size: int, dtype: Any) -> Any:
+    return raw(ptr, dtype, size // np.dtype(dtype).itemsize)[0]
+
+
+class LtError(Exception):
+    """``cuBLASLtError`` as the bindings raise it (the real class loads the library to name the status)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"cuBLASLt status {status}")
+        self.status = status
+
+
+class FakeLt:
+    """The library calls of ``cublasLt`` emulated; everything else is the real module's."""
+
+    cuBLASLtError = LtError
+
+    @staticmethod
+    def get_status_name(status: int) -> str:
+        return f"CUBLAS_STATUS_{cublas.Status(status).name}"
+
+    def __init__(self) -> None:
+        self.objects: dict[int, dict] = {}
+        self.ids = itertools.count(1000)
+        self.matmuls = 0
+        self.refuse: set[int] = set()  # algorithm indices that answer NOT_SUPPORTED
+        self.calls: list[tuple[int, int]] = []  # (algorithm index, D address) of each product
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(real, name)
+
+    def _new(self, **attrs: Any) -> int:
+        handle = next(self.ids)
+        self.objects[handle] = attrs
+        return handle
+
+    # -- handles, descriptors, layouts, preferences ------------------------------------------------
+    def create(self) -> int:
+        return self._new(kind="handle")
+
+    def matmul_desc_create(self, compute: int, scale: int) -> int:
+        return self._new(kind="desc", compute=int(compute), scale=int(scale))
+
+    def matmul_desc_set_attribute(self, desc: int, attr: int, ptr: int, size: int) -> None:
+        self.objects[desc][int(attr)] = _read(ptr, size, real.get_matmul_desc_attribute_dtype(attr))
+
+    def matrix_layout_create(self, dtype: int, rows: int, cols: int, ld: int) -> int:
+        return self._new(kind="layout", dtype=_NUMPY[int(dtype)], rows=rows, cols=cols, ld=ld,
+                         batch=1, stride=0)  # fmt: skip
+
+    def matrix_layout_set_attribute(self, layout: int, attr: int, ptr: int, size: int) -> None:
+        value = int(_read(ptr, size, real.get_matrix_layout_attribute_dtype(attr)))
+        self.objects[layout]["batch" if attr == _L.BATCH_COUNT else "stride"] = value
+
+    def matmul_preference_create(self) -> int:
+        return self._new(kind="pref")
+
+    def matmul_preference_set_attribute(self, *args: Any) -> None:
+        pass
+
+    def matmul_algo_get_heuristic(self, handle, desc, la, lb, lc, ld, pref, wanted, results, count) -> None:  # type: ignore[no-untyped-def]
+        size = real.matmul_heuristic_result_dtype.itemsize
+        ctypes.memset(results, 0, wanted * size)
+        for i in range(2):  # two candidates: index 0 and 1, told apart by the algo pointer
+            raw(results + i * size, np.uint8, size)[:8] = np.frombuffer(np.int64(i + 1).tobytes(), np.uint8)
+        raw(count, np.int32, 1)[0] = 2
+
+    def matmul_preference_destroy(self, pref: int) -> None:
+        self.objects.pop(pref, None)
+
+    def matrix_layout_destroy(self, layout: int) -> None:
+        self.objects.pop(layout, None)
+
+    def matmul_desc_destroy(self, desc: int) -> None:
+        self.objects.pop(desc, None)
+
+    # -- the product -----------------------------------------------------------------------------------
+    def _matrix(self, address: int, layout: dict, batch: int, transpose: bool) -> np.ndarray:
+        dtype, rows, cols, ld = layout["dtype"], layout["rows"], layout["cols"], layout["ld"]
+        base = address + batch * layout["stride"] * dtype.itemsize
+        span = (cols - 1) * ld + rows
+        flat = raw(base, dtype, span)
+        view = np.lib.stride_tricks.as_strided(flat, (rows, cols), (dtype.itemsize, ld * dtype.itemsize))
+        return view.T if transpose else view
+
+    def matmul(self, handle, desc, alpha, a, la, b, lb, beta, c, lc, d, ld, algo, ws, ws_size, stream) -> None:  # type: ignore[no-untyped-def]
+        time.sleep(0)  # the real call releases the GIL: let other threads run, as they would
+        index = int(raw(algo, np.int64, 1)[0]) - 1
+        if index in self.refuse:
+            raise LtError(int(cublas.Status.NOT_SUPPORTED))
+        self.matmuls += 1
+        self.calls.append((index, d))
+        attrs = self.objects[desc]
+        scalar = np.float64 if attrs["compute"] == int(cublas.ComputeType.COMPUTE_64F) else np.float32
+        alpha_v, beta_v = float(raw(alpha, scalar, 1)[0]), float(raw(beta, scalar, 1)[0])
+        trans_a = attrs.get(int(_D.TRANSA), 0) == int(cublas.Operation.T)
+        trans_b = attrs.get(int(_D.TRANSB), 0) == int(cublas.Operation.T)
+        epilogue = real.Epilogue(int(attrs.get(int(_D.EPILOGUE), real.Epilogue.DEFAULT))).name
+        layouts = [self.objects[h] for h in (la, lb, lc, ld)]
+        for i in range(layouts[3]["batch"]):
+            A = self._matrix(a, layouts[0], i, trans_a).astype(np.float64)
+            B = self._matrix(b, layouts[1], i, trans_b).astype(np.float64)
+            P = alpha_v * (A @ B)
+            if beta_v != 0.0:  # as in BLAS, C is not read when beta is 0
+                P = P + beta_v * self._matrix(c, layouts[2], i, False).astype(np.float64)
+            self._epilogue(epilogue, attrs, P, A, B, self._matrix(d, layouts[3], i, False))
+
+    def _epilogue(self, name: str, attrs: dict, P: np.ndarray, A: np.ndarray, B: np.ndarray, D: np.ndarray) -> None:
+        rows, cols = D.shape
+        bias_ptr = int(attrs.get(int(_D.BIAS_POINTER), 0))
+        aux_ptr, aux_ld = int(attrs.get(int(_D.EPILOGUE_AUX_POINTER), 0)), int(attrs.get(int(_D.EPILOGUE_AUX_LD), 0))
+        if "BIAS" in name:
+            P = P + raw(bias_ptr, D.dtype, rows).astype(np.float64)[:, None]
+        if name in ("GELU_AUX", "GELU_AUX_BIAS"):
+            aux = np.lib.stride_tricks.as_strided(raw(aux_ptr, D.dtype, aux_ld * cols), (rows, cols),
+                                                  (D.dtype.itemsize, aux_ld * D.dtype.itemsize))  # fmt: skip
+            aux[...] = P
+        if name in ("RELU_AUX", "RELU_AUX_BIAS"):
+            bits = np.unpackbits(raw(aux_ptr, np.uint8, aux_ld * cols // 8), bitorder="little")
+            for j in range(cols):
+                bits[j * aux_ld : j * aux_ld + rows] = P[:, j] > 0
+            raw(aux_ptr, np.uint8, aux_ld * cols // 8)[...] = np.packbits(bits, bitorder="little")
+        if name.startswith(("RELU", "GELU")):
+            P = np.maximum(P, 0.0) if name.startswith("RELU") else gelu(P)
+        if name.startswith("DGELU"):
+            pre = np.lib.stride_tricks.as_strided(raw(aux_ptr, D.dtype, aux_ld * cols), (rows, cols),
+                                                  (D.dtype.itemsize, aux_ld * D.dtype.itemsize))  # fmt: skip
+            P = P * gelu_grad(pre.astype(np.float64))
+        if name.startswith("DRELU"):
+            bits = np.unpackbits(raw(aux_ptr, np.uint8, aux_ld * cols // 8), bitorder="little")
+            P = P * np.stack([bits[j * aux_ld : j * aux_ld + rows] for j in range(cols)], axis=1)
+        D[...] = P
+        if name in ("DRELU_BGRAD", "DGELU_BGRAD"):
+            raw(bias_ptr, D.dtype, rows)[...] = D.astype(np.float64).sum(axis=1)
+        elif name == "BGRADA":
+            raw(bias_ptr, D.dtype, rows)[...] = A.sum(axis=1)
+        elif name == "BGRADB":
+            raw(bias_ptr, D.dtype, cols)[...] = B.sum(axis=0)

@@ -1,0 +1,109 @@
+"""NumPy arrays posing as CUDA arrays, run through the CUDA backend with cuBLASLt emulated (``cublaslt_emulator``).
+
+``emulated_gpu(monkeypatch)`` installs it for one test: ``GpuArray`` operands (a NumPy subclass whose
+metadata says ``cuda:0``) go through gemmbridge's plan layer, the CUDA backend's hot path and its
+cuBLASLt bindings; only the library calls are emulated, on host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Framework
+from cublaslt_emulator import FakeLt
+
+from gemmbridge.arrays import BY_TYPE
+from gemmbridge.arrays.numpy import NumpyArrays, numpy_dtype
+from gemmbridge.problem import TensorMeta
+
+
+class GpuArray(np.ndarray):
+    """A host array that gemmbridge takes for one on cuda:0."""
+
+
+class EmulatedCall:
+    """A CUDA call context whose allocator is NumPy's."""
+
+    device, stream, finish, graph_owns_memory = 0, 0, None, False
+    capturing = False
+    tf32_default = False
+
+    def tf32(self) -> bool:
+        return self.tf32_default
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> GpuArray:
+        return np.full(shape, np.nan if dtype != "uint8" else 0xAB, dtype=numpy_dtype(dtype)).view(GpuArray)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> GpuArray:
+        return np.zeros(shape, dtype=numpy_dtype(dtype)).view(GpuArray)
+
+    def contiguous(self, x: np.ndarray) -> GpuArray:
+        return np.ascontiguousarray(x).view(GpuArray)
+
+    def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
+        np.copyto(dst, src)
+
+    def host(self, x: Any) -> np.ndarray:
+        raise AssertionError("a GPU call read an operand on the host")
+
+    from_host = host
+
+
+class EmulatedView(NumpyArrays):
+    name = "emulated-cuda"
+
+    def __init__(self) -> None:
+        self.call = EmulatedCall()
+
+    def key(self, x: np.ndarray) -> tuple:
+        return "gpu", x.shape, x.strides, x.dtype
+
+    def meta(self, x: np.ndarray) -> TensorMeta:
+        found = super().meta(x)
+        return TensorMeta(found.shape, found.strides, found.dtype, "cuda:0")
+
+    def context(self, device: int, like: Any) -> EmulatedCall:
+        assert device == 0
+        return self.call
+
+    def current_device(self) -> int:
+        return 0
+
+    def device_guard(self, index: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class EmulatedFramework(Framework):
+    """The tests' NumPy framework, making ``GpuArray``s."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy", "cpu")
+
+    def __repr__(self) -> str:
+        return "emulated-cuda"
+
+    def from_numpy(self, arr: np.ndarray, dtype: str) -> Any:
+        return super().from_numpy(arr, dtype).view(GpuArray)
+
+    def type_check(self, x: Any) -> None:
+        assert type(x) is GpuArray
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
+    """Route GpuArray through the CUDA backend with the emulated library; returns (library, view)."""
+    pytest.importorskip("nvmath.bindings.cublasLt")
+    import gemmbridge
+    from gemmbridge.backends import cuda
+    from gemmbridge.backends.cuda import bindings, workspace
+
+    fake, view = FakeLt(), EmulatedView()
+    monkeypatch.setattr(bindings, "lt", fake)
+    monkeypatch.setattr(bindings, "_handles", {})
+    monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver
+    monkeypatch.setattr(workspace, "_buffers", {})
+    monkeypatch.setitem(BY_TYPE, GpuArray, view)
+    gemmbridge.clear_cache()
+    return fake, view

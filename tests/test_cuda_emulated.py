@@ -1,0 +1,193 @@
+"""The CUDA backend's own code on the CPU, with cuBLASLt emulated (``cublaslt_emulator``).
+
+The plan layer, the CUDA backend's hot path and its cuBLASLt bindings run for real on NumPy arrays
+posing as GPU arrays; only the library calls are emulated, from the descriptors, layouts, transposes,
+batch strides, offsets and epilogue the backend hands to them. So the column-major A/B swap and the
+epilogue mapping are checked on every CI run, over the fuzz's random problems.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from emulated_gpu import EmulatedFramework, install
+from test_fuzz import COUNTS, SEED, _run
+
+import gemmbridge as gb
+from gemmbridge.errors import VendorError
+
+
+@pytest.fixture
+def gpu(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    found = install(monkeypatch)
+    yield found
+    gb.clear_cache()
+
+
+def test_fuzz_through_the_emulated_cuda_backend(gpu, capsys: pytest.CaptureFixture) -> None:
+    examples = int(os.environ.get("GEMMBRIDGE_FUZZ_EMULATED", 1500))
+    _run(EmulatedFramework(), ("contiguous", "transposed", "row_strided", "col_strided", "offset", "negative"),
+         examples, "emulated-cuda")  # fmt: skip
+    with capsys.disabled():
+        print(f"\nfuzz emulated-cuda: {COUNTS['emulated-cuda']} problems, seed {SEED}, 0 failures")
+    assert gpu[0].matmuls > 0
+
+
+def test_a_refused_algorithm_moves_the_plan_to_the_next_candidate(gpu) -> None:
+    fake, _ = gpu
+    fw = EmulatedFramework()
+    a, b = fw.from_numpy(np.ones((4, 3)), "float32"), fw.from_numpy(np.ones((3, 5)), "float32")
+    fake.refuse = {0}
+    np.testing.assert_array_equal(gb.matmul(a, b), np.full((4, 5), 3.0))
+    fake.refuse = set()
+    before = fake.matmuls
+    gb.matmul(a, b)
+    assert fake.matmuls == before + 1  # no second refusal: the plan kept candidate 1
+
+
+def test_any_other_vendor_error_changes_nothing(gpu, monkeypatch) -> None:
+    """Only NOT_SUPPORTED moves to the next algorithm; an execution failure is raised and the plan keeps its pick."""
+    fake, _ = gpu
+    fw = EmulatedFramework()
+    a, b = fw.from_numpy(np.ones((4, 3)), "float32"), fw.from_numpy(np.ones((3, 5)), "float32")
+    gb.matmul(a, b)
+    real_matmul = fake.matmul
+
+    def fail(*args):  # type: ignore[no-untyped-def]
+        raise fake.cuBLASLtError(13)  # CUBLAS_STATUS_EXECUTION_FAILED
+
+    monkeypatch.setattr(fake, "matmul", fail)
+    with pytest.raises(VendorError, match="cublasLtMatmul failed"):
+        gb.matmul(a, b)
+    monkeypatch.setattr(fake, "matmul", real_matmul)
+    plan = next(iter(gb.plan.PLANS.plans.values()))
+    assert [p.choice for p, _ in plan.state.plans.values()] == [0]
+
+
+def test_threads_share_one_plan_and_compute_right(gpu) -> None:
+    """Plans serve every thread: one plan, one vendor plan, each thread's alpha and bias its own."""
+    fw = EmulatedFramework()
+    rng = np.random.default_rng(0)
+    a64, b64 = rng.standard_normal((16, 8)), rng.standard_normal((8, 12))
+    a, b = fw.from_numpy(a64, "float64"), fw.from_numpy(b64, "float64")
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        bias64 = np.full(12, float(i))
+        bias = fw.from_numpy(bias64, "float64")
+        for _ in range(50):
+            got = gb.matmul(a, b, alpha=float(i), bias=bias)
+            if not np.allclose(got, i * (a64 @ b64) + bias64):
+                errors.append(f"thread {i}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert gb.cache_size() == 1
+
+
+class Events:
+    """cuda.bindings.driver's event calls for autotune: each candidate's timing set by the test."""
+
+    def __init__(self, fake, ms_by_candidate: dict[int, float]) -> None:  # type: ignore[no-untyped-def]
+        from cuda.bindings import driver
+
+        self.CUresult, self.ok, self.fake, self.ms = (
+            driver.CUresult,
+            driver.CUresult.CUDA_SUCCESS,
+            fake,
+            ms_by_candidate,
+        )
+
+    def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
+        return self.ok, object()
+
+    def cuEventRecord(self, event, stream):  # type: ignore[no-untyped-def]
+        return (self.ok,)
+
+    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
+
+    def cuEventElapsedTime(self, start, end):  # type: ignore[no-untyped-def]
+        return self.ok, self.ms[self.fake.calls[-1][0]]
+
+
+def test_autotune_with_out_times_into_scratch_and_keeps_the_faster_candidate(gpu, monkeypatch) -> None:
+    """A plan first made by an out= call is tuned too, and tuning never writes out (here out is c, in place)."""
+    from gemmbridge.backends.cuda import autotune
+
+    fake, _ = gpu
+    monkeypatch.setattr(autotune, "driver", Events(fake, {0: 1.0, 1: 0.5}))
+    fw = EmulatedFramework()
+    rng = np.random.default_rng(1)
+    a64, b64, c64 = rng.standard_normal((6, 4)), rng.standard_normal((4, 5)), rng.standard_normal((6, 5))
+    a, b, c = (fw.from_numpy(x, "float64") for x in (a64, b64, c64))
+    gb.set_autotune(True)
+    try:
+        gb.matmul(a, b, c=c, alpha=0.5, out=c)
+    finally:
+        gb.set_autotune(False)
+    np.testing.assert_allclose(c, 0.5 * a64 @ b64 + c64, rtol=1e-12)
+    out_address = c.__array_interface__["data"][0]
+    assert {index for index, _ in fake.calls[:-1]} == {0, 1}, "both candidates timed"
+    assert [d for _, d in fake.calls].count(out_address) == 1, "tuning wrote out"
+    assert fake.calls[-1] == (1, out_address)  # the faster candidate made the real call
+
+
+@pytest.mark.parametrize("failing", ["create", "matmul_desc_create", "matmul_desc_set_attribute"])
+def test_library_failures_outside_the_product_are_vendor_errors(gpu, monkeypatch, failing) -> None:
+    """Handle creation, descriptor creation and the bias-pointer setter raise VendorError naming the problem."""
+    fake, _ = gpu
+    fw = EmulatedFramework()
+    a, b, bias = (fw.from_numpy(np.ones(s), "float32") for s in ((4, 3), (3, 5), (5,)))
+    real = getattr(fake, failing)
+
+    def fail(*args):  # type: ignore[no-untyped-def]
+        if failing != "matmul_desc_set_attribute" or args[1] == fake.MatmulDescAttribute.BIAS_POINTER:
+            raise fake.cuBLASLtError(7)  # CUBLAS_STATUS_INVALID_VALUE
+        return real(*args)
+
+    monkeypatch.setattr(fake, failing, fail)
+    with pytest.raises(VendorError, match=r"failed with CUBLAS_STATUS_INVALID_VALUE for (cuda:0|float32)"):
+        gb.matmul(a, b, bias=bias)
+
+
+def test_misaligned_aux_is_refused_before_anything_is_written(gpu) -> None:
+    fw = EmulatedFramework()
+    a, b = fw.from_numpy(np.ones((4, 3)), "float32"), fw.from_numpy(np.ones((3, 8)), "float32")
+    buf = fw.from_numpy(np.zeros(4 * 8 + 1), "float32")
+    aux = buf[1:].reshape(4, 8)  # 4 bytes past an aligned address
+    out = fw.poisoned((4, 8), "float32")
+    with pytest.raises(gb.OptionError, match="16-byte aligned"):
+        gb.matmul(a, b, epilogue="gelu_aux", aux=aux, out=out)
+    assert np.isnan(out).all()
+
+
+def test_dgelu_with_k_1_is_refused_on_cuda(gpu) -> None:
+    fw = EmulatedFramework()
+    a, b, aux = (fw.from_numpy(np.ones(s), "float32") for s in ((4, 1), (1, 8), (4, 8)))
+    with pytest.raises(gb.OptionError, match="needs K ≥ 2"):
+        gb.matmul(a, b, epilogue="dgelu", aux=aux)
+
+
+def test_a_capturing_stream_gets_no_graph_replay_and_a_capture_workspace(gpu, monkeypatch) -> None:
+    from gemmbridge.backends import cuda
+    from gemmbridge.backends.cuda import graphs, workspace
+
+    _, view = gpu
+    monkeypatch.setattr(cuda, "MAX_FLOPS", 1 << 40)  # small: graph replay would apply outside a capture
+    monkeypatch.setattr(view.call, "capturing", True)
+    monkeypatch.setattr(workspace, "capture_id", lambda stream: 5)
+    monkeypatch.setattr(workspace, "_captures", {})
+    monkeypatch.setattr(graphs.GraphCache, "replay", lambda *a: pytest.fail("replayed inside a capture"))
+    monkeypatch.setattr(graphs.GraphCache, "record", lambda *a: pytest.fail("recorded inside a capture"))
+    fw = EmulatedFramework()
+    a, b = fw.from_numpy(np.ones((4, 3)), "float32"), fw.from_numpy(np.ones((3, 5)), "float32")
+    for _ in range(3):
+        np.testing.assert_array_equal(gb.matmul(a, b), np.full((4, 5), 3.0))
+    assert list(workspace._captures) == [(0, 0, 5)]
