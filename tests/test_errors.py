@@ -2,8 +2,9 @@
 
 Each case builds the keyword arguments of one bad ``matmul`` call in a given
 framework. The same table drives two tests: one for the exception class and
-the state afterwards, one for the message (DESIGN.md: "Errors name the
-operands and their shapes/dtypes/devices").
+the state afterwards, one for the message, which names the operands with
+their shapes, dtypes and devices. ``scripts/error_table.py`` writes the table
+to ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -256,8 +257,8 @@ CASES = [
          frameworks=("torch",), culprit="out"),
     Case("out-inference-tensor", lambda fw, rng: _torch_out(fw, rng, "inference"), errors.OptionError, ValueError,
          frameworks=("torch",), culprit="out"),
-    Case("inputs-require-grad", lambda fw, rng: _requires_grad(fw, rng), errors.OptionError, ValueError,
-         frameworks=("torch",)),
+    Case("inputs-require-grad-with-out", lambda fw, rng: {**_requires_grad(fw, rng), "out": fw.poisoned((3, 5), F32)},
+         errors.OptionError, ValueError, frameworks=("torch",)),
     Case("a-negative-bit", lambda fw, rng: _negative_bit(fw, rng), errors.OperandTypeError, TypeError,
          frameworks=("torch",), names=()),
     Case("a-sparse", lambda fw, rng: {**_kw((3, 4), (4, 5))(fw, rng), "a": rand(fw, rng, (3, 4)).to_sparse()},

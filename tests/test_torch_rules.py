@@ -98,3 +98,11 @@ def test_float32_calls_work_after_torchs_new_tf32_api():
         print(err(gb.matmul(a, b)) < 1e-5)
     """)
     assert out.split() == ["True", "True"]
+
+
+def test_a_cpu_call_leaves_the_tensors_storage_resizable():
+    """Tensor.numpy() would mark the storage unresizable for good (FSDP2 frees unsharded parameters by resizing)."""
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    gb.matmul(a, b)
+    a.untyped_storage().resize_(0)
+    b.resize_(40)

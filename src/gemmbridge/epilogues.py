@@ -27,7 +27,8 @@ own layer (``bgrad_a`` with ``a = dyᵀ``).
 Aux layout (matrices only, no batch dims): row ``m`` of the result is row ``m`` of aux, with a
 padded row length (``aux_shape``). gelu: the result's dtype, ``N`` rounded up to a multiple of 8
 elements. relu: ``uint8`` bytes of a bit mask, ``N`` rounded up to a multiple of 128 bits; bit
-``n % 8`` of byte ``n // 8`` is set where ``P + bias > 0``. Padding is never read.
+``n % 8`` of byte ``n // 8`` is set where ``P + bias > 0``. Padding is never read; in an aux that
+gemmbridge allocates it is zero, so results are deterministic to the byte.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def aux_shape(epilogue: str, m: int, n: int) -> tuple[int, int]:
     if kind == "gelu":
         return m, _round_up(n, GELU_AUX_ELEMENTS)
     raise ValueError(f"epilogue {epilogue!r} has no aux")
+
+
+def aux_is_padded(epilogue: str, n: int) -> bool:
+    """True when the aux rows of ``epilogue`` for ``n`` columns carry padding (or a partly used byte)."""
+    return aux_shape(epilogue, 1, n)[1] * (8 if TABLE[epilogue].aux == "relu" else 1) != n
 
 
 def aux_dtype(epilogue: str, result_dtype: str) -> str:

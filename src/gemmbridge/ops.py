@@ -84,4 +84,23 @@ def matmul(
             plan = PLANS.add(key, plan)
     else:
         plan.used = True
+    if view.autograd is not None and view.autograd(a, b, c, bias):
+        from .torch.functional import matmul as differentiable
+
+        return differentiable(
+            a,
+            b,
+            transpose_a=transpose_a,
+            transpose_b=transpose_b,
+            c=c,
+            alpha=alpha,
+            beta=beta,
+            bias=bias,
+            epilogue=epilogue,
+            out_dtype=out_dtype,
+            allow_tf32=allow_tf32,
+            out=out,
+            aux=aux,
+            bias_grad=bias_grad,
+        )
     return plan.execute(a, b, c, alpha, beta, bias, out, aux, bias_grad, allow_tf32)

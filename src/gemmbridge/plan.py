@@ -250,6 +250,11 @@ class Plan:
             key = ()
         if key != self.key:
             self._refuse(a, b, c, bias, out, aux, bias_grad)
+        if view.autograd is not None and view.autograd(a, b, c, bias):
+            raise OptionError(
+                f"Plan.run: {names(self.metas.a, self.metas.b).removeprefix('matmul: ')} — inputs require grad and a "
+                "Plan is not differentiable: call it under torch.no_grad(), or use gemmbridge.matmul / gemmbridge.torch"
+            )
         if type(alpha) is not float:
             alpha = check_scalar(view, a, b, "alpha", alpha)
         if type(beta) is not float:
@@ -286,8 +291,6 @@ class Plan:
     ) -> Any:  # fmt: skip
         """``run`` for operands and options already checked against the plan (``matmul``'s hot path)."""
         view = self.view
-        if view.guard is not None:
-            view.guard(a, b, c, bias)
         ptrs = None if not self.outputs_given else self._check_outputs(a, b, c, bias, out, aux, bias_grad)
         if not self.plain:
             problem = self.problem
@@ -382,7 +385,8 @@ class Plan:
         d, d_host = self._host_output(ctx, out, problem.out_shape, problem.result_dtype)
         aux_host = None
         if kind.aux_out != "none":
-            aux, aux_host = self._host_output(ctx, aux, problem.aux_shape or (), problem.aux_dtype)
+            padded = epilogues.aux_is_padded(problem.epilogue, problem.n)
+            aux, aux_host = self._host_output(ctx, aux, problem.aux_shape or (), problem.aux_dtype, zero=padded)
         elif aux is not None:
             aux_host = ctx.host(aux)
         bias_grad_host = None
@@ -396,7 +400,7 @@ class Plan:
         )  # fmt: skip
         try:
             with np.errstate(over="call", divide="call", invalid="call", call=_warn_from_caller):
-                cpu.run(problem, host, alpha, beta if c is not None else 0.0)
+                cpu.run(problem, host, alpha, beta if c is not None else 0.0, ctx.blas)
         except MemoryError as error:
             raise allocation_failed("result", problem.out_shape, problem.result_dtype, problem.result_itemsize,
                                     "cpu", error) from error  # fmt: skip
@@ -405,17 +409,19 @@ class Plan:
         return (ctx.from_host(d_host), None if aux_host is None else ctx.from_host(aux_host),
                 None if bias_grad_host is None else ctx.from_host(bias_grad_host))  # fmt: skip
 
-    def _host_output(self, ctx: CallContext, given: Any, shape: tuple[int, ...], dtype: str) -> tuple[Any, Any]:
+    def _host_output(
+        self, ctx: CallContext, given: Any, shape: tuple[int, ...], dtype: str, zero: bool = False
+    ) -> tuple[Any, Any]:
         """An output (the given one, or a new one) and the NumPy array the CPU backend writes it through."""
         if given is not None:
             return given, ctx.host(given)
         try:
             if self.view.mutable:
-                made = ctx.empty(shape, dtype)
+                made = ctx.zeros(shape, dtype) if zero else ctx.empty(shape, dtype)
                 return made, ctx.host(made)
             from .arrays.numpy import numpy_dtype
 
-            return None, np.empty(shape, dtype=numpy_dtype(dtype))
+            return None, (np.zeros if zero else np.empty)(shape, dtype=numpy_dtype(dtype))
         except MemoryError as error:
             raise allocation_failed("result", shape, dtype, ITEMSIZE[dtype], "cpu", error) from error
 

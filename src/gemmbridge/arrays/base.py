@@ -1,8 +1,9 @@
 """The two interfaces a framework implements: a view of its tensors, and a context for one call.
 
 ``TensorView`` is what gemmbridge reads from an operand (a cache key, its metadata, its address)
-and the framework's rules for using it (``guard``: may this call read and write these tensors;
-``written``: tell the framework an output was written behind its back). It is stateless and
+and the framework's rules for using it (``autograd``: must the call be recorded for backward;
+``writable``: may an output be written; ``written``: tell the framework an output was written
+behind its back). It is stateless and
 shared.
 
 ``CallContext`` is resolved once per call, for one device: the stream the work goes on, whether
@@ -35,6 +36,7 @@ class CallContext(Protocol):
     def contiguous(self, x: Any) -> Any: ...
     def copy_into(self, dst: Any, src: Any) -> None: ...
     def host(self, x: Any) -> np.ndarray: ...  # CPU only: a NumPy view of x
+    def blas(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...  # CPU only
     def from_host(self, x: np.ndarray) -> Any: ...  # CPU only: x as the framework's array
 
 
@@ -47,8 +49,8 @@ class TensorView(Protocol):
 
     name: str
     mutable: bool  # False for frameworks whose arrays cannot be written (JAX)
-    # None, or a check run on every call: refuses operands the framework forbids here (autograd)
-    guard: Callable[..., None] | None
+    # None, or autograd(a, b, c, bias) -> True when the framework's autograd must record the call
+    autograd: Callable[..., bool] | None
     # None, or a callable told of each output written through a pointer (version counters)
     written: Callable[[Any], None] | None
 

@@ -82,11 +82,13 @@ class JaxCall:
     def from_host(self, x: np.ndarray) -> jax.Array:
         return jax.device_put(x, self.target)
 
+    blas = staticmethod(np.matmul)
+
 
 class JaxArrays:
     name = "jax"
     mutable = False
-    guard = None
+    autograd = None
     written = None
 
     def accepts(self, x: Any) -> bool:

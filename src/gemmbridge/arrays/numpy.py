@@ -60,6 +60,8 @@ class NumpyCall:
     def from_host(self, x: np.ndarray) -> np.ndarray:
         return x
 
+    blas = staticmethod(np.matmul)
+
 
 _CALL = NumpyCall()
 
@@ -67,7 +69,7 @@ _CALL = NumpyCall()
 class NumpyArrays:
     name = "numpy"
     mutable = True
-    guard = None
+    autograd = None
     written = None
 
     def accepts(self, x: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import OperandTypeError, OptionError
+from ..errors import OperandTypeError
 from ..problem import TensorMeta
 
 DTYPES = {
@@ -44,14 +44,37 @@ def tensor_from_numpy(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+_TYPESTR = {torch.float16: "<f2", torch.bfloat16: "<i2", torch.float32: "<f4", torch.float64: "<f8", torch.uint8: "|u1"}
+
+
+class _HostView:
+    """Carries an ``__array_interface__`` for NumPy, and the tensor, which the array keeps alive through it
+    (``Tensor.numpy()`` would make the tensor's storage unresizable for good, which breaks FSDP2's freeing
+    of unsharded parameters)."""
+
+    __slots__ = ("__array_interface__", "tensor")
+    __array_interface__: dict[str, Any]
+    tensor: torch.Tensor
+
+
 def numpy_view(x: torch.Tensor) -> np.ndarray:
-    """A NumPy array sharing a CPU tensor's memory (torch.bfloat16 seen as ml_dtypes bfloat16)."""
-    x = x.detach()
+    """A NumPy array over a CPU tensor's memory (torch.bfloat16 seen as ml_dtypes bfloat16), no side effect."""
+    size = x.element_size()
+    host = _HostView()
+    host.tensor = x
+    host.__array_interface__ = {
+        "shape": tuple(x.shape),
+        "strides": tuple(s * size for s in x.stride()),
+        "typestr": _TYPESTR[x.dtype],
+        "data": (x.data_ptr(), False),
+        "version": 3,
+    }
+    found = np.asarray(host)
     if x.dtype == torch.bfloat16:
         import ml_dtypes
 
-        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return x.numpy()
+        return found.view(ml_dtypes.bfloat16)
+    return found
 
 
 def tf32_policy() -> bool:
@@ -106,6 +129,18 @@ class TorchCall:
     def from_host(self, x: np.ndarray) -> torch.Tensor:
         return tensor_from_numpy(x)
 
+    @staticmethod
+    def blas(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The product by torch's BLAS, in torch's thread pool, on the same memory."""
+        if out is not None and out.flags.c_contiguous:
+            torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+            return out
+        product = numpy_view(torch.matmul(torch.from_numpy(a), torch.from_numpy(b)))
+        if out is None:
+            return product
+        np.copyto(out, product)  # torch's out= refuses some strided batched views
+        return out
+
 
 class TorchArrays:
     name = "torch"
@@ -140,20 +175,14 @@ class TorchArrays:
             return "it is an inference tensor, written outside torch.inference_mode()"
         return None
 
-    def guard(self, a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> None:
-        """Refuse inputs that require grad while grad mode is on: the result would have no grad_fn."""
-        if _is_grad_enabled() and (
+    def autograd(self, a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> bool:
+        """True when autograd must record the call: grad mode is on and an input requires grad."""
+        return _is_grad_enabled() and (
             a.requires_grad
             or b.requires_grad
             or (c is not None and c.requires_grad)
             or (bias is not None and bias.requires_grad)
-        ):
-            which = [n for n, x in (("a", a), ("b", b), ("c", c), ("bias", bias)) if x is not None and x.requires_grad]
-            raise OptionError(
-                f"matmul: a is {tuple(a.shape)} {_dtype_name(a.dtype)} on {a.device}, b is {tuple(b.shape)} "
-                f"{_dtype_name(b.dtype)} on {b.device} — {', '.join(which)} require grad, and gemmbridge.matmul "
-                "is not differentiable: call it under torch.no_grad(), or detach the inputs"
-            )
+        )
 
     def written(self, x: torch.Tensor) -> None:
         _increment_version((x,))

@@ -1,18 +1,25 @@
-"""CPU backend: the BLAS that NumPy ships, and NumPy versions of every epilogue.
+"""CPU backend: a BLAS for the product, and NumPy versions of every epilogue.
 
-``np.matmul`` hands row- and column-major (transposed) matrices to the BLAS without copying;
-alpha, beta·c, bias and the epilogue (``epilogues.py``) are applied in place on the result. Half
+The product is ``np.matmul`` (NumPy's BLAS), or the caller framework's own where its context gives
+one (PyTorch: ``torch.matmul`` on the same memory — two BLAS thread pools on the same cores, NumPy's
+spinning while torch's runs, made CPU training 15× slower). Both hand row- and column-major
+(transposed) matrices to the BLAS without copying; alpha, beta·c, bias and the epilogue
+(``epilogues.py``) are applied in place on the result. Half
 types (float16, bfloat16) are converted to float32 copies, accumulated in float32 and rounded once
 into the result, like cuBLASLt; a float32 result from half inputs is written unrounded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .. import epilogues
 from ..problem import HALF, Operands, Problem
 from ..reference import SQRT_2_OVER_PI, gelu_grad
+
+Blas = Callable[..., np.ndarray]
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -55,10 +62,11 @@ def _promoted(x: np.ndarray, a_vec: bool, b_vec: bool) -> np.ndarray:
     return x
 
 
-def run(problem: Problem, ops: Operands, alpha: float, beta: float) -> None:
+def run(problem: Problem, ops: Operands, alpha: float, beta: float, blas: Blas = np.matmul) -> None:
     """Write ``D`` (into ``ops.d``) and the epilogue's outputs (``ops.aux``, ``ops.bias_grad``).
 
-    ``ops`` holds NumPy arrays; ``c`` is None or the given c (``beta`` is then applied).
+    ``ops`` holds NumPy arrays; ``c`` is None or the given c (``beta`` is then applied). ``blas(lhs,
+    rhs, out=None)`` computes the (batched) product.
     """
     a, b, c, out = ops.a, ops.b, ops.c, ops.d
     kind = epilogues.TABLE[problem.epilogue]
@@ -69,7 +77,7 @@ def run(problem: Problem, ops: Operands, alpha: float, beta: float) -> None:
         lhs, rhs = lhs.astype(np.float32), rhs.astype(np.float32)
     target = _promoted(out, a_vec, b_vec)
     direct = lhs.dtype == target.dtype and (c is None or not np.shares_memory(c, out))
-    acc = np.matmul(lhs, rhs, out=target if direct else None)
+    acc = blas(lhs, rhs, out=target if direct else None)
     if alpha != 1.0:
         acc *= alpha
     if c is not None and beta != 0.0:

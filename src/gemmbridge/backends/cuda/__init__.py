@@ -36,7 +36,7 @@ def described(problem: Problem) -> str:
 class PlanState:
     """The vendor plans of one problem on one device, keyed by pointer alignments and TF32; shared by threads."""
 
-    __slots__ = ("problem", "lt", "device", "plans", "small", "fp32", "lock", "described")
+    __slots__ = ("problem", "lt", "device", "plans", "small", "fp32", "aux_padded", "lock", "described")
 
     def __init__(self, problem: Problem, device: int) -> None:
         kind = epilogues.TABLE[problem.epilogue]
@@ -50,6 +50,8 @@ class PlanState:
         self.plans: dict[tuple, tuple[bindings.LtPlan, GraphCache]] = {}
         self.small = problem.flops <= MAX_FLOPS
         self.fp32 = problem.dtype == "float32"  # TF32 is a question for float32 only
+        # an aux it allocates with padding is zeroed first: outputs deterministic to the byte
+        self.aux_padded = kind.aux_out != "none" and epilogues.aux_is_padded(problem.epilogue, problem.n)
         self.lock = threading.Lock()
         self.described = described(problem)
 
@@ -96,9 +98,11 @@ class PlanState:
         self.plans.clear()
 
 
-def _empty(ctx: CallContext, shape: tuple[int, ...], dtype: str, what: str, problem: Problem) -> Any:
+def _empty(
+    ctx: CallContext, shape: tuple[int, ...], dtype: str, what: str, problem: Problem, zero: bool = False
+) -> Any:
     try:
-        return ctx.empty(shape, dtype)
+        return ctx.zeros(shape, dtype) if zero else ctx.empty(shape, dtype)
     except (MemoryError, RuntimeError) as error:
         raise allocation_failed(what, shape, dtype, ITEMSIZE[dtype], problem.device, error) from error
 
@@ -132,7 +136,7 @@ def run(
         else _empty(ctx, problem.out_shape, problem.result_dtype, "result", problem)
     )
     if aux is None and problem.aux_shape is not None:
-        aux = _empty(ctx, problem.aux_shape, problem.aux_dtype, "aux", problem)
+        aux = _empty(ctx, problem.aux_shape, problem.aux_dtype, "aux", problem, zero=state.aux_padded)
     if bias_grad is None and problem.bias_grad_length:
         bias_grad = _empty(ctx, (problem.bias_grad_length,), problem.result_dtype, "bias_grad", problem)
     pointer = view.pointer

@@ -1,0 +1,119 @@
+"""Differentiable functions on torch tensors: ``matmul``, ``linear``, ``mlp``.
+
+Each picks its path once per call: no autograd needed (grad mode off, or no input requires grad)
+→ the forward alone; ``torch.compile`` tracing → the ``gemmbridge::*`` custom op; otherwise the
+eager ``autograd.Function``. Under ``torch.autocast`` the inputs are cast to the autocast dtype as
+``F.linear`` does, and gradients come back in each input's own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import OptionError
+from . import functions as f
+from . import library
+
+ACTIVATIONS = ("none", "relu", "gelu")
+_is_compiling = torch.compiler.is_compiling
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device type, or None."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _check_activation(activation: str, allowed: tuple[str, ...] = ACTIVATIONS) -> None:
+    if activation not in allowed:
+        raise OptionError(f"gemmbridge.torch: activation {activation!r} is not one of {', '.join(allowed)}")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none") -> Tensor:
+    """``y = act(x · Wᵀ + b)``; ``weight`` is ``(out, in)`` as in ``nn.Linear``; act is none, relu or gelu.
+
+    GELU is the tanh approximation (what cuBLASLt computes), i.e. ``nn.GELU(approximate="tanh")``.
+    """
+    _check_activation(activation)
+    compute = autocast_dtype(x)
+    if not f.requires_grad(x, weight, bias):
+        return f.linear_forward(x, weight, bias, activation, compute, False)[0]
+    if _is_compiling():
+        return library.linear_op(x, weight, bias, activation, compute, True)[0]
+    return library._Linear.apply(x, weight, bias, activation, compute)
+
+
+def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str = "gelu") -> Tensor:
+    """``y = act(x · W1ᵀ + b1) · W2ᵀ + b2``: forward in two GEMMs, backward in four (``functions.mlp_backward``)."""
+    _check_activation(activation, ("relu", "gelu"))
+    compute = autocast_dtype(x)
+    if not f.requires_grad(x, w1, b1, w2, b2):
+        return f.mlp_forward(x, w1, b1, w2, b2, activation, compute, False)[0]
+    if _is_compiling():
+        return library.mlp_op(x, w1, b1, w2, b2, activation, compute, True)[0]
+    return library._MLP.apply(x, w1, b1, w2, b2, activation, compute)
+
+
+def matmul(
+    a: Tensor,
+    b: Tensor,
+    *,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+    c: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    bias: Tensor | None = None,
+    epilogue: str = "none",
+    out_dtype: Any = None,
+    allow_tf32: bool | None = None,
+    **outputs: Any,
+) -> Tensor:
+    """``gemmbridge.matmul`` recorded by autograd: differentiable in ``a``, ``b``, ``c`` and ``bias``.
+
+    ``epilogue`` is none, relu or gelu; outputs written in place (``out``, ``aux``, ``bias_grad``)
+    cannot be recorded and are refused, as ``torch.mm(out=...)`` refuses them.
+    """
+    given = [name for name, value in outputs.items() if value is not None]
+    if given or epilogue not in ACTIVATIONS:
+        from ..arrays import view_for
+        from ..problem import names
+
+        view = view_for(a, "a")
+        operands = names(view.meta(a), view.meta(b))
+        if given:
+            raise OptionError(
+                f"{operands} — {', '.join(given)} given while inputs require grad: autograd cannot record a write "
+                "into a given tensor (call it under torch.no_grad(), or use the returned result)"
+            )
+        raise OptionError(
+            f"{operands} — epilogue {epilogue!r} with inputs that require grad: autograd records none, relu and "
+            "gelu; the training epilogues are the building blocks of backward passes: call them under torch.no_grad()"
+        )
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        from ..arrays.torch import DTYPES
+        from ..problem import dtype_name
+
+        out_dtype = DTYPES.get(dtype_name(out_dtype), out_dtype)
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    c2 = c
+    if c is not None and (a.dim() == 1 or b.dim() == 1):  # c has the squeezed result's shape: put the dims back
+        c2 = c.unsqueeze(-1) if b.dim() == 1 else c
+        c2 = c2.unsqueeze(-2) if a.dim() == 1 else c2
+    if _is_compiling():
+        d = library.matmul_op(a2, b2, c2, bias, transpose_a, transpose_b, float(alpha), float(beta), epilogue,
+                              out_dtype, True, allow_tf32)[0]  # fmt: skip
+    else:
+        d = library._Matmul.apply(a2, b2, c2, bias, transpose_a, transpose_b, float(alpha), float(beta), epilogue,
+                                  out_dtype, allow_tf32)  # fmt: skip
+    if b.dim() == 1:
+        d = d.squeeze(-1)
+    if a.dim() == 1:
+        d = d.squeeze(-2) if b.dim() > 1 else d.squeeze(-1)
+    return d

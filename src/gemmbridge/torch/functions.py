@@ -1,0 +1,246 @@
+"""Forward and backward of the differentiable ops, written once for the eager path and the custom ops.
+
+The forward functions run inside an op's implementation or an eager ``autograd.Function``, never
+traced, and call ``direct_gemm``. The backward functions are traced by ``torch.compile``: every GEMM
+in them goes through ``gemm(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue,
+out_dtype) -> (d, extra)``, which is ``direct_gemm`` in eager mode and ``torch.ops.gemmbridge.gemm``
+where ``torch.compile`` traces. Transposes are flags, never materialised. ``compute_dtype`` is the
+autocast dtype (or None): inputs are cast to it as ``F.linear`` does under autocast, and each
+gradient is returned in its input's dtype — weight gradients of float32 parameters come straight
+out of the GEMM in float32 (``out_dtype``), never rounded to the half type first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import epilogues
+from ..ops import matmul
+
+Gemm = Callable[..., tuple[Tensor, Tensor]]
+HALF = (torch.float16, torch.bfloat16)
+_gelu_backward = torch.ops.aten.gelu_backward
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+def direct_gemm(
+    a: Tensor,
+    b: Tensor,
+    c: Tensor | None,
+    bias: Tensor | None,
+    aux: Tensor | None,
+    transpose_a: bool,
+    transpose_b: bool,
+    alpha: float,
+    beta: float,
+    epilogue: str,
+    out_dtype: torch.dtype | None,
+    allow_tf32: bool | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``gemmbridge.matmul`` as ``(d, extra)``: extra is the aux or bias gradient, or an empty tensor.
+
+    ``out`` (forward functions only, never traced): a new tensor to write the result into.
+    """
+    if torch.is_grad_enabled():  # only ever reached from inside an op: never record autograd here
+        with torch.no_grad():
+            return direct_gemm(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype,
+                               allow_tf32, out)  # fmt: skip
+    kind = epilogues.TABLE[epilogue]
+    result = matmul(a, b, c=c, bias=bias, aux=aux if kind.aux_in != "none" else None, transpose_a=transpose_a,
+                    transpose_b=transpose_b, alpha=alpha, beta=beta, epilogue=epilogue, out_dtype=out_dtype,
+                    allow_tf32=allow_tf32, out=out)  # fmt: skip
+    if isinstance(result, tuple):
+        return result
+    return result, a.new_empty((0,))
+
+
+def no_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "gemmbridge: double backward (create_graph=True) is not supported by gemmbridge's ops; "
+            "use torch.nn.functional.linear / torch.matmul where second derivatives are needed"
+        )
+
+
+def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
+def _cast_bias(x: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return None if x is None else _cast(x, dtype)
+
+
+def _grad_dtype(param: Tensor, compute: torch.dtype) -> torch.dtype | None:
+    """out_dtype for a weight gradient: float32 for a float32 parameter fed to half GEMMs."""
+    return torch.float32 if param.dtype == torch.float32 and compute in HALF else None
+
+
+def _as(x: Tensor, like: Tensor) -> Tensor:
+    return x if x.dtype == like.dtype else x.to(like.dtype)
+
+
+# -- Linear: y = act(x · Wᵀ + b) ---------------------------------------------------------------------------
+
+
+def _rows_out(x: Tensor, features: int, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """A new ``(..., features)`` result for ``x``'s leading dims, and its 2-D view to write through (the result
+    handed back is no view: autograd and FSDP2 treat a view output as aliasing)."""
+    y = x.new_empty((*x.shape[:-1], features), dtype=dtype or x.dtype)
+    return y, y.view(-1, features)
+
+
+def linear_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, compute_dtype: torch.dtype | None, save: bool
+) -> tuple[Tensor, Tensor]:
+    """(y, saved): ``saved`` is the gelu pre-activation (padded rows) when ``save``, else empty."""
+    x2 = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
+    epilogue = activation + ("_aux" if save and activation == "gelu" else "")
+    w, b = _cast(weight, compute_dtype), _cast_bias(bias, compute_dtype)
+    y, rows = _rows_out(x, weight.shape[0], compute_dtype)
+    saved = direct_gemm(x2, w, None, b, None, False, True, 1.0, 0.0, epilogue, None, None, rows)[1]
+    return y, saved
+
+
+def linear_backward(
+    gemm: Gemm, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, saved: Tensor, activation: str,
+    compute_dtype: torch.dtype | None, needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Gradients of x, weight, bias. The bias gradient is reduced inside the weight-gradient GEMM."""
+    no_double_backward()
+    out = weight.shape[0]
+    xc = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
+    dp = dy.reshape(-1, out)
+    if activation == "gelu":
+        dp = _gelu_backward(dp, saved[:, :out], approximate="tanh")
+    elif activation == "relu":
+        dp = _threshold_backward(dp, y.reshape(-1, out), 0)
+    compute = dp.dtype
+    grad_x = grad_w = grad_b = None
+    if needs[1] and xc.shape[0] > 0:
+        epilogue = "bgrad_a" if needs[2] else "none"
+        grad_w, reduced = gemm(dp, xc, None, None, None, True, False, 1.0, 0.0, epilogue, _grad_dtype(weight, compute))
+        grad_w = _as(grad_w, weight)
+        grad_b = reduced if needs[2] else None
+    elif needs[1]:
+        grad_w = torch.zeros_like(weight)
+    if needs[2]:
+        assert bias is not None
+        if grad_b is None:
+            grad_b = dp.sum(0, dtype=torch.float32 if compute in HALF else None)
+        grad_b = _as(grad_b, bias)
+    if needs[0]:
+        grad_x = gemm(dp, _cast(weight, compute_dtype), None, None, None, False, False, 1.0, 0.0, "none", None)[0]
+        grad_x = _as(grad_x.view(x.shape), x)
+    return grad_x, grad_w, grad_b
+
+
+# -- MLP: y = act(x · W1ᵀ + b1) · W2ᵀ + b2 -------------------------------------------------------------------
+
+
+def mlp_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str,
+    compute_dtype: torch.dtype | None, save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(y, h, aux): fc1 saves its pre-activation in aux (``*_aux`` epilogue) when ``save``."""
+    x2 = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
+    epilogue = activation + ("_aux" if save else "")
+    w1c, b1c = _cast(w1, compute_dtype), _cast_bias(b1, compute_dtype)
+    w2c, b2c = _cast(w2, compute_dtype), _cast_bias(b2, compute_dtype)
+    h, aux = direct_gemm(x2, w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
+    y, rows = _rows_out(x, w2.shape[0], compute_dtype)
+    direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None, None, rows)
+    return y, h, aux
+
+
+def mlp_backward(
+    gemm: Gemm, dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, h: Tensor,
+    aux: Tensor, activation: str, compute_dtype: torch.dtype | None, needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients of x, w1, b1, w2, b2 in four GEMMs: fc2's weight gradient with its bias gradient (``bgrad_a``);
+    fc2's input gradient with the activation's derivative and fc1's bias gradient (``d*_bgrad``); fc1's two."""
+    no_double_backward()
+    xc = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
+    w1c, w2c = _cast(w1, compute_dtype), _cast(w2, compute_dtype)
+    dy2 = dy.reshape(-1, w2.shape[0]).to(h.dtype)
+    compute = h.dtype
+    grads: list[Tensor | None] = [None] * 5
+    if xc.shape[0] == 0:  # no tokens: every parameter gradient is zero
+        zeros = [torch.zeros_like(t) if t is not None else None for t in (x, w1, b1, w2, b2)]
+        return tuple(z if need else None for z, need in zip(zeros, needs))
+    if needs[3] or needs[4]:
+        epilogue = "bgrad_a" if needs[4] else "none"
+        dw2, db2 = gemm(dy2, h, None, None, None, True, False, 1.0, 0.0, epilogue, _grad_dtype(w2, compute))
+        grads[3] = _as(dw2, w2) if needs[3] else None
+        grads[4] = _as(db2, b2) if needs[4] and b2 is not None else None
+    if needs[0] or needs[1] or needs[2]:
+        dp1, db1 = gemm(dy2, w2c, None, None, aux, False, False, 1.0, 0.0, f"d{activation}_bgrad", None)
+        if needs[2] and b1 is not None:
+            grads[2] = _as(db1, b1)
+        if needs[1]:
+            dw1 = gemm(dp1, xc, None, None, None, True, False, 1.0, 0.0, "none", _grad_dtype(w1, compute))[0]
+            grads[1] = _as(dw1, w1)
+        if needs[0]:
+            dx = gemm(dp1, w1c, None, None, None, False, False, 1.0, 0.0, "none", None)[0]
+            grads[0] = _as(dx.view(x.shape), x)
+    return tuple(grads)
+
+
+# -- matmul: act(alpha · op(a) @ op(b) + beta · c + bias), a and b at least 2-D ----------------------------
+
+
+def matmul_forward(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, transpose_a: bool, transpose_b: bool,
+    alpha: float, beta: float, activation: str, out_dtype: torch.dtype | None, save: bool, allow_tf32: bool | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d, saved): for gelu, ``saved`` is the pre-activation (2-D: the padded aux of ``gelu_aux``)."""
+    args = (a, b, c, bias, None, transpose_a, transpose_b, alpha, beta)
+    if activation != "gelu" or not save:
+        return direct_gemm(*args, activation, out_dtype, allow_tf32)[0], a.new_empty(0)
+    m, n = a.shape[-1 if transpose_a else -2], b.shape[-2 if transpose_b else -1]
+    if a.dim() == 2 and b.dim() == 2 and m > 0 and n > 0:  # the fused form saves the pre-activation itself
+        return direct_gemm(*args, "gelu_aux", out_dtype, allow_tf32)
+    pre = direct_gemm(*args, "none", out_dtype, allow_tf32)[0]
+    return torch.nn.functional.gelu(pre, approximate="tanh"), pre
+
+
+def matmul_backward(
+    gemm: Gemm, dd: Tensor, a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, d: Tensor, saved: Tensor,
+    transpose_a: bool, transpose_b: bool, alpha: float, beta: float, activation: str, allow_tf32: bool | None,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients of a, b, c, bias: GEMMs with transpose flags, batch dims a or b broadcast summed away."""
+    no_double_backward()
+    dp = dd
+    if activation == "gelu":
+        dp = _gelu_backward(dp, saved[..., : d.shape[-1]], approximate="tanh")
+    elif activation == "relu":
+        dp = _threshold_backward(dp, d, 0)
+    dpi = _as(dp, a)  # a float32 result of half inputs: the input gradients are half, like the inputs
+    grads: list[Tensor | None] = [None] * 4
+    if needs[0]:  # d op(a) = alpha · dp @ op(b)ᵀ
+        if transpose_a:
+            ga = gemm(b, dpi, None, None, None, transpose_b, True, alpha, 0.0, "none", None, allow_tf32)[0]
+        else:
+            ga = gemm(dpi, b, None, None, None, False, not transpose_b, alpha, 0.0, "none", None, allow_tf32)[0]
+        grads[0] = ga.sum_to_size(a.shape)
+    if needs[1]:  # d op(b) = alpha · op(a)ᵀ @ dp
+        if transpose_b:
+            gb_ = gemm(dpi, a, None, None, None, True, transpose_a, alpha, 0.0, "none", None, allow_tf32)[0]
+        else:
+            gb_ = gemm(a, dpi, None, None, None, not transpose_a, False, alpha, 0.0, "none", None, allow_tf32)[0]
+        grads[1] = gb_.sum_to_size(b.shape)
+    if needs[2] and c is not None:
+        grads[2] = (dp * beta).sum_to_size(c.shape)
+    if needs[3] and bias is not None:
+        grads[3] = dp.reshape(-1, dp.shape[-1]).sum(0).to(bias.dtype)
+    return tuple(grads)
+
+
+def requires_grad(*tensors: Any) -> bool:
+    """True when autograd must record a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

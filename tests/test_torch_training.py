@@ -1,0 +1,394 @@
+"""The PyTorch training layer: gradients, custom ops, modules, torch.compile, autocast — on the CPU and the GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gemmbridge as gb  # noqa: E402
+import gemmbridge.torch as gt  # noqa: E402
+from gemmbridge.torch import library  # noqa: E402
+
+F = torch.nn.functional
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+ACT = {"none": lambda x: x, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return request.param
+
+
+def rand(*shape, device="cpu", dtype=torch.float64, grad=True):  # type: ignore[no-untyped-def]
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+
+def eager_and_op_paths(activation: str):  # type: ignore[no-untyped-def]
+    """The two ways a training call runs: the eager autograd.Function and the custom op torch.compile traces."""
+    return {
+        "eager": lambda x, w, b: gt.linear(x, w, b, activation),
+        "op": lambda x, w, b: library.linear_op(x, w, b, activation, None, True)[0],
+    }
+
+
+# -- gradients in float64 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_linear_gradcheck(device, path, activation, with_bias):
+    x, w = rand(2, 3, 5, device=device), rand(4, 5, device=device)
+    b = rand(4, device=device) if with_bias else None
+    fn = eager_and_op_paths(activation)[path]
+    assert torch.autograd.gradcheck(lambda *t: fn(t[0], t[1], t[2] if with_bias else None),
+                                    (x, w, b if with_bias else rand(1, device=device)))  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp_gradcheck(device, path, activation):
+    x = rand(6, 5, device=device)
+    w1, b1, w2, b2 = (
+        rand(7, 5, device=device),
+        rand(7, device=device),
+        rand(3, 7, device=device),
+        rand(3, device=device),
+    )
+    if path == "eager":
+        fn = lambda *t: gt.mlp(*t, activation)  # noqa: E731
+    else:
+        fn = lambda *t: library.mlp_op(*t, activation, None, True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2))
+
+
+MATMUL_CASES = [
+    pytest.param((4, 5), (5, 3), {}, id="2d"),
+    pytest.param((5, 4), (3, 5), {"transpose_a": True, "transpose_b": True}, id="both-transposed"),
+    pytest.param((2, 4, 5), (5, 3), {"alpha": -0.5}, id="batch@2d-alpha"),
+    pytest.param((4, 5), (2, 5, 3), {"bias": (3,)}, id="2d@batch-bias"),
+    pytest.param((2, 1, 4, 5), (3, 5, 3), {"c": (3, 4, 3), "beta": 0.25}, id="broadcast-c"),
+    pytest.param((5,), (5, 3), {"c": (3,)}, id="1d@2d"),
+    pytest.param((4, 5), (5,), {}, id="2d@1d"),
+    pytest.param((4, 5), (5, 3), {"epilogue": "gelu", "bias": (3,)}, id="gelu-2d"),
+    pytest.param((2, 4, 5), (5, 3), {"epilogue": "gelu"}, id="gelu-batched"),
+    pytest.param((4, 5), (5, 3), {"epilogue": "relu", "c": (4, 3)}, id="relu"),
+]
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("sa, sb, options", MATMUL_CASES)
+def test_matmul_gradcheck(device, path, sa, sb, options):
+    """gemmbridge.matmul on tensors that require grad is differentiable in a, b, c and bias."""
+    extras = {k: rand(*v, device=device) for k, v in options.items() if k in ("c", "bias")}
+    scalars = {k: v for k, v in options.items() if k not in extras}
+    a, b = rand(*sa, device=device), rand(*sb, device=device)
+    names = list(extras)
+
+    def fn(a, b, *rest):  # type: ignore[no-untyped-def]
+        kwargs = {**scalars, **dict(zip(names, rest))}
+        if path == "eager":
+            return gb.matmul(a, b, **kwargs)
+        with_compile = pytest.MonkeyPatch.context()
+        with with_compile as m:  # the path torch.compile takes
+            m.setattr(gt.functional, "_is_compiling", lambda: True)
+            return gt.matmul(a, b, **kwargs)
+
+    assert fn(a, b, *extras.values()).grad_fn is not None
+    assert torch.autograd.gradcheck(fn, (a, b, *extras.values()))
+
+
+def test_only_the_inputs_that_require_grad_get_one(device):
+    x, w, b = rand(3, 5, device=device), rand(4, 5, device=device, grad=False), rand(4, device=device, grad=False)
+    gt.linear(x, w, b, "gelu").sum().backward()
+    assert x.grad is not None and w.grad is None and b.grad is None
+    x, w, b = rand(3, 5, device=device, grad=False), rand(4, 5, device=device), rand(4, device=device)
+    gt.linear(x, w, b).sum().backward()
+    assert x.grad is None and w.grad is not None and b.grad is not None
+
+
+def test_double_backward_is_refused_clearly(device):
+    x, w = rand(3, 5, device=device), rand(4, 5, device=device)
+    y = gt.linear(x, w, None, "gelu").sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y, x, create_graph=True)
+
+
+def test_no_grad_and_inference_mode_record_nothing(device):
+    x, w, b = rand(3, 5, device=device), rand(4, 5, device=device), rand(4, device=device)
+    with torch.no_grad():
+        assert gt.linear(x, w, b, "gelu").grad_fn is None
+        assert gb.matmul(x, w, transpose_b=True).grad_fn is None
+    with torch.inference_mode():
+        y = gt.linear(x, w, b, "relu")
+        assert y.grad_fn is None and y.is_inference()
+
+
+def test_outputs_in_place_and_training_epilogues_are_refused_with_grad(device):
+    a, b = rand(3, 5, device=device), rand(5, 4, device=device)
+    with pytest.raises(gb.OptionError, match="out given while inputs require grad"):
+        gb.matmul(a, b, out=torch.empty(3, 4, dtype=torch.float64, device=device))
+    with pytest.raises(gb.OptionError, match="epilogue 'gelu_aux' with inputs that require grad"):
+        gb.matmul(a, b, epilogue="gelu_aux")
+    with pytest.raises(gb.OptionError, match="a Plan is not differentiable"):
+        gb.Plan(a, b).run(a, b)
+
+
+# -- against nn.Linear and a plain-torch MLP ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_linear_matches_nn_linear(device, activation):
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(16, 8, device=device)
+    mine = gt.Linear.from_linear(copy.deepcopy(ref), activation)
+    x = torch.randn(3, 4, 16, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = mine(x), ACT[activation](ref(x2))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp_matches_two_nn_linears(device, activation):
+    torch.manual_seed(0)
+    mlp = gt.MLP(16, 32, activation=activation, device=device)
+    x = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ref = copy.deepcopy(mlp)
+    y = mlp(x)
+    y_ref = ref.fc2(ACT[activation](ref.fc1(x2)))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for name, p in mlp.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_modules_keep_nn_linears_parameters_and_state_dict(device):
+    ref = torch.nn.Linear(6, 3, device=device)
+    mine = gt.Linear(6, 3, activation="relu", device=device)
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    mine.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(mine.weight, ref.weight)
+    assert "activation='relu'" in repr(mine) and "in_features=6" in repr(mine)
+    mlp = gt.MLP(6, 12, device=device)
+    assert list(mlp.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    restored = gt.MLP(6, 12, device=device)
+    restored.load_state_dict(mlp.state_dict())
+    x = torch.randn(2, 6, device=device)
+    torch.testing.assert_close(restored(x), mlp(x))
+
+
+def test_convert_linears_by_name_pattern(device):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    ).to(device)
+    weights = [p.data_ptr() for p in model.parameters()]
+    x = torch.randn(3, 4, device=device)
+    before = model(x)
+    assert gt.convert_linears(model, "2.*") == ["2.0", "2.1"]
+    assert type(model[0]) is torch.nn.Linear and isinstance(model[2][1], gt.Linear)
+    assert [p.data_ptr() for p in model.parameters()] == weights  # shared, not copied
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert gt.convert_linears(model) == ["0"]
+
+
+def test_mixed_dtypes_without_autocast_are_refused(device):
+    x = torch.randn(3, 4, device=device, dtype=torch.bfloat16)
+    layer = gt.Linear(4, 2, device=device)  # float32 parameters
+    with pytest.raises(gb.DTypeError, match="differ"):
+        layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_as_f_linear_and_keeps_float32_weight_gradients(device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast is bfloat16")
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(32, 16, device=device)
+    mine = gt.Linear.from_linear(copy.deepcopy(ref), "gelu")
+    x = torch.randn(8, 32, device=device)
+    with torch.autocast(device, dtype=dtype):
+        y = mine(x)
+        y_ref = F.gelu(ref(x), approximate="tanh")
+    assert y.dtype == y_ref.dtype == dtype
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    y_ref.float().sum().backward()
+    assert mine.weight.grad.dtype == torch.float32 and mine.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(mine.weight.grad, ref.weight.grad, rtol=3e-2, atol=3e-2)
+
+
+# -- custom ops and torch.compile ------------------------------------------------------------------------
+
+
+def opcheck_args(device: str) -> list:
+    x, w, b = rand(6, 5, device=device), rand(4, 5, device=device), rand(4, device=device)
+    w1, b1, w2, b2 = (
+        rand(7, 5, device=device),
+        rand(7, device=device),
+        rand(3, 7, device=device),
+        rand(3, device=device),
+    )
+    a, bb, c = rand(2, 4, 5, device=device), rand(5, 3, device=device), rand(4, 3, device=device)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()  # gemm is the backward formulas' building block: no autograd
+    return [
+        (torch.ops.gemmbridge.gemm.default, (xd, wd, None, bd, None, False, True, 1.0, 0.0, "gelu_aux", None)),
+        (
+            torch.ops.gemmbridge.gemm.default,
+            (torch.randn_like(xd[:, :4]), xd, None, None, None, True, False, 1.0, 0.0, "bgrad_a", None),
+        ),  # fmt: skip
+        (torch.ops.gemmbridge.matmul.default, (a, bb, c, None, False, False, 1.5, 0.5, "gelu", None, True, None)),
+        (torch.ops.gemmbridge.linear.default, (x, w, b, "gelu", None, True)),
+        (torch.ops.gemmbridge.linear.default, (x, w, None, "relu", None, True)),
+        (torch.ops.gemmbridge.mlp.default, (x, w1, b1, w2, b2, "gelu", None, True)),
+        (torch.ops.gemmbridge.mlp.default, (x, w1, b1, w2, b2, "relu", None, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck(device, case):
+    op, args = opcheck_args(device)[case]
+    torch.library.opcheck(op, args)
+
+
+class Block(torch.nn.Module):
+    """A small transformer-style block: attention projections as gemmbridge Linears, a gemmbridge MLP."""
+
+    def __init__(self, d: int = 32, device: str = "cpu") -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d, device=device)
+        self.qkv = gt.Linear(d, 3 * d, device=device)
+        self.proj = gt.Linear(d, d, device=device)
+        self.mlp = gt.MLP(d, 4 * d, device=device)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return x + self.mlp(self.norm(x))
+
+
+def test_compile_fullgraph_has_no_graph_breaks_and_matches_eager(device):
+    torch.manual_seed(0)
+    block = Block(device=device)
+    x = torch.randn(2, 8, 32, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(block, fullgraph=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = compiled(x), block(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-4)
+
+
+# -- GPU: every dtype, CUDA graphs, reduce-overhead --------------------------------------------------------
+
+GPU_TOL = {"float32": 1e-5, "tf32": 3e-3, "float16": 1e-2, "bfloat16": 1e-2}
+
+
+def needs_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def rel(x, ref) -> float:  # type: ignore[no-untyped-def]
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "tf32", "float16", "bfloat16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp_outputs_and_gradients_in_every_dtype(dtype, activation):
+    """Against a float64 reference; tf32 through torch's own flag."""
+    needs_cuda()
+    torch.manual_seed(0)
+    tdtype = torch.float32 if dtype == "tf32" else getattr(torch, dtype)
+    mlp = gt.MLP(256, 512, activation=activation, device="cuda", dtype=tdtype)
+    ref = copy.deepcopy(mlp).double()
+    x = torch.randn(64, 256, device="cuda", dtype=tdtype, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        y = mlp(x)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    y64 = ref.fc2(ACT[activation](ref.fc1(x64)))
+    y64.backward(torch.ones_like(y64))
+    assert y.dtype == tdtype and rel(y, y64) < GPU_TOL[dtype]
+    assert rel(x.grad, x64.grad) < GPU_TOL[dtype]
+    for name, p in mlp.named_parameters():
+        assert rel(p.grad, dict(ref.named_parameters())[name].grad) < GPU_TOL[dtype], name
+
+
+@pytest.mark.gpu
+def test_a_training_step_captured_in_a_cuda_graph_replays_right():
+    needs_cuda()
+    torch.manual_seed(0)
+    block = Block(device="cuda")
+    static_x = torch.randn(2, 8, 32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as torch.cuda.graph asks
+        for _ in range(3):
+            block.zero_grad(set_to_none=False)
+            block(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    block.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        static_loss = block(static_x).sum()
+        static_loss.backward()
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        block.zero_grad(set_to_none=False)
+        graph.replay()
+        eager = copy.deepcopy(block)
+        eager.zero_grad()
+        loss = eager(static_x).sum()
+        loss.backward()
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-4)
+        for (name, p), q in zip(block.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_compile_reduce_overhead_matches_eager_over_training_steps():
+    """CUDA graph trees around the custom ops give what eager gives (PyTorch issue 157363 reported otherwise)."""
+    needs_cuda()
+    torch.manual_seed(0)
+    eager = Block(device="cuda")
+    compiled_block = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_block, mode="reduce-overhead", fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_block)]
+    for step in range(6):
+        x = torch.randn(4, 16, 32, device="cuda")
+        losses = []
+        for model, opt in zip((eager, compiled), opts):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5, msg=f"step {step}")
