@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, rsscontrol, sanitize.
+# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, rsscontrol, sanitize, freshvenv.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -34,6 +34,19 @@ for step in ${STEPS:-tests}; do
         done; done
         python3 -c "import glob,json,sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/rss-*.json'))], open(sys.argv[1], 'w'), indent=1)" "$OUT/rss-control.json"
       } 2>&1 | tee "$OUT/rss-control.txt" ;;
+    freshvenv)
+      # the README's main job from a fresh venv: no package registry here, so the machine's torch, cupy and jax
+      # come through --system-site-packages and nvmath-python from the carried wheels; gemmbridge is built with
+      # the machine's setuptools (>= 77, pyproject.toml); PYTHONPATH is unset so that the install is what runs
+      { header "fresh venv: pip install -e . && gemmbridge bench --preset small"
+        rm -rf /tmp/fresh && python3 -m venv --system-site-packages /tmp/fresh
+        env -u PYTHONPATH /tmp/fresh/bin/python -c "import setuptools; print('setuptools', setuptools.__version__)"
+        env -u PYTHONPATH /tmp/fresh/bin/pip install -q --no-index --no-deps --no-build-isolation -e . .whl/*.whl
+        env -u PYTHONPATH /tmp/fresh/bin/gemmbridge bench --preset small --no-progress --json "$OUT/fresh-bench.json"
+        echo "exit status $?"
+        if grep -q '"device": "cuda"' "$OUT/fresh-bench.json"; then echo "fresh venv: bench ran on cuda"
+        else echo "FAILED: the fresh venv's bench did not run on cuda"; fi
+      } 2>&1 | tee "$OUT/fresh-venv.txt" ;;
     sanitize)
       # memcheck without torch's caching allocator (each tensor its own allocation, so an
       # out-of-bounds access is seen; graph capture needs the caching allocator, so those tests

@@ -1,4 +1,5 @@
-"""The sdist carries the test suite, the docs the README links and the license; the wheel carries ``py.typed``.
+"""The sdist carries the test suite, the docs the README links and the license; the wheel carries ``py.typed``;
+CI runs the README's test command, ruff and mypy.
 
 The sdist and the wheel are built offline with the project's own build backend (``setuptools.build_meta``, as
 ``python -m build --no-isolation`` calls it), from a copy of the source tree, so that the tree is left as it was.
@@ -52,3 +53,13 @@ def test_the_wheel_is_typed_and_licensed_without_the_tests(built):
     assert "gemmbridge-0.1.0.dist-info/licenses/LICENSE" in names
     assert not any(name.startswith("tests/") for name in names)
 
+
+def test_ci_runs_the_readme_test_command_then_ruff_and_mypy():
+    ci = ROOT / ".ci" / "run"
+    if not ci.exists():
+        pytest.skip("not a checkout: the sdist has no .ci/")
+    (readme_command,) = [line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("pytest -q")]
+    install_and_test = readme_command.split(" && ", 2)[2]  # after making and activating the venv
+    lines = ci.read_text().splitlines()
+    assert install_and_test in lines
+    assert "ruff check . && ruff format --check src tests scripts benchmarks" in lines and "mypy src" in lines
