@@ -166,9 +166,9 @@ def test_tolerances_are_stated_and_cuda_primes_first(monkeypatch):
     cpu = options.resolve(stress.StressOptions(**{**vars(stated), "device": "cpu"}))
     assert memory.tolerances(stated, cpu) == {"host_rss": 8 << 20}  # CPU: no device memory to judge
     cuda = options.resolve(stress.StressOptions(**{**vars(stated), "device": "cuda"}))
-    assert memory.tolerances(stated, cuda) == {
-        "host_rss": 8 << 20, "torch_allocated": 0, "cupy_used": 0, "device_used": 64 << 20,
-    }  # fmt: skip
+    assert memory.tolerances(stated, cuda) == {"host_rss": 8 << 20, "torch_allocated": 0, "device_used": 64 << 20}
+    both = options.resolve(stress.StressOptions(**{**vars(stated), "device": "cuda", "frameworks": "torch,cupy"}))
+    assert memory.tolerances(stated, both).keys() == {"host_rss", "torch_allocated", "cupy_used", "device_used"}
     assert cuda.prime_calls == options.PRIME_CALLS_CUDA and cpu.prime_calls == 0
     short = options.resolve(stress.StressOptions(short=True, device="cuda", frameworks="torch"))
     assert short.prime_calls == 0 and not short.set_pass

@@ -16,6 +16,7 @@ from ..ops import cache_size
 from .options import Plan, StressOptions
 
 MIB = 1 << 20
+ALLOCATORS = {"torch": "torch_allocated", "cupy": "cupy_used"}  # a framework's caching allocator: its live bytes
 
 
 def _malloc_trim() -> None:
@@ -57,7 +58,7 @@ def sample(device: str, frameworks: tuple[str, ...] | list[str], clear_jax: bool
         cupy.cuda.Device().synchronize()
         pool = cupy.get_default_memory_pool()
         pool.free_all_blocks()
-        found["cupy_used"] = int(pool.used_bytes())
+        found[ALLOCATORS["cupy"]] = int(pool.used_bytes())
         free, total = cupy.cuda.runtime.memGetInfo()
         found["device_used"] = int(total - free)
     with contextlib.suppress(ImportError):
@@ -66,7 +67,7 @@ def sample(device: str, frameworks: tuple[str, ...] | list[str], clear_jax: bool
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         if "torch" in frameworks:
-            found["torch_allocated"] = int(torch.cuda.memory_allocated())
+            found[ALLOCATORS["torch"]] = int(torch.cuda.memory_allocated())
         free, total = torch.cuda.mem_get_info()  # after torch's cache is emptied
         found["device_used"] = int(total - free)
     return found
@@ -77,8 +78,9 @@ def tolerances(options: StressOptions, plan: Plan) -> dict[str, int | None]:
     (host RSS while per-shape caches still meet new problems: ``Plan.rss_unjudged``)."""
     rss = None if plan.rss_unjudged else int(options.rss_tolerance_mb * MIB)
     limits: dict[str, int | None] = {"host_rss": rss}
-    if plan.device == "cuda":
-        limits.update(torch_allocated=0, cupy_used=0, device_used=int(options.device_tolerance_mb * MIB))
+    if plan.device == "cuda":  # the keys ``sample`` reads for these frameworks (CUDA runs have torch: resolve_device)
+        limits.update({key: 0 for name, key in ALLOCATORS.items() if name in plan.frameworks})
+        limits["device_used"] = int(options.device_tolerance_mb * MIB)
     return limits
 
 

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ..ops import PLAN_CACHE_SIZE
-from .memory import MIB, mib
+from .memory import ALLOCATORS, MIB, mib
 from .options import Plan, StressOptions
 
 CHECK_FIRST = 50  # calls all checked against float64 before checking every --check-every'th
@@ -27,11 +27,10 @@ def header(plan: Plan, options: StressOptions, limits: dict[str, int | None]) ->
         f"dims up to {plan.max_dim}, seed {plan.seed} (replay: --seed {plan.seed}{replay})"
     ]
     judged = []
-    if plan.device == "cuda":
-        judged += [
-            "framework allocator growth 0 B",
-            f"device memory in use (cudaMemGetInfo) growth ≤ {options.device_tolerance_mb:g} MiB",
-        ]
+    if set(limits) & set(ALLOCATORS.values()):
+        judged.append("framework allocator growth 0 B")
+    if "device_used" in limits:
+        judged.append(f"device memory in use (cudaMemGetInfo) growth ≤ {options.device_tolerance_mb:g} MiB")
     if limits["host_rss"] is not None:
         judged.append(f"host RSS growth ≤ {options.rss_tolerance_mb:g} MiB")
     lines.append("tolerances after warm-up: " + ", ".join([*judged, f"plan cache ≤ {PLAN_CACHE_SIZE}"]))
@@ -46,8 +45,8 @@ def header(plan: Plan, options: StressOptions, limits: dict[str, int | None]) ->
         )
     if plan.prime_calls:
         lines.append(
-            f"then {plan.prime_calls} priming calls (drawn and checked alike), so that the CUDA libraries' own "
-            "per-kernel state has settled before the warm-up sample"
+            f"{'then' if plan.set_pass else 'first'} {plan.prime_calls} priming calls (drawn and checked alike), so "
+            "that the CUDA libraries' own per-kernel state has settled before the warm-up sample"
         )
     return lines
 
