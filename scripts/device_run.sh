@@ -35,13 +35,18 @@ for step in ${STEPS:-tests}; do
         python3 -c "import glob,json,sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/rss-*.json'))], open(sys.argv[1], 'w'), indent=1)" "$OUT/rss-control.json"
       } 2>&1 | tee "$OUT/rss-control.txt" ;;
     freshvenv)
-      # the README's main job from a fresh venv: no package registry here, so the machine's torch, cupy and jax
-      # come through --system-site-packages and nvmath-python from the carried wheels; gemmbridge is built with
-      # the machine's setuptools (>= 77, pyproject.toml); PYTHONPATH is unset so that the install is what runs
+      # the README's main job from a fresh venv. No package registry here: the machine's torch, cupy and jax stay
+      # visible (--system-site-packages; python3 here may itself be a venv, whose packages that flag would not
+      # show, so a .pth file names its site-packages too), nvmath-python comes from the carried wheels, and
+      # gemmbridge is built with the machine's setuptools (>= 77: pyproject.toml). The machine's pip installs into
+      # the venv (--python), so no ensurepip is needed; PYTHONPATH is unset so that what runs is the install.
       { header "fresh venv: pip install -e . && gemmbridge bench --preset small"
-        rm -rf /tmp/fresh && python3 -m venv --system-site-packages /tmp/fresh
-        env -u PYTHONPATH /tmp/fresh/bin/python -c "import setuptools; print('setuptools', setuptools.__version__)"
-        env -u PYTHONPATH /tmp/fresh/bin/pip install -q --no-index --no-deps --no-build-isolation -e . .whl/*.whl
+        rm -rf /tmp/fresh && python3 -m venv --system-site-packages --without-pip /tmp/fresh
+        python3 -c "import site; print(*site.getsitepackages(), sep='\n')" \
+          > "$(/tmp/fresh/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine.pth"
+        env -u PYTHONPATH /tmp/fresh/bin/python -c "import setuptools, torch; print('setuptools', setuptools.__version__, 'torch', torch.__version__)"
+        env -u PYTHONPATH python3 -m pip --python /tmp/fresh/bin/python install -q --no-index --no-deps \
+          --no-build-isolation -e . .whl/*.whl
         env -u PYTHONPATH /tmp/fresh/bin/gemmbridge bench --preset small --no-progress --json "$OUT/fresh-bench.json"
         echo "exit status $?"
         if grep -q '"device": "cuda"' "$OUT/fresh-bench.json"; then echo "fresh venv: bench ran on cuda"
