@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, rsscontrol, sanitize.
+# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, rsscontrol, sanitize, freshvenv.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -34,6 +34,24 @@ for step in ${STEPS:-tests}; do
         done; done
         python3 -c "import glob,json,sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/rss-*.json'))], open(sys.argv[1], 'w'), indent=1)" "$OUT/rss-control.json"
       } 2>&1 | tee "$OUT/rss-control.txt" ;;
+    freshvenv)
+      # the README's main job from a fresh venv. No package registry here: the machine's torch, cupy and jax stay
+      # visible (--system-site-packages; python3 here may itself be a venv, whose packages that flag would not
+      # show, so a .pth file names its site-packages too), nvmath-python comes from the carried wheels, and
+      # gemmbridge is built with the machine's setuptools (>= 77: pyproject.toml). The machine's pip installs into
+      # the venv (--python), so no ensurepip is needed; PYTHONPATH is unset so that what runs is the install.
+      { header "fresh venv: pip install -e . && gemmbridge bench --preset small"
+        rm -rf /tmp/fresh && python3 -m venv --system-site-packages --without-pip /tmp/fresh
+        python3 -c "import site; print(*site.getsitepackages(), sep='\n')" \
+          > "$(/tmp/fresh/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine.pth"
+        env -u PYTHONPATH /tmp/fresh/bin/python -c "import setuptools, torch; print('setuptools', setuptools.__version__, 'torch', torch.__version__)"
+        env -u PYTHONPATH python3 -m pip --python /tmp/fresh/bin/python install -q --no-index --no-deps \
+          --no-build-isolation -e . .whl/*.whl
+        env -u PYTHONPATH /tmp/fresh/bin/gemmbridge bench --preset small --no-progress --json "$OUT/fresh-bench.json"
+        echo "exit status $?"
+        if grep -q '"device": "cuda"' "$OUT/fresh-bench.json"; then echo "fresh venv: bench ran on cuda"
+        else echo "FAILED: the fresh venv's bench did not run on cuda"; fi
+      } 2>&1 | tee "$OUT/fresh-venv.txt" ;;
     sanitize)
       # memcheck without torch's caching allocator (each tensor its own allocation, so an
       # out-of-bounds access is seen; graph capture needs the caching allocator, so those tests

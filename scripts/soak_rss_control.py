@@ -21,7 +21,9 @@ from typing import Any
 
 from gemmbridge import matmul
 from gemmbridge.reference import gelu
-from gemmbridge.stress import Drawer, Framework, sample
+from gemmbridge.stress.draw import Drawer
+from gemmbridge.stress.memory import sample
+from gemmbridge.testing import Framework
 
 
 def framework_matmul(xp: Any, name: str) -> Any:

@@ -83,7 +83,7 @@ def test_cli_writes_a_table_a_valid_json_and_a_plot(tmp_path: Path):
             assert r["status"] == "ok", r
             assert r["rel_err"] < DTYPES[row["dtype"]].tolerance
             assert r["tflops"] > 0 and r["ms"] == min(r["ms_runs"]) and r["host_us"] > 0  # tiny shapes: host µs too
-            assert 0 < r["pct_of_roofline"] <= 100.0 + 1e-6
+            assert r["pct_of_roofline"] > 0  # timing decides whether a cache-resident shape passes 100 %
         assert row["results"]["numpy"]["ratio"] == pytest.approx(1.0)
     assert doc["peaks"]["fp32"]["tflops"] > 0 and doc["bandwidth"]["bytes_per_s"] > 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
@@ -100,7 +100,8 @@ def test_missing_candidates_are_listed_with_reasons_never_dropped():
     assert row["results"]["cupy"] == {"status": "skipped", "reason": listing["cupy"]["reason"]}
     text = io.StringIO()
     report.render(doc, file=text)
-    assert "cupy       skipped: needs a CUDA device" in text.getvalue()
+    assert "cupy       skipped: runs on CUDA only; this run is on the CPU" in text.getvalue()
+    assert "--device cuda" not in text.getvalue()  # not a fix on a CPU run
     with pytest.raises(OptionError, match="unknown"):
         tiny(shapes=["8x8x8"], candidates="gemmbridge,cublas")
 
@@ -112,6 +113,11 @@ def test_half_types_skip_numpy_with_a_reason_and_fall_back_to_torch():
     row = doc["rows"][0]
     assert row["results"]["numpy"]["status"] == "skipped" and "plain loop" in row["results"]["numpy"]["reason"]
     assert row["baseline"] == "torch" and row["results"]["gemmbridge"]["status"] == "ok"
+    footer = report.footer(doc)
+    assert "skipped on all rows: numpy multiplies bfloat16 in a plain loop, not its BLAS" in "\n".join(footer)
+    mixed = report.footer(tiny(shapes=["8x8x8"], dtypes="fp32,bf16", candidates="gemmbridge,numpy,torch"))
+    assert any(line.endswith("skipped on 1/2 rows: numpy multiplies bfloat16 in a plain loop, not its BLAS")
+               for line in mixed)  # fmt: skip
 
 
 class _Wrong(candidates.Gemmbridge):
@@ -152,6 +158,58 @@ def test_schema_check_names_what_is_missing():
     broken["bandwidth"] = doc["bandwidth"]
     with pytest.raises(ValueError, match="every candidate.*triton is unavailable with no reason|triton"):
         report.validate(broken)
+
+
+@pytest.mark.parametrize(
+    ("given", "flag"),
+    [({"rounds": 0}, "--rounds 0"), ({"rep_ms": 0.0}, "--rep-ms 0"), ({"rep_ms": -1.0}, "--rep-ms -1"),
+     ({"peak_size": 0}, "--peak-size 0"), ({"peak_size": -8}, "--peak-size -8")],
+)  # fmt: skip
+def test_values_that_cannot_run_are_refused(given, flag):
+    with pytest.raises(OptionError, match=flag):
+        tiny(shapes=["8x8x8"], **given)
+
+
+def test_an_80_column_table_cuts_no_number():
+    doc = tiny(shapes=["8x8x8", "2048x11008x64", "16x8x4x2"], candidates="gemmbridge,numpy,torch")
+    for row in doc["rows"]:  # as on CUDA: five candidates, host µs of three digits
+        row["results"]["numpy"] = {"status": "skipped", "reason": "runs on the CPU only; this run is on CUDA"}
+        for name in ("torch", "triton", "cupy", "nvmath"):
+            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7}
+    text = io.StringIO()
+    report.render(doc, file=text, width=80)
+    lines = text.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in text.getvalue()
+    table = "\n".join(line for line in lines if line[:1] in "┃│")
+    for row in doc["rows"]:
+        assert f"{row['results']['gemmbridge']['tflops']:.4g}" in table and report.shape_text(row) in table
+    assert "136.7µs" in table
+
+
+def test_cells_over_the_roofline_are_explained_not_capped():
+    doc = tiny(shapes=["8x8x8"], candidates="gemmbridge,numpy")
+    results = doc["rows"][0]["results"]
+    results["gemmbridge"]["pct_of_roofline"], results["numpy"]["pct_of_roofline"] = 60.0, 100.0
+    assert not any("over 100 %" in line for line in report.footer(doc))
+    results["numpy"]["pct_of_roofline"] = 104.0  # a cache-resident shape beat the copy bandwidth
+    assert any(line.startswith("1 cell(s) over 100 % of the bound") for line in report.footer(doc))
+    text = io.StringIO()
+    report.render(doc, file=text)
+    assert "104%" in text.getvalue()  # reported as measured
+
+
+def test_the_plot_draws_the_roofline_as_a_line():
+    pytest.importorskip("matplotlib")
+    from gemmbridge.bench.plot import figure
+
+    doc = tiny(shapes=["8x8x8", "64x64x64", "4096x16x64"], candidates="gemmbridge,numpy")
+    ax = figure(doc).axes[0]
+    (line,) = [line for line in ax.get_lines() if line.get_label().startswith("roofline")]
+    x, y = line.get_data()
+    peak, bandwidth = doc["peaks"]["fp32"]["tflops"], doc["bandwidth"]["bytes_per_s"]
+    assert len(x) > 10 and line.get_linestyle() == "-" and line.get_linewidth() >= 1.5
+    assert np.allclose(y, np.minimum(peak, bandwidth * np.asarray(x) / 1e12))
+    assert min(x) <= min(r["intensity"] for r in doc["rows"]) and max(x) >= max(r["intensity"] for r in doc["rows"])
 
 
 def test_plain_table_without_rich(monkeypatch):

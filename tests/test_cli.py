@@ -1,10 +1,15 @@
-"""``gemmbridge info`` on the machine at hand (the CPU backend always; CUDA when present)."""
+"""The ``gemmbridge`` command: ``info`` on the machine at hand (the CPU backend always; CUDA when present), the
+help texts, ``python -m gemmbridge``, and what is refused before any work starts (with one line, exit status 2)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
+
+from gemmbridge import cli, info
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -52,9 +57,68 @@ def test_bad_options_exit_2_with_a_message():
     result = run_cli("bench", "--device", "cpu", "--shape", "12x")
     assert result.returncode == 2 and "is not MxNxK" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("bench", "--device", "cpu", "--dtype", "int8")
-    assert result.returncode == 2 and "--dtype" in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("gemmbridge bench: --dtype 'int8'")  # said once
     result = run_cli("stress", "--device", "cpu", "--problems", "-1")
-    assert result.returncode == 2 and "--problems -1" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("gemmbridge stress: --problems -1")
+    assert "Traceback" not in result.stderr
+
+
+def test_top_level_help_and_python_m():
+    for flag in ("--help", "-h"):
+        result = subprocess.run([sys.executable, "-m", "gemmbridge", flag], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: gemmbridge") and "% of roofline" in result.stdout
+        assert all(command in result.stdout for command in ("info", "bench", "stress"))
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("command", ["bench", "stress"])
+def test_cuda_without_a_gpu_is_one_line_for_bench_and_stress(monkeypatch, capsys, command):
+    monkeypatch.setattr(info, "_torch_cuda_missing", lambda: "torch 2.13.0+cpu is a CPU-only build")
+    status, out, err = _main(capsys, command, "--device", "cuda", "--no-progress")
+    assert status == 2 and out == ""
+    assert err == f"gemmbridge {command}: --device cuda needs torch with a visible CUDA device: torch 2.13.0+cpu " \
+        "is a CPU-only build\n"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("stress", "--iterations", "0"), ("stress", "--iterations", "-5"), ("stress", "--check-every", "0"),
+     ("stress", "--max-dim", "0"), ("stress", "--prime-calls", "-1"), ("bench", "--rounds", "0"),
+     ("bench", "--rounds", "-2"), ("bench", "--rep-ms", "0"), ("bench", "--rep-ms", "-1"),
+     ("bench", "--peak-size", "0"), ("bench", "--peak-size", "-64")],
+)  # fmt: skip
+def test_values_that_cannot_run_are_refused_not_replaced(capsys, args):
+    command, flag, value = args
+    status, out, err = _main(capsys, command, "--device", "cpu", flag, value, "--no-progress")
+    assert status == 2 and out == "" and err.startswith(f"gemmbridge {command}: {flag} {value}: ")
+
+
+def _never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the run started")
+
+
+def test_outputs_are_checked_before_the_run(monkeypatch, capsys, tmp_path):
+    from gemmbridge import stress
+    from gemmbridge.bench import runner
+
+    monkeypatch.setattr(runner, "run", _never)
+    monkeypatch.setattr(stress, "run", _never)
+    missing = str(tmp_path / "no" / "such" / "x.json")
+    for command in ("bench", "stress"):
+        status, _, err = _main(capsys, command, "--device", "cpu", "--json", missing)
+        assert status == 2 and f"--json {missing}: the directory" in err and "does not exist" in err
+    status, _, err = _main(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path))
+    assert status == 2 and "is a directory" in err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    status, _, err = _main(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path / "b.png"))
+    assert status == 2 and err == "gemmbridge bench: --plot needs matplotlib: pip install matplotlib (or the [bench] " \
+        "extra)\n"  # fmt: skip
 
 
 def test_stress_repeats_the_problem_set_it_is_given(tmp_path):
@@ -63,15 +127,3 @@ def test_stress_repeats_the_problem_set_it_is_given(tmp_path):
                      "--max-dim", "20", "--no-progress", "--json", str(path))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "a set of 5 problems" in result.stdout and json.loads(path.read_text())["problems"] == 5
-
-
-def test_bench_on_cuda_without_a_gpu_says_why():
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return
-    except ImportError:
-        pass
-    result = run_cli("bench", "--device", "cuda")
-    assert result.returncode == 2 and "needs torch with a visible CUDA device" in result.stderr

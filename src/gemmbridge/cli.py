@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
-from .errors import GemmError
+from .errors import GemmError, OptionError
 
 BENCH_EPILOG = """\
 Every candidate is checked against a float64 reference before it is timed; a wrong one is reported, not
@@ -81,11 +82,31 @@ def _options(cls: Any, args: argparse.Namespace, **extra: Any) -> Any:
     return cls(**{key: value for key, value in vars(args).items() if key in names}, **extra)
 
 
+def _writable(flag: str, path: str) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OptionError(f"{flag} {path}: is a directory, not a file")
+    if not os.path.isdir(folder):
+        raise OptionError(f"{flag} {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OptionError(f"{flag} {path}: the directory {folder} is not writable")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import report
     from .bench.runner import BenchOptions, run
 
-    doc = run(_options(BenchOptions, args))
+    options = _options(BenchOptions, args)
+    for flag in ("json", "plot"):
+        if getattr(args, flag, None):
+            _writable(f"--{flag}", getattr(args, flag))
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise OptionError("--plot needs matplotlib: pip install matplotlib (or the [bench] extra)") from None
+    doc = run(options)
     report.render(doc)
     if getattr(args, "json", None):
         report.write_json(doc, args.json)
@@ -101,6 +122,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _stress(args: argparse.Namespace) -> int:
     from .stress import StressOptions, run
 
+    if getattr(args, "json_path", None):
+        _writable("--json", args.json_path)
     options = _options(StressOptions, args, log=lambda line: print(line, flush=True))
     return 0 if run(options)["ok"] else 1
 
@@ -115,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     bench = sub.add_parser(
         "bench",
-        help="gemmbridge vs the framework's matmul, a Triton kernel, CuPy and nvmath-python: TFLOP/s, % of roofline",
+        help="gemmbridge vs the framework's matmul, a Triton kernel, CuPy and nvmath-python: TFLOP/s, %% of roofline",
         description="Time gemmbridge against the framework's own matmul (torch.matmul; numpy.matmul on the CPU), "
         "the project's Triton GEMM, cupy.matmul and nvmath-python, all in one run on the same inputs.",
         epilog=BENCH_EPILOG,
@@ -137,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--candidates", help="comma list of candidates to run (the others are listed as not selected)")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument(
-        "--plot", metavar="PATH", help="write a PNG: TFLOP/s against FLOPs per candidate, with the roofline"
+        "--plot", metavar="PATH", help="write a PNG (needs matplotlib): a roofline chart per dtype, every candidate"
     )
     bench.add_argument("--rep-ms", type=float, help="timed milliseconds per measurement (default 60 cuda, 25 cpu)")
     bench.add_argument("--rounds", type=int, help="interleaved rounds; each candidate keeps its best (2)")
@@ -155,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         argument_default=argparse.SUPPRESS,  # absent options keep the options dataclass's defaults
     )
-    stress.add_argument("--iterations", type=int, help="calls to make (default 1000; 200 with --short)")
+    stress.add_argument("--iterations", type=int, help="counted calls to make (default 1000; 200 with --short)")
     stress.add_argument("--seed", type=int, help="replay a run (default: a fresh seed, printed)")
     stress.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when torch sees a GPU, else cpu")
     stress.add_argument(
@@ -168,17 +191,19 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument(
         "--prime-calls",
         type=int,
-        help="calls before the measured ones (default 5000 on cuda, 0 on cpu and with --short)",
+        help="random calls after the pass over the problem set, before the counted ones "
+        "(default 5000 on cuda, 0 on cpu and with --short)",
     )
     stress.add_argument(
         "--problems",
         type=int,
         help="calls repeat a set of this many problems, with fresh data each call, as an application does (2000); "
-        "0: a new problem every call (widest variety; on CUDA, host RSS then grows with each kernel met first)",
+        "each is made once before the counted calls. 0: a new problem every call (widest variety; per-shape caches "
+        "then keep growing, so host RSS is reported, not judged)",
     )
     stress.add_argument("--check-every", type=int, help="check every Nth result after the first 50 (default 10)")
     stress.add_argument("--rss-tolerance-mb", type=float, help="host RSS growth allowed after warm-up (8)")
-    stress.add_argument("--device-tolerance-mb", type=float, help="cudaMemGetInfo growth allowed (64)")
+    stress.add_argument("--device-tolerance-mb", type=float, help="CUDA: cudaMemGetInfo growth allowed (64)")
     stress.add_argument(
         "--json", dest="json_path", metavar="PATH", help="write the log (counts, failures, memory samples) as JSON"
     )

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .errors import BackendUnavailableError, OptionError
 from .ops import matmul
 from .reference import GELU_TOLERANCE, TOLERANCE, reference, rel_err
 
@@ -39,13 +40,38 @@ def _cublaslt_version_text(value: int) -> str:
     return f"{value // 10000}.{value // 100 % 100}.{value % 100}"
 
 
-def torch_sees_cuda() -> bool:
-    """Whether torch is installed and sees a CUDA device (the default device of bench and stress)."""
+def _torch_cuda_missing() -> str | None:
+    """None when torch is installed and sees a CUDA device, else what is missing."""
     try:
         import torch
     except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+        return "torch is not installed"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+def torch_sees_cuda() -> bool:
+    """Whether torch is installed and sees a CUDA device (the default device of bench and stress)."""
+    return _torch_cuda_missing() is None
+
+
+def resolve_device(name: str | None) -> str:
+    """The device of ``bench`` and ``stress``: ``name``, or cuda when torch sees one, else cpu.
+
+    ``cuda`` needs torch with a visible CUDA device (bench's inputs are torch tensors; stress reads device
+    memory through torch): without one, a ``BackendUnavailableError`` says what is missing.
+    """
+    if name is None:
+        return "cuda" if torch_sees_cuda() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise OptionError(f"--device {name!r}: choose cpu or cuda")
+    missing = _torch_cuda_missing() if name == "cuda" else None
+    if missing:
+        raise BackendUnavailableError(f"--device cuda needs torch with a visible CUDA device: {missing}")
+    return name
 
 
 def cuda_versions() -> dict[str, str | None]:

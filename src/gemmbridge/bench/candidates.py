@@ -21,8 +21,8 @@ import numpy as np
 from .data import DType
 from .presets import Shape
 
-CPU_ONLY = "runs on the CPU only (this run is on CUDA)"
-CUDA_ONLY = "needs a CUDA device (this run is on the CPU: --device cuda)"
+CPU_ONLY = "runs on the CPU only; this run is on CUDA"
+CUDA_ONLY = "runs on CUDA only; this run is on the CPU"
 
 
 class Candidate:

@@ -54,7 +54,7 @@ def parse_dtypes(text: str) -> list[DType]:
     labels = [t.strip().lower() for t in text.split(",") if t.strip()]
     unknown = [t for t in labels if t not in DTYPES]
     if unknown or not labels:
-        raise OptionError(f"bench: --dtype {text!r}: choose from {', '.join(DTYPES)} (comma list ok)")
+        raise OptionError(f"--dtype {text!r}: choose from {', '.join(DTYPES)} (comma list ok)")
     return [DTYPES[t] for t in dict.fromkeys(labels)]
 
 

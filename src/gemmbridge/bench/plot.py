@@ -1,13 +1,16 @@
-"""The bench's PNG: TFLOP/s against problem size (FLOPs) per candidate, one panel per dtype, with the roofline.
+"""The bench's PNG: a roofline chart per dtype — TFLOP/s against arithmetic intensity (FLOPs per byte moved).
 
-The roofline of a shape is ``min(peak, bandwidth × FLOPs/byte)``: a grey bar at each shape's size, so a
-memory-bound shape (LoRA, decode) shows how close each candidate gets to what the card's bandwidth allows.
-The dashed line is the dtype's measured peak. Drawn with matplotlib's Agg canvas (no display needed).
+The roofline ``min(peak, bandwidth × FLOPs/byte)`` is a solid line: rising with the measured copy bandwidth,
+flat at the dtype's measured peak. Each candidate's shapes are points under it, so a memory-bound shape (LoRA,
+decode) shows how close each candidate gets to what the card's bandwidth allows. Drawn with matplotlib's Agg
+canvas (no display needed).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 MARKERS = {"gemmbridge": "o", "torch": "s", "numpy": "D", "triton": "^", "cupy": "v", "nvmath": "P"}
 COLORS = {
@@ -16,8 +19,8 @@ COLORS = {
 }  # fmt: skip
 
 
-def plot(doc: dict[str, Any], path: str) -> None:
-    """Write the figure for the bench document ``doc`` to ``path`` (PNG)."""
+def figure(doc: dict[str, Any]) -> Any:
+    """The matplotlib ``Figure`` for the bench document ``doc``: one roofline panel per dtype."""
     from matplotlib.figure import Figure
 
     dtypes = doc["settings"]["dtypes"]
@@ -30,22 +33,27 @@ def plot(doc: dict[str, Any], path: str) -> None:
     for ax, label in zip(axes, dtypes):
         _panel(ax, doc, label)
     fig.suptitle(f"gemmbridge bench · {doc['card']} · {doc['date'][:10]}", fontsize=11)
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(doc: dict[str, Any], path: str) -> None:
+    """Write the figure for the bench document ``doc`` to ``path`` (PNG)."""
+    figure(doc).savefig(path, dpi=110)
 
 
 def _panel(ax: Any, doc: dict[str, Any], label: str) -> None:
-    rows = sorted((r for r in doc["rows"] if r["dtype"] == label), key=lambda r: r["flops"])
-    bound = [(r["flops"], r["roofline_tflops"]) for r in rows if r.get("roofline_tflops")]
-    if bound:
-        xs, ys = zip(*bound)
-        ax.scatter(xs, ys, marker="_", s=400, linewidths=2.5, color="0.6", zorder=1,
-                   label="roofline: min(peak, BW × FLOPs/byte)")  # fmt: skip
+    rows = sorted((r for r in doc["rows"] if r["dtype"] == label), key=lambda r: r["intensity"])
     peak = doc["peaks"].get(label, {}).get("tflops")
-    if peak:
-        ax.axhline(peak, color="0.35", linestyle="--", linewidth=1, zorder=1, label=f"measured peak {peak:.4g}")
+    bandwidth = doc["bandwidth"]["bytes_per_s"]
+    if rows and peak and bandwidth:
+        low, high = rows[0]["intensity"], rows[-1]["intensity"]
+        ridge = peak * 1e12 / bandwidth  # the intensity where the bandwidth term meets the peak
+        xs = np.geomspace(min(low, ridge) / 2, max(high, ridge) * 2, 200)
+        ax.plot(xs, np.minimum(peak, bandwidth * xs / 1e12), color="0.45", linewidth=2, zorder=1,
+                label=f"roofline: min(peak {peak:.4g}, {bandwidth / 1e12:.3g} TB/s × FLOPs/byte)")  # fmt: skip
     for cand in doc["candidates"]:
         name = cand["name"]
-        points = [(r["flops"], r["results"][name]["tflops"], r["preset"]) for r in rows
+        points = [(r["intensity"], r["results"][name]["tflops"], r["preset"]) for r in rows
                   if r["results"][name]["status"] == "ok"]  # fmt: skip
         if not points:
             continue
@@ -60,7 +68,7 @@ def _panel(ax: Any, doc: dict[str, Any], label: str) -> None:
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("problem size (FLOPs = 2·M·N·K·batch)")
+    ax.set_xlabel("arithmetic intensity (FLOPs per byte read and written)")
     ax.set_ylabel("TFLOP/s")
     square = any(r["preset"] == "square" for r in rows)
     ax.set_title(f"{label} (lines: square sweep)" if square else label, fontsize=10)

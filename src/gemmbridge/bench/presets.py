@@ -105,7 +105,7 @@ def preset_shapes(device: str, names: list[str]) -> list[Shape]:
     shapes: list[Shape] = []
     for name in names:
         if name not in table:
-            raise OptionError(f"bench: unknown preset {name!r} (choose from {', '.join(table)}, all)")
+            raise OptionError(f"unknown preset {name!r} (choose from {', '.join(table)}, all)")
         shapes += [s for s in table[name] if s not in shapes]
     return shapes
 
@@ -117,8 +117,8 @@ def parse_shape(text: str) -> Shape:
     """``MxNxK`` or ``MxNxKxBATCH`` (``×`` works too) → Shape."""
     match = _SHAPE.match(text.strip().lower().replace("×", "x"))
     if not match:
-        raise OptionError(f"bench: --shape {text!r} is not MxNxK or MxNxKxBATCH (e.g. 4096x4096x4096)")
+        raise OptionError(f"--shape {text!r} is not MxNxK or MxNxKxBATCH (e.g. 4096x4096x4096)")
     m, n, k, batch = (int(g) if g else 1 for g in match.groups())
     if min(m, n, k, batch) < 1:
-        raise OptionError(f"bench: --shape {text!r} has a zero dimension")
+        raise OptionError(f"--shape {text!r} has a zero dimension")
     return Shape(m, n, k, batch)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, OptionError
-from ..info import torch_sees_cuda
+from ..errors import OptionError
+from ..info import resolve_device
 from . import report
 from .candidates import BASELINES, Candidate, candidates
 from .data import DType, parse_dtypes
@@ -48,16 +48,6 @@ class BenchOptions:
     peak_size: int | None = None
     seed: int = 0
     progress: bool = True
-
-
-def resolve_device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch_sees_cuda() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise OptionError(f"bench: --device {name!r}: choose cpu or cuda")
-    if name == "cuda" and not torch_sees_cuda():
-        raise BackendUnavailableError("bench: --device cuda needs torch with a visible CUDA device (inputs are torch)")
-    return name
 
 
 def card_name(device: str) -> str:
@@ -136,7 +126,7 @@ def _select(device: str, names: str | None) -> tuple[list[Candidate], list[dict[
         wanted = {n.strip() for n in names.split(",") if n.strip()}
         unknown = wanted - {c.name for c in every}
         if unknown:
-            raise OptionError(f"bench: --candidates: unknown {sorted(unknown)} (choose from {[c.name for c in every]})")
+            raise OptionError(f"--candidates: unknown {sorted(unknown)} (choose from {[c.name for c in every]})")
     active, listing = [], []
     for cand in every:
         reason = cand.available(device)
@@ -195,14 +185,17 @@ def run(options: BenchOptions) -> dict[str, Any]:
         notes.append("tf32 skipped: TF32 is a CUDA tensor-core mode; there is none on the CPU")
         dtypes = [d for d in dtypes if not d.tf32]
     if not dtypes:
-        raise OptionError("bench: no dtype left to run on the CPU (tf32 is CUDA only)")
+        raise OptionError("no dtype left to run on the CPU (tf32 is CUDA only)")
     custom = [parse_shape(s) for s in options.shapes]
     shapes = custom
     if options.presets or not custom:
         shapes = preset_shapes(device, (options.presets or "all").split(",")) + custom
-    rep_ms = options.rep_ms or DEFAULT_REP_MS[device]
-    rounds = max(1, options.rounds)
-    peak_size = options.peak_size or PEAK_SIZE[device]
+    rep_ms = DEFAULT_REP_MS[device] if options.rep_ms is None else options.rep_ms
+    peak_size = PEAK_SIZE[device] if options.peak_size is None else options.peak_size
+    rounds = options.rounds
+    for flag, value in {"--rep-ms": rep_ms, "--rounds": rounds, "--peak-size": peak_size}.items():
+        if not value > 0:  # NaN too
+            raise OptionError(f"{flag} {value:g}: a positive number")
     active, listing = _select(device, options.candidates)
     unavailable = {c["name"]: c["reason"] for c in listing if not c["available"]}
     rng = np.random.default_rng(options.seed)
