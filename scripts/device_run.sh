@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, bench, benchcli, stress, rsscontrol, sanitize, freshvenv.
+# each writing its log under $OUT. Steps: tests, profile, ab, training, distributed, bench, benchcli, stress,
+# rsscontrol, sanitize, freshvenv. STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -10,7 +11,28 @@ header() {
 }
 for step in ${STEPS:-tests}; do
   case $step in
-    tests) { header "gemmbridge GPU test suite"; python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests} 2>&1; } | tee "$OUT/gpu-tests.txt" ;;
+    tests) { header "gemmbridge GPU test suite: pytest ${TESTS:-tests}"
+             timeout ${STEP_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short ${TESTS:-tests} 2>&1
+             echo "exit status $?"; } | tee "$OUT/gpu-tests.txt" ;;
+    ab)
+      # host cost of a small call: this tree against the one carried in .ab/old-src, alternating processes
+      { header "scripts/host_overhead_ab.py: .ab/old-src against src"
+        timeout ${STEP_TIMEOUT:-240} python3 scripts/host_overhead_ab.py --label old=.ab/old-src --label new=src \
+          --rounds ${AB_ROUNDS:-3} --json "$OUT/host-ab.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/host-ab.txt" ;;
+    training)
+      { header "benchmarks/training_layers.py"
+        timeout ${STEP_TIMEOUT:-420} python3 benchmarks/training_layers.py ${TRAINING_ARGS:-} --json "$OUT/training-layers.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/training-layers.txt" ;;
+    distributed)
+      # DDP and FSDP2 against one GPU (the tests), then the throughput on 1 and on all GPUs (bf16, larger model)
+      { header "DDP / FSDP2 on $(nvidia-smi -L | wc -l) GPUs"
+        export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        timeout ${STEP_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -rsfE tests/test_distributed.py; echo "exit status $?"
+        n=$(nvidia-smi -L | wc -l)
+        for mode in "single 1" "ddp $n" "fsdp $n"; do set -- $mode
+          timeout 240 python3 benchmarks/distributed_training.py --mode $1 --world $2 --size bench --dtype bf16 \
+            --steps ${DIST_STEPS:-20} --json "$OUT/scaling-$1.json"; done
+      } 2>&1 | tee "$OUT/distributed.txt" ;;
     profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
     bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
     benchcli)
@@ -53,29 +75,26 @@ for step in ${STEPS:-tests}; do
         else echo "FAILED: the fresh venv's bench did not run on cuda"; fi
       } 2>&1 | tee "$OUT/fresh-venv.txt" ;;
     sanitize)
-      # memcheck without torch's caching allocator (each tensor its own allocation, so an
-      # out-of-bounds access is seen; graph capture needs the caching allocator, so those tests
-      # run under racecheck/synccheck instead)
+      # memcheck without torch's caching allocator (each tensor its own allocation, so an out-of-bounds access
+      # is seen; graph capture needs the caching allocator, so those tests run under racecheck/synccheck)
       { header "compute-sanitizer"
-        run_tool() {
-          echo "## compute-sanitizer --tool $1, pytest tests/test_cuda.py tests/test_reliability.py -k '$2' ($3)"
-          env $3 timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $1 --error-exitcode 9 $4 \
-            python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_reliability.py -k "$2" \
-            > /tmp/sanitizer-$1.log 2>&1
+        run_tool() {  # tool, test files, -k expression, environment, extra options
+          echo "## compute-sanitizer --tool $1, pytest $2 -k '$3' ($4)"
+          env $4 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $1 --error-exitcode 9 $5 \
+            python3 -m pytest -q -p no:cacheprovider $2 -k "$3" > /tmp/sanitizer-$1.log 2>&1
           echo "exit status $?"
           grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit|Race|Hazard)|passed|failed" /tmp/sanitizer-$1.log | head -20
         }
         # API-call errors are not memory errors: cuda-bindings probes driver symbols with cuGetProcAddress
         # (CUDA_ERROR_INVALID_VALUE for absent ones), and the out-of-memory test fails a cudaMalloc on purpose
-        run_tool memcheck "not graph and not capture and not jax and not threads" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "--report-api-errors no"
-        run_tool racecheck "stream or graph or capture" X=1
-        run_tool synccheck "stream or graph or capture" X=1
-        echo "## compute-sanitizer --tool memcheck, gemmbridge stress --short (torch, no caching allocator)"
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --report-api-errors no \
-          --error-exitcode 9 python3 -m gemmbridge.cli stress --short --device cuda --frameworks torch --no-progress \
-          > /tmp/sanitizer-stress.log 2>&1
-        echo "exit status $?"
-        grep -E "=========|PASS|FAIL|calls" /tmp/sanitizer-stress.log | tail -8
+        nocache="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
+        run_tool memcheck "tests/test_cuda.py tests/test_reliability.py" \
+          "not graph and not capture and not captured and not jax and not threads" $nocache "--report-api-errors no"
+        run_tool memcheck tests/test_epilogues.py "torch-cuda and not plan" $nocache "--report-api-errors no"
+        run_tool memcheck tests/test_torch_training.py "cuda and not compile and not graph and not opcheck" $nocache \
+          "--report-api-errors no"
+        run_tool racecheck "tests/test_cuda.py tests/test_torch_training.py" "stream or graph or capture" X=1
+        run_tool synccheck "tests/test_cuda.py tests/test_torch_training.py" "stream or graph or capture" X=1
       } 2>&1 | tee "$OUT/sanitizer.txt" ;;
   esac
 done

@@ -112,8 +112,12 @@ class LtPlan:
             _set(dset, ddt, self.desc, _Desc.TRANSA, op[problem.a.transpose])
             _set(dset, ddt, self.desc, _Desc.TRANSB, op[problem.b.transpose])
             _set(dset, ddt, self.desc, _Desc.EPILOGUE, getattr(lt.Epilogue, problem.epilogue))
+            if self.bias_attr:  # the bias (or bias gradient) has the result's dtype, said rather than defaulted
+                _set(dset, ddt, self.desc, _Desc.BIAS_DATA_TYPE, _DATA_TYPE[problem.d_dtype])
             if self.aux_attr:
                 _set(dset, ddt, self.desc, _Desc.EPILOGUE_AUX_LD, problem.aux_ld)
+                if "GELU" in problem.epilogue:  # a gelu aux holds the result's dtype (a relu aux is a bit mask)
+                    _set(dset, ddt, self.desc, _Desc.EPILOGUE_AUX_DATA_TYPE, _DATA_TYPE[problem.d_dtype])
             self.la, self.lb = (
                 self._layout(problem.a_dtype, lay, problem.batch_count) for lay in (problem.a, problem.b)
             )
