@@ -12,7 +12,9 @@ them, and ``matmul`` computes what cuBLASLt documents, in its column-major terms
   dimension ``EPILOGUE_AUX_LD``; the relu mask as bits, bit ``i + j·ld`` of a little-endian bit
   string), ``D*`` multiplies by the activation's derivative read from aux;
 - ``*_BGRAD`` of ``DRELU``/``DGELU`` sums D over its columns into the bias pointer (one per row);
-  ``BGRADA`` sums op(A) over K (one per row of D), ``BGRADB`` sums op(B) over K (one per column).
+  ``BGRADA`` sums op(A) over K (one per row of D), ``BGRADB`` sums op(B) over K (one per column);
+  like the library, the heuristic offers nothing for ``BGRADB`` unless B is read transposed, nor for
+  ``BGRADA`` unless A is read as stored.
 
 The device "pointers" are host addresses of NumPy arrays, so the test arrays must stay alive.
 """
@@ -109,6 +111,14 @@ class FakeLt:
         pass
 
     def matmul_algo_get_heuristic(self, handle, desc, la, lb, lc, ld, pref, wanted, results, count) -> None:  # type: ignore[no-untyped-def]
+        attrs = self.objects[desc]
+        epilogue = real.Epilogue(int(attrs.get(int(_D.EPILOGUE), real.Epilogue.DEFAULT))).name
+        transposed = {
+            k: attrs.get(int(a), 0) == int(cublas.Operation.T) for k, a in (("a", _D.TRANSA), ("b", _D.TRANSB))
+        }
+        if (epilogue == "BGRADB" and not transposed["b"]) or (epilogue == "BGRADA" and transposed["a"]):
+            raw(count, np.int32, 1)[0] = 0  # as cuBLASLt 130100 answers on an H200
+            return
         size = real.matmul_heuristic_result_dtype.itemsize
         ctypes.memset(results, 0, wanted * size)
         for i in range(2):  # two candidates: index 0 and 1, told apart by the algo pointer

@@ -43,6 +43,9 @@ class EmulatedCall:
     def contiguous(self, x: np.ndarray) -> GpuArray:
         return np.ascontiguousarray(x).view(GpuArray)
 
+    def transposed(self, x: np.ndarray) -> GpuArray:
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2)).view(GpuArray)
+
     def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
 

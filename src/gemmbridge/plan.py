@@ -187,7 +187,9 @@ class Plan:
         self.view, self.key, self.options, self.metas, self.problem = view, key, options, metas, problem
         self.device = -1 if problem.device == "cpu" else int(problem.device.split(":")[1])
         self.state: Any = None if self.device < 0 else cuda().PlanState(problem, self.device)
-        self.plain = not (problem.empty or problem.k == 0 or (problem.copies and self.device >= 0))
+        # operands the vendor reads only in the other orientation: copied transposed first (CUDA backend)
+        self.flip = () if self.device < 0 else cuda().layouts.transposed_copies(problem)
+        self.plain = not (problem.empty or problem.k == 0 or (problem.copies and self.device >= 0) or self.flip)
         self.returns = "aux" if kind.aux_out != "none" else "bias_grad" if kind.bias_grad != "none" else "d"
         written = [_D] if metas.d is not None else []
         if metas.aux is not None and kind.aux_out != "none":
@@ -296,6 +298,8 @@ class Plan:
             problem = self.problem
             if problem.empty or problem.k == 0:
                 return self._degenerate(a, b, c, alpha, beta, bias, out, aux, allow_tf32)
+            if self.flip:
+                return self._flipped(a, b, c, alpha, beta, bias, out, aux, bias_grad, allow_tf32)
             ctx = view.context(self.device, a)
             a, b, c, bias = (ctx.contiguous(x) if name in problem.copies else x
                              for name, x in (("a", a), ("b", b), ("c", c), ("bias", bias)))  # fmt: skip
@@ -374,6 +378,26 @@ class Plan:
             ctx.zeros(sa, problem.dtype), ctx.zeros(sb, problem.dtype), transpose_a=problem.transpose_a,
             transpose_b=problem.transpose_b, c=c, alpha=alpha, beta=beta, bias=bias, epilogue=problem.epilogue,
             out=out, aux=aux, out_dtype=problem.result_dtype, allow_tf32=allow_tf32,
+        )  # fmt: skip
+
+    def _flipped(
+        self, a: Any, b: Any, c: Any, alpha: float, beta: float, bias: Any, out: Any, aux: Any, bias_grad: Any,
+        allow_tf32: bool | None,
+    ) -> Any:  # fmt: skip
+        """The call with the operands in ``self.flip`` copied transposed and their transpose flags flipped:
+        the same product, in the orientation the vendor reads (``layouts.transposed_copies``)."""
+        from .ops import matmul
+
+        problem, ctx = self.problem, self.view.context(self.device, a)
+        transpose_a, transpose_b = problem.transpose_a, problem.transpose_b
+        if "a" in self.flip:
+            a, transpose_a = ctx.transposed(a), not transpose_a
+        if "b" in self.flip:
+            b, transpose_b = ctx.transposed(b), not transpose_b
+        return matmul(
+            a, b, transpose_a=transpose_a, transpose_b=transpose_b, c=c, alpha=alpha, beta=beta, bias=bias,
+            epilogue=problem.epilogue, out=out, aux=aux, bias_grad=bias_grad, out_dtype=problem.result_dtype,
+            allow_tf32=allow_tf32,
         )  # fmt: skip
 
     def _run_cpu(

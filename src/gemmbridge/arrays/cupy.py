@@ -40,6 +40,10 @@ class CupyCall:
         with self._device:
             return cupy.ascontiguousarray(x)
 
+    def transposed(self, x: cupy.ndarray) -> cupy.ndarray:
+        with self._device:
+            return cupy.ascontiguousarray(cupy.swapaxes(x, -1, -2))
+
     def copy_into(self, dst: cupy.ndarray, src: cupy.ndarray) -> None:
         with self._device:
             dst[...] = src

@@ -73,6 +73,9 @@ class JaxCall:
     def contiguous(self, x: jax.Array) -> jax.Array:
         return x
 
+    def transposed(self, x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x, -1, -2)
+
     def copy_into(self, dst: jax.Array, src: jax.Array) -> None:
         raise OperandTypeError("matmul: jax arrays are immutable; out= is not supported for them")
 

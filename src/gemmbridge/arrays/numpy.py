@@ -51,6 +51,9 @@ class NumpyCall:
     def contiguous(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x)
 
+    def transposed(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+
     def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
 

@@ -119,6 +119,9 @@ class TorchCall:
     def contiguous(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach().contiguous()
 
+    def transposed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().mT.contiguous()
+
     def copy_into(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.no_grad():
             dst.copy_(src)

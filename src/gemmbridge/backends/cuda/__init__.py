@@ -16,7 +16,7 @@ from ... import epilogues
 from ...arrays import CallContext, TensorView
 from ...errors import OptionError, allocation_failed
 from ...problem import ITEMSIZE, Operands, Problem
-from . import autotune, bindings, graphs, workspace
+from . import autotune, bindings, graphs, layouts, workspace  # noqa: F401 (layouts: for the plan layer)
 from .graphs import MAX_FLOPS, GraphCache
 from .layouts import lt_problem
 

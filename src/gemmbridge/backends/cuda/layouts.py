@@ -72,6 +72,19 @@ def lt_epilogue(epilogue: str, has_bias: bool) -> str:
     return name
 
 
+def transposed_copies(problem: Problem) -> tuple[str, ...]:
+    """Operands to copy transposed first: cuBLASLt has no algorithm for ``BGRADB`` unless it reads its B
+    transposed (our op(a) column-major), nor for ``BGRADA`` unless it reads its A as stored (our op(b)
+    row-major) — measured on an H200, cuBLASLt 130100. The natural weight-gradient call (``a = dyᵀ``
+    given as ``transpose_a=True``) needs no copy."""
+    kind = epilogues.TABLE[problem.epilogue]
+    if kind.bias_grad == "a" and problem.matrices.a.row_major:
+        return ("a",)
+    if kind.bias_grad == "b" and not problem.matrices.b.row_major:
+        return ("b",)
+    return ()
+
+
 def lt_problem(problem: Problem) -> LtProblem:
     mats = problem.matrices
     a_size, d_size = problem.itemsize, problem.result_itemsize
