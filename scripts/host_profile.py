@@ -21,7 +21,7 @@ plan = next(iter(PLANS.plans.values()))
 lt_plan, graphs = next(iter(plan.state.plans.values()))
 ctx = view.context(0, a)
 graph = next(iter(graphs.execs.values()))
-ws = workspace.pointer(view, ctx)
+ws = workspace.pointer(view, ctx)[1]
 ptrs = Operands(a.data_ptr(), b.data_ptr(), d.data_ptr(), d.data_ptr(), 0, 0, 0)
 options = (False, False, "none", None)
 explicit = gb.Plan(a, b, out=d)

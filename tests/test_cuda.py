@@ -284,7 +284,9 @@ def test_two_captured_graphs_have_their_own_workspaces_and_replay_concurrently(m
 
     seen: list[int] = []
     real = workspace._capture_pointer
-    monkeypatch.setattr(workspace, "_capture_pointer", lambda view, ctx: seen.append(real(view, ctx)) or seen[-1])
+    monkeypatch.setattr(
+        workspace, "_capture_pointer", lambda view, ctx: seen.append(real(view, ctx)[1]) or (None, seen[-1])
+    )
     a, b = rand(256, 256), rand(256, 256)
     graphs, outs = [], []
     for _ in range(2):
@@ -293,6 +295,7 @@ def test_two_captured_graphs_have_their_own_workspaces_and_replay_concurrently(m
             outs.append(gb.matmul(a, b, allow_tf32=False))
         graphs.append(g)
     assert len(seen) == 2 and seen[0] != seen[1], "two graphs share a workspace"
+    assert workspace._captures == {}, "a captured workspace is held: CUDA graph trees refuse that"
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     for _ in range(3):
         a.copy_(rand(256, 256))
@@ -326,3 +329,31 @@ def test_negative_bit_is_refused_on_cuda():
     z = torch.complex(rand(3, 4), rand(3, 4))
     with pytest.raises(gb.OperandTypeError, match="negative bit"):
         gb.matmul(z.conj().imag, rand(4, 5))
+
+
+def test_calls_never_wait_for_the_gpu():
+    """With the GPU busy for ~100 ms, every kind of call returns at once: nothing synchronizes."""
+    import time
+
+    import gemmbridge.torch as gt
+
+    a, b = rand(1024, 1024, dtype=torch.bfloat16), rand(1024, 1024, dtype=torch.bfloat16)
+    small_a, small_b, small_out = rand(64, 64), rand(64, 64), rand(64, 64)
+    layer = gt.MLP(256, 512, device="cuda")
+    x = rand(64, 256, dtype=torch.float32).requires_grad_()
+    calls = {
+        "large": lambda: gb.matmul(a, b),
+        "small, replayed graph": lambda: gb.matmul(small_a, small_b, out=small_out),
+        "gelu_aux": lambda: gb.matmul(a, b, transpose_b=True, epilogue="gelu_aux"),
+        "MLP forward and backward": lambda: layer(x).sum().backward(),
+    }
+    for name, call in calls.items():
+        for _ in range(3):
+            call()  # plans, graphs and allocator blocks made
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~100 ms of GPU time
+        t0 = time.perf_counter()
+        call()
+        spent = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        assert spent < 0.02, f"{name}: the call took {spent * 1e3:.1f} ms with the GPU busy: it waited for the GPU"

@@ -336,10 +336,13 @@ def test_mlp_outputs_and_gradients_in_every_dtype(dtype, activation):
         torch.backends.cuda.matmul.allow_tf32 = previous
     y64 = ref.fc2(ACT[activation](ref.fc1(x64)))
     y64.backward(torch.ones_like(y64))
+    # relu's derivative is a step: rounding flips the mask where the pre-activation is near 0 (measured 8.5e-3
+    # for tf32 on an H200, every gradient right elsewhere), so its gradients get a wider bound
+    grad_tol = GPU_TOL[dtype] * (4 if activation == "relu" else 1)
     assert y.dtype == tdtype and rel(y, y64) < GPU_TOL[dtype]
-    assert rel(x.grad, x64.grad) < GPU_TOL[dtype]
+    assert rel(x.grad, x64.grad) < grad_tol
     for name, p in mlp.named_parameters():
-        assert rel(p.grad, dict(ref.named_parameters())[name].grad) < GPU_TOL[dtype], name
+        assert rel(p.grad, dict(ref.named_parameters())[name].grad) < grad_tol, name
 
 
 @pytest.mark.gpu

@@ -94,16 +94,16 @@ def tf32_policy() -> bool:
 class TorchCall:
     """One call's device, stream, capture state and allocator (CUDA), or NumPy views (CPU)."""
 
-    __slots__ = ("device", "stream", "capturing", "target")
+    __slots__ = ("device", "stream", "capturing", "like")
     finish = None  # work is ordered on the caller's stream: nothing to wait for
     graph_owns_memory = True
 
     def __init__(self, device: int, like: torch.Tensor) -> None:
-        self.device = device
-        self.target = like.device
+        self.device, self.like = device, like
         if device >= 0:
             self.stream = _raw_stream(device)  # type: ignore[misc]
-            self.capturing = _is_capturing()  # type: ignore[misc]
+            # the legacy default stream (torch's default, 0) cannot be captured: no query needed for it
+            self.capturing = self.stream > 1 and _is_capturing()  # type: ignore[misc]
         else:
             self.stream, self.capturing = 0, False
 
@@ -111,10 +111,11 @@ class TorchCall:
         return tf32_policy()
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-        return torch.empty(shape, dtype=DTYPES[dtype], device=self.target)
+        like, wanted = self.like, DTYPES[dtype]
+        return like.new_empty(shape) if like.dtype is wanted else like.new_empty(shape, dtype=wanted)
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-        return torch.zeros(shape, dtype=DTYPES[dtype], device=self.target)
+        return self.like.new_zeros(shape, dtype=DTYPES[dtype])
 
     def contiguous(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach().contiguous()

@@ -170,7 +170,7 @@ def run(
     key = (xb & -xb, xa & -xa, xc & -xc, xd & -xd, tf32)
     ptrs = _new(Operands, (pa, pb, pc, pd, pbias, paux, pgrad))
     stream = ctx.stream
-    ws = workspace.pointer(view, ctx)
+    workspace_buffer, ws = workspace.pointer(view, ctx)  # held until the call is enqueued
     found = state.plans.get(key)
     if found is None:
         found = state.plan(key, view, ctx, ptrs, alpha, beta, ws)
@@ -183,6 +183,7 @@ def run(
             bindings.launch(plan, ptrs, alpha, beta, ws, stream)
     else:
         bindings.launch(plan, ptrs, alpha, beta, ws, stream)
+    del workspace_buffer
     if ctx.finish is not None:
         ctx.finish()
     if d is not out and out is not None:

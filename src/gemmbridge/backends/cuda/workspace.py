@@ -8,11 +8,13 @@ Policy (each buffer is ``WORKSPACE_BYTES``, allocated by the caller's framework 
 - any other stream: one per (device, stream), at most ``MAX_STREAMS`` kept; the least recently
   added is dropped first, which is safe because the framework's allocator orders the reuse of a
   freed buffer after the work already queued on its stream;
-- a stream being captured into a CUDA graph: one per capture and stream, allocated inside the
-  capture. It must live as long as the graph can replay, and two graphs must not share one (they
-  may be replayed at once on different streams). PyTorch allocates it from the graph's private
-  memory pool, which lives as long as the graph: it is let go when the capture ends. Frameworks
-  without graph-owned memory keep it for the life of the process.
+- a stream being captured into a CUDA graph: allocated inside the capture. It must live as long as
+  the graph can replay, and two graphs must not share one (they may be replayed at once on
+  different streams). PyTorch allocates it from the graph's private memory pool, which lives as
+  long as the graph, so each call takes one and lets it go after enqueueing (holding it would
+  also break torch.compile's CUDA graph trees, which refuse untracked live allocations in their
+  pool). Frameworks without graph-owned memory get one per capture and stream, kept for the life
+  of the process.
 
 Memory: outside captures at most ``MAX_STREAMS`` + one per device + one per thread that uses a
 per-thread default stream.
@@ -35,7 +37,7 @@ _PER_THREAD = 2
 _buffers: dict[tuple[int, int], tuple[Any, int]] = {}  # (device, stream) → (buffer, address)
 _per_thread = threading.local()
 _captures: dict[tuple[int, int, int], tuple[Any, int]] = {}  # (device, stream, capture id) → (buffer, address)
-_kept: list[Any] = []  # capture workspaces of frameworks without graph-owned memory
+_kept: list[Any] = []  # capture workspaces of frameworks without graph-owned memory, for good
 _lock = threading.Lock()
 
 
@@ -44,8 +46,9 @@ def _allocate(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
     return buf, view.pointer(buf)
 
 
-def pointer(view: TensorView, ctx: CallContext) -> int:
-    """Address of the workspace for the call's stream (module doc)."""
+def pointer(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
+    """The workspace for the call's stream (module doc) and its address; hold the first until the call
+    is enqueued."""
     if ctx.capturing:
         return _capture_pointer(view, ctx)
     stream = ctx.stream
@@ -56,7 +59,7 @@ def pointer(view: TensorView, ctx: CallContext) -> int:
         entry = table.get(ctx.device)
         if entry is None:
             entry = table[ctx.device] = _allocate(view, ctx)
-        return entry[1]
+        return entry
     key = (ctx.device, 0 if stream in _LEGACY else stream)
     entry = _buffers.get(key)
     if entry is None:
@@ -66,7 +69,7 @@ def pointer(view: TensorView, ctx: CallContext) -> int:
                 if len(_buffers) >= MAX_STREAMS:
                     _buffers.pop(next(iter(_buffers)))
                 entry = _buffers[key] = _allocate(view, ctx)
-    return entry[1]
+    return entry
 
 
 def capture_id(stream: int) -> int | None:
@@ -79,7 +82,9 @@ def capture_id(stream: int) -> int | None:
     return int(result[2])
 
 
-def _capture_pointer(view: TensorView, ctx: CallContext) -> int:
+def _capture_pointer(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
+    if ctx.graph_owns_memory:
+        return _allocate(view, ctx)
     capture = capture_id(ctx.stream)
     key = (ctx.device, ctx.stream, -1 if capture is None else capture)
     with _lock:
@@ -87,13 +92,12 @@ def _capture_pointer(view: TensorView, ctx: CallContext) -> int:
         if entry is None:
             _release_finished()
             entry = _captures[key] = _allocate(view, ctx)
-            if not ctx.graph_owns_memory:
-                _kept.append(entry[0])
-    return entry[1]
+            _kept.append(entry[0])
+    return entry
 
 
 def release_finished_captures() -> None:
-    """Let go of the workspaces of captures that have ended (the graphs keep what they need)."""
+    """Forget the captures that have ended (their workspaces stay in ``_kept``)."""
     with _lock:
         _release_finished()
 
