@@ -107,6 +107,8 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(bindings, "_handles", {})
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver
     monkeypatch.setattr(workspace, "_buffers", {})
+    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.__array_interface__["data"][0]))(
+        np.empty(workspace.WORKSPACE_BYTES, np.uint8)))  # fmt: skip
     monkeypatch.setitem(BY_TYPE, GpuArray, view)
     gemmbridge.clear_cache()
     return fake, view

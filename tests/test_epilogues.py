@@ -118,6 +118,33 @@ def test_every_training_epilogue(tfw, rng, dtype, epilogue, transpose_a, transpo
     assert {name: tfw.snapshot(x) for name, x in kwargs.items() if hasattr(x, "shape")} == before, "an input changed"
 
 
+@pytest.mark.parametrize("epilogue", ["gelu_aux", "relu_aux", "dgelu", "drelu_bgrad"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_batch_of_a_folds_into_the_rows(tfw, rng, epilogue, dtype):
+    """x (B, T, d) times a 2-D weight: one GEMM of B·T rows; the aux holds B·T rows, the bias gradient sums all."""
+    kind = epilogues.TABLE[epilogue]
+    b_, t, k, n = 3, 5, 6, 12
+    a, a64 = make(tfw, rng, (b_, t, k), dtype)
+    w, w64 = make(tfw, rng, (n, k), dtype)
+    kwargs: dict = {"transpose_b": True, "epilogue": epilogue}
+    ref_kwargs = dict(kwargs)
+    if kind.takes_bias:
+        kwargs["bias"], ref_kwargs["bias"] = make(tfw, rng, (n,), dtype)
+    if kind.aux_in != "none":
+        kwargs["aux"], ref_kwargs["aux"] = aux_input(tfw, rng, epilogue, b_ * t, n, dtype)
+        ref_kwargs["aux"] = ref_kwargs["aux"].reshape(b_, t, n)
+    want = expected(a64, w64, **ref_kwargs)
+    result = gb.matmul(a, w, **kwargs)
+    d = result[0] if isinstance(result, tuple) else result
+    assert tuple(d.shape) == (b_, t, n)
+    assert rel(tfw.to_numpy64(d), want["d"]) < tolerance(dtype, epilogue)
+    if kind.aux_out == "gelu":
+        assert tuple(result[1].shape) == epilogues.aux_shape(epilogue, b_ * t, n)
+        assert rel(tfw.to_numpy64(result[1])[:, :n], want["pre"].reshape(-1, n)) < tolerance(dtype, epilogue)
+    if kind.bias_grad == "d":
+        assert rel(tfw.to_numpy64(result[1]), want["d"].reshape(-1, n).sum(0)) < tolerance(dtype, epilogue)
+
+
 @pytest.mark.parametrize("epilogue", ["gelu_aux", "relu_aux", "bgrad_a", "dgelu_bgrad"])
 def test_given_outputs_are_written_in_place(tfw, rng, epilogue):
     """aux and bias_grad may be passed (preallocated, NaN-poisoned); the call writes them and returns them."""

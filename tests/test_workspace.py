@@ -35,8 +35,15 @@ class Ctx:
         return self.made[-1]
 
 
+def own(ctx: Ctx) -> tuple[Buffer, int]:
+    """What cuMemAllocAsync gives outside captures, recorded like the framework's allocations."""
+    ctx.made.append(Buffer())
+    return ctx.made[-1], ctx.made[-1].address
+
+
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workspace, "_own", own)
     monkeypatch.setattr(workspace, "_buffers", {})
     monkeypatch.setattr(workspace, "_captures", {})
     monkeypatch.setattr(workspace, "_kept", [])

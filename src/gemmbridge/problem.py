@@ -383,7 +383,6 @@ def describe(
             raise OptionError(f"{operands}, bias is {bias} — epilogue {epilogue!r} takes no bias")
         if bias.shape != (n,):
             raise ShapeError(f"{operands}, bias is {bias} — bias must have shape ({n},)")
-    aux_shape, bias_grad_length = _check_training(a, b, kind, (m, n, k), out_shape, aux, bias_grad)
     ld_out = None
     if out is not None:
         if out.shape != out_shape:
@@ -410,13 +409,19 @@ def describe(
         if ld_out is not None and not out_via_temp
         else _contiguous(TensorMeta(batch_shape + (m, n), (), result_dtype, device))
     )
-    matrices, batch_count, offsets = _matrices(logical, d, batch_shape, (m, n, k), dtype, result_dtype)
+    vendor_batch, rows = batch_shape, m
+    folded = _fold_rows(logical, d, batch_shape)
+    if folded is not None:  # a batch of a over a b that has none: one GEMM with the batch in its rows
+        logical, d = folded
+        vendor_batch, rows = (), logical["a"].shape[0]
+    aux_shape, bias_grad_length = _check_training(a, b, kind, (rows, n, k), folded is not None, aux, bias_grad)
+    matrices, batch_count, offsets = _matrices(logical, d, vendor_batch, (rows, n, k), dtype, result_dtype)
     given = Operands(a=a, b=b, c=c, d=out, bias=bias, aux=aux, bias_grad=bias_grad)
     return Problem(
         dtype=dtype,
         result_dtype=result_dtype,
         device=device,
-        m=m,
+        m=rows,
         n=n,
         k=k,
         batch_shape=batch_shape,
@@ -453,16 +458,54 @@ def _check_c(
     return c
 
 
+def _fold_rows(
+    logical: dict[str, TensorMeta], d: TensorMeta, batch_shape: tuple[int, ...]
+) -> tuple[dict[str, TensorMeta], TensorMeta] | None:
+    """a, b, c and d as one GEMM whose rows run over the batch, when b has no batch and a, c and d each lay
+    their batch and rows out as one row-major ``(B·M) × cols`` matrix (a contiguous ``(B, T, d)`` activation
+    times a weight, say); else None."""
+    if math.prod(batch_shape) <= 1 or any(size != 1 for size in logical["b"].shape[:-2]):
+        return None
+    folded = {"b": TensorMeta(logical["b"].shape[-2:], logical["b"].strides[-2:], logical["b"].dtype,
+                              logical["b"].device)}  # fmt: skip
+    for name, meta in (*((n, logical[n]) for n in ("a", "c") if n in logical), ("d", d)):
+        if meta.shape[:-2] != batch_shape:  # c broadcast over the batch
+            return None
+        as_rows = _as_rows(meta)
+        if as_rows is None:
+            return None
+        folded[name] = as_rows
+    return folded, folded.pop("d")
+
+
+def _as_rows(meta: TensorMeta) -> TensorMeta | None:
+    """A row-major batch ``(…, M, cols)`` whose batch and row dims step evenly as one ``(B·M) × cols`` matrix."""
+    cols, col_stride = meta.shape[-1], meta.strides[-1]
+    if col_stride != 1 and cols > 1:
+        return None
+    steps = [(size, stride) for size, stride in zip(meta.shape[:-1], meta.strides[:-1]) if size != 1]
+    for (_, outer), (size, inner) in zip(steps, steps[1:]):
+        if outer != size * inner:
+            return None
+    ld = steps[-1][1] if steps else max(cols, 1)
+    if ld < max(cols, 1):
+        return None
+    return TensorMeta((math.prod(meta.shape[:-1]), cols), (ld, 1), meta.dtype, meta.device)
+
+
 def _check_training(
     a: TensorMeta,
     b: TensorMeta,
     kind: epilogues.Epilogue,
     mnk: tuple[int, int, int],
-    out_shape: tuple[int, ...],
+    folded: bool,
     aux: TensorMeta | None,
     bias_grad: TensorMeta | None,
 ) -> tuple[tuple[int, int] | None, int]:
-    """The aux shape and bias-gradient length of a training epilogue; its operands checked."""
+    """The aux shape and bias-gradient length of a training epilogue; its operands checked.
+
+    ``mnk``: the vendor's M (a batch folded into rows counts in it), N and K.
+    """
     operands = names(a, b)
     m, n, k = mnk
     if not kind.training:
@@ -470,8 +513,12 @@ def _check_training(
             if meta is not None:
                 raise OptionError(f"{operands}, {name} is {meta} — epilogue {kind.name!r} has no {name}")
         return None, 0
-    if len(a.shape) != 2 or len(b.shape) != 2:
-        raise ShapeError(f"{operands} — epilogue {kind.name!r} needs 2-D a and b (no batch dims, no vectors)")
+    rows_only = kind.bias_grad not in ("a", "b")  # bgrad_a / bgrad_b reduce an operand: plain matrices only
+    if len(a.shape) < 2 or len(b.shape) != 2 or (len(a.shape) > 2 and not (folded and rows_only)):
+        raise ShapeError(
+            f"{operands} — epilogue {kind.name!r} needs a 2-D b and a 2-D a"
+            + (", or a batch of a laid out as rows (a contiguous (…, M, K) a)" if rows_only else "")
+        )
     needs_k = kind.aux_in != "none" or kind.bias_grad != "none"
     if min(m, n) == 0 or (needs_k and k == 0):
         raise ShapeError(f"{operands} — epilogue {kind.name!r} needs M, N{' and K' if needs_k else ''} ≥ 1")

@@ -76,7 +76,8 @@ def run(problem: Problem, ops: Operands, alpha: float, beta: float, blas: Blas =
     if problem.dtype in HALF:
         lhs, rhs = lhs.astype(np.float32), rhs.astype(np.float32)
     target = _promoted(out, a_vec, b_vec)
-    direct = lhs.dtype == target.dtype and (c is None or not np.shares_memory(c, out))
+    # a training epilogue works on rows (a batch of a folds into them): its accumulator must be contiguous
+    direct = lhs.dtype == target.dtype and not kind.training and (c is None or not np.shares_memory(c, out))
     acc = blas(lhs, rhs, out=target if direct else None)
     if alpha != 1.0:
         acc *= alpha
@@ -84,20 +85,21 @@ def run(problem: Problem, ops: Operands, alpha: float, beta: float, blas: Blas =
         acc += beta * _promoted(c, a_vec, b_vec).astype(acc.dtype, copy=False)
     if ops.bias is not None:
         acc += ops.bias.astype(acc.dtype, copy=False)
+    rows = acc.reshape(-1, acc.shape[-1]) if kind.training else acc  # (B·M) × N: a view of the contiguous acc
     if kind.aux_out == "gelu":
-        ops.aux[:, : problem.n] = acc
+        ops.aux[:, : problem.n] = rows
     elif kind.aux_out == "relu":
-        ops.aux[...] = relu_mask(acc, ops.aux.shape[1])
+        ops.aux[...] = relu_mask(rows, ops.aux.shape[1])
     if kind.activation == "relu":
         np.maximum(acc, 0, out=acc)
     elif kind.activation == "gelu":
         gelu_tanh(acc)
     if kind.aux_in == "relu":
-        acc *= _mask_of(ops.aux, problem.n)
+        rows *= _mask_of(ops.aux, problem.n)
     elif kind.aux_in == "gelu":
-        acc *= gelu_grad(ops.aux[:, : problem.n].astype(acc.dtype))
+        rows *= gelu_grad(ops.aux[:, : problem.n].astype(acc.dtype))
     if kind.bias_grad == "d":
-        ops.bias_grad[...] = acc.sum(axis=0)
+        ops.bias_grad[...] = rows.sum(axis=0)
     elif kind.bias_grad == "a":
         ops.bias_grad[...] = lhs.sum(axis=1, dtype=acc.dtype)
     elif kind.bias_grad == "b":

@@ -87,23 +87,21 @@ def _as(x: Tensor, like: Tensor) -> Tensor:
 # -- Linear: y = act(x · Wᵀ + b) ---------------------------------------------------------------------------
 
 
-def _rows_out(x: Tensor, features: int, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """A new ``(..., features)`` result for ``x``'s leading dims, and its 2-D view to write through (the result
-    handed back is no view: autograd and FSDP2 treat a view output as aliasing)."""
-    y = x.new_empty((*x.shape[:-1], features), dtype=dtype or x.dtype)
-    return y, y.view(-1, features)
+def _rows(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``x`` cast for the GEMM, and contiguous, so that its batch dims fold into the GEMM's rows: the result
+    then comes back in ``x``'s leading shape as a tensor of its own, not a view (autograd and FSDP2 treat
+    a view output as aliasing)."""
+    x = _cast(x, dtype)
+    return x if x.dim() == 2 or x.is_contiguous() else x.contiguous()
 
 
 def linear_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, compute_dtype: torch.dtype | None, save: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, saved): ``saved`` is the gelu pre-activation (padded rows) when ``save``, else empty."""
-    x2 = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
     epilogue = activation + ("_aux" if save and activation == "gelu" else "")
     w, b = _cast(weight, compute_dtype), _cast_bias(bias, compute_dtype)
-    y, rows = _rows_out(x, weight.shape[0], compute_dtype)
-    saved = direct_gemm(x2, w, None, b, None, False, True, 1.0, 0.0, epilogue, None, None, rows)[1]
-    return y, saved
+    return direct_gemm(_rows(x, compute_dtype), w, None, b, None, False, True, 1.0, 0.0, epilogue, None)
 
 
 def linear_backward(
@@ -147,14 +145,11 @@ def mlp_forward(
     compute_dtype: torch.dtype | None, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(y, h, aux): fc1 saves its pre-activation in aux (``*_aux`` epilogue) when ``save``."""
-    x2 = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
     epilogue = activation + ("_aux" if save else "")
     w1c, b1c = _cast(w1, compute_dtype), _cast_bias(b1, compute_dtype)
     w2c, b2c = _cast(w2, compute_dtype), _cast_bias(b2, compute_dtype)
-    h, aux = direct_gemm(x2, w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
-    y, rows = _rows_out(x, w2.shape[0], compute_dtype)
-    direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None, None, rows)
-    return y, h, aux
+    h, aux = direct_gemm(_rows(x, compute_dtype), w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
+    return direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None)[0], h, aux
 
 
 def mlp_backward(
@@ -167,6 +162,7 @@ def mlp_backward(
     xc = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
     w1c, w2c = _cast(w1, compute_dtype), _cast(w2, compute_dtype)
     dy2 = dy.reshape(-1, w2.shape[0]).to(h.dtype)
+    h = h.reshape(-1, h.shape[-1])
     compute = h.dtype
     grads: list[Tensor | None] = [None] * 5
     if xc.shape[0] == 0:  # no tokens: every parameter gradient is zero

@@ -234,7 +234,7 @@ def _mlp_fake(
     rows = 1
     for size in x.shape[:-1]:
         rows = rows * size
-    h = x.new_empty((rows, w1.shape[0]), dtype=dtype)
+    h = x.new_empty((*x.shape[:-1], w1.shape[0]), dtype=dtype)
     aux = x.new_empty((0,))
     if save:
         aux_dtype = torch.uint8 if activation == "relu" else dtype

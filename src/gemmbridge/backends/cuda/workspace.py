@@ -1,20 +1,24 @@
 """cuBLASLt workspaces: stream-ordered, never shared by two streams that can run at once.
 
-Policy (each buffer is ``WORKSPACE_BYTES``, allocated by the caller's framework on the stream):
+Policy (each buffer is ``WORKSPACE_BYTES``):
 
 - the legacy default stream (handle 0 or 1): one per device, shared by every thread, since all
   work on it is serialized;
 - the per-thread default stream (handle 2): one per thread and device, freed with the thread;
 - any other stream: one per (device, stream), at most ``MAX_STREAMS`` kept; the least recently
-  added is dropped first, which is safe because the framework's allocator orders the reuse of a
-  freed buffer after the work already queued on its stream;
-- a stream being captured into a CUDA graph: allocated inside the capture. It must live as long as
-  the graph can replay, and two graphs must not share one (they may be replayed at once on
-  different streams). PyTorch allocates it from the graph's private memory pool, which lives as
-  long as the graph, so each call takes one and lets it go after enqueueing (holding it would
-  also break torch.compile's CUDA graph trees, which refuse untracked live allocations in their
-  pool). Frameworks without graph-owned memory get one per capture and stream, kept for the life
-  of the process.
+  added is dropped first;
+- a stream being captured into a CUDA graph: allocated by the caller's framework inside the
+  capture. It must live as long as the graph can replay, and two graphs must not share one (they
+  may be replayed at once on different streams). PyTorch allocates it from the graph's private
+  memory pool, which lives as long as the graph, so each call takes one and lets it go after
+  enqueueing (holding it would also break torch.compile's CUDA graph trees, which refuse
+  untracked live allocations in their pool). Frameworks without graph-owned memory get one per
+  capture and stream, kept for the life of the process.
+
+Outside captures the buffers come from CUDA's stream-ordered allocator (``cuMemAllocAsync`` on the
+stream, ``cuMemFreeAsync`` on it when dropped), not from the caller's framework: a buffer made while
+torch.compile's CUDA graph trees warm up would otherwise land in their memory pool, which refuses
+allocations held past the warm-up. They are not counted in the framework's memory statistics.
 
 Memory: outside captures at most ``MAX_STREAMS`` + one per device + one per thread that uses a
 per-thread default stream.
@@ -29,6 +33,7 @@ from cuda.bindings import driver
 
 from ...arrays import CallContext, TensorView
 from .bindings import WORKSPACE_BYTES
+from .graphs import check
 
 MAX_STREAMS = 16
 _LEGACY = (0, 1)
@@ -41,7 +46,30 @@ _kept: list[Any] = []  # capture workspaces of frameworks without graph-owned me
 _lock = threading.Lock()
 
 
+class DeviceBuffer:
+    """``WORKSPACE_BYTES`` from the device's stream-ordered pool, freed on its stream when dropped."""
+
+    __slots__ = ("address", "stream")
+
+    def __init__(self, stream: int) -> None:
+        self.stream = driver.CUstream(stream)
+        self.address = int(check(driver.cuMemAllocAsync(WORKSPACE_BYTES, self.stream), "cuMemAllocAsync"))
+
+    def __del__(self) -> None:
+        try:
+            if driver.cuMemFreeAsync(self.address, self.stream)[0] != driver.CUresult.CUDA_SUCCESS:
+                driver.cuMemFree(self.address)  # its stream is gone: free once the device is idle
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _own(ctx: CallContext) -> tuple[Any, int]:
+    buf = DeviceBuffer(ctx.stream)
+    return buf, buf.address
+
+
 def _allocate(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
+    """A buffer from the caller's framework (inside captures)."""
     buf = ctx.empty((WORKSPACE_BYTES,), "uint8")
     return buf, view.pointer(buf)
 
@@ -58,7 +86,7 @@ def pointer(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
             table = _per_thread.buffers = {}
         entry = table.get(ctx.device)
         if entry is None:
-            entry = table[ctx.device] = _allocate(view, ctx)
+            entry = table[ctx.device] = _own(ctx)
         return entry
     key = (ctx.device, 0 if stream in _LEGACY else stream)
     entry = _buffers.get(key)
@@ -68,7 +96,7 @@ def pointer(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
             if entry is None:
                 if len(_buffers) >= MAX_STREAMS:
                     _buffers.pop(next(iter(_buffers)))
-                entry = _buffers[key] = _allocate(view, ctx)
+                entry = _buffers[key] = _own(ctx)
     return entry
 
 
