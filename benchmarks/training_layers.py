@@ -2,12 +2,12 @@
 
 Candidates, all timed in the same run on the same inputs: torch eager (``nn.Linear`` + tanh GELU),
 ``torch.compile`` of the same module, gemmbridge (``gemmbridge.torch.MLP`` / ``Linear``; then again with
-every plan autotuned), and the floor:
-the block's GEMMs alone as ``torch.mm`` calls on preallocated tensors (six for the MLP, three for a
-Linear). Each result is checked against torch eager before it is timed. Peak memory is the step's
-allocation peak above what the parameters and inputs hold, by torch's allocator statistics
-(gemmbridge's cuBLASLt workspace, 32 MiB per stream from CUDA's own pool, is not in them). Host cost: µs per eager call at a small shape
-with autograd recording, against ``F.linear``, for gemmbridge's eager path and for its custom op.
+every plan autotuned), and the floor: the block's GEMMs alone as ``torch.mm`` calls on preallocated
+tensors (six for the MLP, three for a Linear). Each result is checked against torch eager before it is
+timed. Peak memory is the step's allocation peak above what the parameters and inputs hold, by torch's
+allocator statistics (gemmbridge's cuBLASLt workspace, 32 MiB per stream from CUDA's own pool, is not in
+them). Host cost: µs per eager call at a small shape with autograd recording, against ``F.linear``, for
+gemmbridge's eager path and for its custom op.
 
     python benchmarks/training_layers.py --json benchmarks/results/<date>-<card>-training-layers.json
 """
