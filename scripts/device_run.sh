@@ -90,7 +90,7 @@ for step in ${STEPS:-tests}; do
         nocache="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
         run_tool memcheck "tests/test_cuda.py tests/test_reliability.py" \
           "not graph and not capture and not captured and not jax and not threads" $nocache "--report-api-errors no"
-        run_tool memcheck tests/test_epilogues.py "torch-cuda and not plan" $nocache "--report-api-errors no"
+        run_tool memcheck tests/test_epilogues.py "torch-cuda and float32 and not plan" $nocache "--report-api-errors no"
         run_tool memcheck tests/test_torch_training.py "cuda and not compile and not graph and not opcheck" $nocache \
           "--report-api-errors no"
         run_tool racecheck "tests/test_cuda.py tests/test_torch_training.py" "stream or graph or capture" X=1

@@ -309,14 +309,16 @@ class Plan:
         else:
             if self.state is None:
                 raise OptionError(f"{self!r} was closed")
-            ops = _new(Operands, (a, b, c, out, bias, aux, bias_grad))
+            run = _cuda_backend.run
             if view.current_device() != self.device:
                 with view.device_guard(self.device):
                     ctx = view.context(self.device, a)
-                    d, aux, bias_grad = _cuda_backend.run(self.state, view, ctx, ops, ptrs, alpha, beta, allow_tf32)
+                    d, aux, bias_grad = run(self.state, view, ctx, a, b, c, out, bias, aux, bias_grad, ptrs, alpha,
+                                            beta, allow_tf32)  # fmt: skip
             else:
                 ctx = view.context(self.device, a)
-                d, aux, bias_grad = _cuda_backend.run(self.state, view, ctx, ops, ptrs, alpha, beta, allow_tf32)
+                d, aux, bias_grad = run(self.state, view, ctx, a, b, c, out, bias, aux, bias_grad, ptrs, alpha, beta,
+                                        allow_tf32)  # fmt: skip
         if view.written is not None and self.outputs_given:
             for x in (out, aux if _AUX in self.outputs_given else None, bias_grad):
                 if x is not None:
@@ -329,9 +331,8 @@ class Plan:
         """Refuse outputs the framework forbids writing or that overlap another operand (``out`` may be ``c``
         itself); return every operand's address (0 for an absent one)."""
         view = self.view
-        given = Operands(a, b, c, out, bias, aux, bias_grad)
         for slot in self.outputs_given:
-            reason = view.writable(given[slot])
+            reason = view.writable(out if slot == _D else aux if slot == _AUX else bias_grad)
             if reason is not None:
                 name = _public_name(slot)
                 raise OptionError(

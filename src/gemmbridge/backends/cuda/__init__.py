@@ -117,19 +117,24 @@ def run(
     state: PlanState,
     view: TensorView,
     ctx: CallContext,
-    ops: Operands,
+    a: Any,
+    b: Any,
+    c: Any,
+    out: Any,
+    bias: Any,
+    aux: Any,
+    bias_grad: Any,
     ptrs: Operands | None,
     alpha: float,
     beta: float,
     allow_tf32: bool | None,
 ) -> tuple[Any, Any, Any]:
-    """Enqueue ``state.problem`` for the framework arrays ``ops``; return (result, aux, bias_grad).
+    """Enqueue ``state.problem`` for these framework arrays; return (result, aux, bias_grad).
 
     ``ptrs``: the operands' addresses when the caller has read them already (0 for an absent one).
     Outputs not given are allocated by the caller's framework.
     """
     problem = state.problem
-    out, aux, bias_grad = ops.d, ops.aux, ops.bias_grad
     d = (
         out
         if out is not None and not problem.out_via_temp
@@ -141,25 +146,25 @@ def run(
         bias_grad = _empty(ctx, (problem.bias_grad_length,), problem.result_dtype, "bias_grad", problem)
     pointer = view.pointer
     if ptrs is None:
-        pa, pb, pd = pointer(ops.a), pointer(ops.b), pointer(d)
-        pc = pd if ops.c is None else pointer(ops.c)
-        pbias = 0 if ops.bias is None else pointer(ops.bias)
+        pa, pb, pd = pointer(a), pointer(b), pointer(d)
+        pc = pd if c is None else pointer(c)
+        pbias = 0 if bias is None else pointer(bias)
         paux = 0 if aux is None else pointer(aux)
         pgrad = 0 if bias_grad is None else pointer(bias_grad)
     else:
         pa, pb, pc, pd, pbias, paux, pgrad = ptrs
         if d is not out:
             pd = pointer(d)
-        if ops.c is None:
+        if c is None:
             pc = pd
         if aux is not None and not paux:
             paux = pointer(aux)
         if bias_grad is not None and not pgrad:
             pgrad = pointer(bias_grad)
-    if ops.c is None:
+    if c is None:
         beta = 0.0
     if pbias & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
-        pbias = pointer(_aligned_copy(ctx, ops.bias, problem.n, problem.result_dtype))
+        pbias = pointer(_aligned_copy(ctx, bias, problem.n, problem.result_dtype))
     if (paux | pgrad) & (_AUX_ALIGNMENT - 1):
         raise OptionError(
             f"matmul: {state.described} — cuBLASLt needs aux and bias_grad at {_AUX_ALIGNMENT}-byte aligned addresses"
