@@ -78,12 +78,15 @@ for step in ${STEPS:-tests}; do
       # memcheck without torch's caching allocator (each tensor its own allocation, so an out-of-bounds access
       # is seen; graph capture needs the caching allocator, so those tests run under racecheck/synccheck)
       { header "compute-sanitizer"
+        n=0
         run_tool() {  # tool, test files, -k expression, environment, extra options
+          n=$((n + 1))
           echo "## compute-sanitizer --tool $1, pytest $2 -k '$3' ($4)"
-          env $4 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $1 --error-exitcode 9 $5 \
-            python3 -m pytest -q -p no:cacheprovider $2 -k "$3" > /tmp/sanitizer-$1.log 2>&1
+          env $4 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $1 --error-exitcode 9 --print-limit 20 $5 \
+            python3 -m pytest -v -p no:cacheprovider $2 -k "$3" > /tmp/sanitizer-$n.log 2>&1
           echo "exit status $?"
-          grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit|Race|Hazard)|passed|failed" /tmp/sanitizer-$1.log | head -20
+          grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit|Race|Hazard)|passed|failed" /tmp/sanitizer-$n.log | head -20
+          head -c 4000000 /tmp/sanitizer-$n.log > "$OUT/sanitizer-$n-$1.log"
         }
         # API-call errors are not memory errors: cuda-bindings probes driver symbols with cuGetProcAddress
         # (CUDA_ERROR_INVALID_VALUE for absent ones), and the out-of-memory test fails a cudaMalloc on purpose
@@ -91,10 +94,11 @@ for step in ${STEPS:-tests}; do
         run_tool memcheck "tests/test_cuda.py tests/test_reliability.py" \
           "not graph and not capture and not captured and not jax and not threads" $nocache "--report-api-errors no"
         run_tool memcheck tests/test_epilogues.py "torch-cuda and float32 and not plan" $nocache "--report-api-errors no"
-        run_tool memcheck tests/test_torch_training.py "cuda and not compile and not graph and not opcheck" $nocache \
-          "--report-api-errors no"
-        run_tool racecheck "tests/test_cuda.py tests/test_torch_training.py" "stream or graph or capture" X=1
-        run_tool synccheck "tests/test_cuda.py tests/test_torch_training.py" "stream or graph or capture" X=1
+        run_tool memcheck tests/test_torch_training.py "cuda and mlp and not compile" $nocache "--report-api-errors no"
+        for tool in racecheck synccheck; do
+          run_tool $tool tests/test_cuda.py "stream or graph or capture" X=1
+          run_tool $tool tests/test_torch_training.py "captured_in_a_cuda_graph" X=1
+        done
       } 2>&1 | tee "$OUT/sanitizer.txt" ;;
   esac
 done
