@@ -91,11 +91,15 @@ for step in ${STEPS:-tests}; do
         # API-call errors are not memory errors: cuda-bindings probes driver symbols with cuGetProcAddress
         # (CUDA_ERROR_INVALID_VALUE for absent ones), and the out-of-memory test fails a cudaMalloc on purpose
         nocache="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
-        run_tool memcheck "tests/test_cuda.py tests/test_reliability.py" \
-          "not graph and not capture and not captured and not jax and not threads" $nocache "--report-api-errors no"
-        run_tool memcheck tests/test_epilogues.py "torch-cuda and float32 and not plan" $nocache "--report-api-errors no"
-        run_tool memcheck tests/test_torch_training.py "cuda and mlp and not compile" $nocache "--report-api-errors no"
-        for tool in racecheck synccheck; do
+        if [[ " ${SANITIZE_TOOLS:-memcheck racecheck synccheck} " == *" memcheck "* ]]; then
+          run_tool memcheck "tests/test_cuda.py tests/test_reliability.py" \
+            "not graph and not capture and not captured and not jax and not threads" $nocache "--report-api-errors no"
+          run_tool memcheck tests/test_epilogues.py "torch-cuda and float32 and not plan" $nocache "--report-api-errors no"
+          run_tool memcheck tests/test_torch_training.py "cuda and mlp and not compile and not gradcheck" $nocache \
+            "--report-api-errors no"
+        fi
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+          [ $tool = memcheck ] && continue
           run_tool $tool tests/test_cuda.py "stream or graph or capture" X=1
           run_tool $tool tests/test_torch_training.py "captured_in_a_cuda_graph" X=1
         done
