@@ -164,7 +164,8 @@ def run(
     if c is None:
         beta = 0.0
     if pbias & 15:  # cuBLASLt refuses some misaligned bias vectors; N elements are cheap to copy
-        pbias = pointer(_aligned_copy(ctx, bias, problem.n, problem.result_dtype))
+        bias = _aligned_copy(ctx, bias, problem.n, problem.result_dtype)  # held until the call is enqueued
+        pbias = pointer(bias)
     if (paux | pgrad) & (_AUX_ALIGNMENT - 1):
         raise OptionError(
             f"matmul: {state.described} — cuBLASLt needs aux and bias_grad at {_AUX_ALIGNMENT}-byte aligned addresses"
