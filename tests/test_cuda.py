@@ -333,7 +333,11 @@ def test_negative_bit_is_refused_on_cuda():
 
 def test_calls_never_wait_for_the_gpu():
     """With the GPU busy for ~100 ms, every kind of call returns at once: nothing synchronizes."""
+    import os
     import time
+
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
+        pytest.skip("without torch's caching allocator every free is a cudaFree, which waits for the GPU")
 
     import gemmbridge.torch as gt
 
