@@ -419,10 +419,10 @@ class Plan:
             bias_grad, bias_grad_host = self._host_output(
                 ctx, bias_grad, (problem.bias_grad_length,), problem.result_dtype
             )
-        host = Operands(
+        host = _new(Operands, (
             ctx.host(a), ctx.host(b), None if c is None else ctx.host(c), d_host,
             None if bias is None else ctx.host(bias), aux_host, bias_grad_host,
-        )  # fmt: skip
+        ))  # fmt: skip
         try:
             with np.errstate(over="call", divide="call", invalid="call", call=_warn_from_caller):
                 cpu.run(problem, host, alpha, beta if c is not None else 0.0, ctx.blas)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -44,6 +45,8 @@ def tensor_from_numpy(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+SMALL_PRODUCT = 1 << 16  # M·K·N under which NumPy's BLAS stays single-threaded and torch's would cost more
 _TYPESTR = {torch.float16: "<f2", torch.bfloat16: "<i2", torch.float32: "<f4", torch.float64: "<f8", torch.uint8: "|u1"}
 
 
@@ -64,17 +67,13 @@ def numpy_view(x: torch.Tensor) -> np.ndarray:
     host.tensor = x
     host.__array_interface__ = {
         "shape": tuple(x.shape),
-        "strides": tuple(s * size for s in x.stride()),
+        "strides": tuple([s * size for s in x.stride()]),
         "typestr": _TYPESTR[x.dtype],
         "data": (x.data_ptr(), False),
         "version": 3,
     }
     found = np.asarray(host)
-    if x.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return found.view(ml_dtypes.bfloat16)
-    return found
+    return found.view(_BFLOAT16) if x.dtype == torch.bfloat16 else found
 
 
 def tf32_policy() -> bool:
@@ -135,7 +134,10 @@ class TorchCall:
 
     @staticmethod
     def blas(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The product by torch's BLAS, in torch's thread pool, on the same memory."""
+        """The product by torch's BLAS, in torch's thread pool, on the same memory; NumPy's for a product too
+        small for its BLAS to start threads (handing it to torch would cost more than it computes)."""
+        if a.shape[-2] * a.shape[-1] * b.shape[-1] < SMALL_PRODUCT:
+            return np.matmul(a, b, out=out)
         if out is not None and out.flags.c_contiguous:
             torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
             return out
