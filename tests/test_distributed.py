@@ -4,6 +4,7 @@ losses and parameters as on one device."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,18 @@ torch = pytest.importorskip("torch")
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "distributed_training.py"
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one collides with other runs on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def train(mode: str, tmp_path: Path, world: int, device: str) -> tuple[list[float], dict]:
     out = tmp_path / f"{mode}.json"
     params = tmp_path / f"{mode}.pt"
     args = [sys.executable, str(SCRIPT), "--mode", mode, "--world", str(world), "--steps", "8", "--device", device,
-            "--json", str(out), "--params", str(params)]  # fmt: skip
+            "--port", str(free_port()), "--json", str(out), "--params", str(params)]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text())["losses"], torch.load(params)
