@@ -1,12 +1,12 @@
 """CPU backend: a BLAS for the product, and NumPy versions of every epilogue.
 
 The product is ``np.matmul`` (NumPy's BLAS), or the caller framework's own where its context gives
-one (PyTorch: ``torch.matmul`` on the same memory — two BLAS thread pools on the same cores, NumPy's
-spinning while torch's runs, made CPU training 15× slower). Both hand row- and column-major
-(transposed) matrices to the BLAS without copying; alpha, beta·c, bias and the epilogue
-(``epilogues.py``) are applied in place on the result. Half
-types (float16, bfloat16) are converted to float32 copies, accumulated in float32 and rounded once
-into the result, like cuBLASLt; a float32 result from half inputs is written unrounded.
+one: PyTorch's ``torch.matmul`` on the same memory, since two BLAS thread pools on the same cores,
+NumPy's spinning while torch's runs, made a CPU training step of ``examples/train_transformer.py``
+32× slower (2.5 s against 78 ms). Both hand row- and column-major (transposed) matrices to the BLAS
+without copying; alpha, beta·c, bias and the epilogue (``epilogues.py``) are applied in place on the
+result. Half types (float16, bfloat16) are converted to float32 copies, accumulated in float32 and
+rounded once into the result, like cuBLASLt; a float32 result from half inputs is written unrounded.
 """
 
 from __future__ import annotations
