@@ -145,6 +145,31 @@ def test_a_batch_of_a_folds_into_the_rows(tfw, rng, epilogue, dtype):
         assert rel(tfw.to_numpy64(result[1]), want["d"].reshape(-1, n).sum(0)) < tolerance(dtype, epilogue)
 
 
+@pytest.mark.parametrize("epilogue", ["drelu", "dgelu_bgrad", "gelu_aux"])
+def test_a_permuted_strided_batch_that_is_copied_still_folds(tfw, rng, epilogue):
+    """a's batch permuted and its columns strided: copied (on CUDA) and folded into rows. The CPU backend works on
+    a as given, where the product follows a's strides: the derivative must still land in the result."""
+    if tfw.name == "jax":
+        pytest.skip("jax arrays have no strides")
+    kind = epilogues.TABLE[epilogue]
+    n = 7
+    parent = tfw.from_numpy(rng.standard_normal((2, 3, 4, 10)), "float64")
+    a = tfw.moveaxis(parent, 1, 0)[..., ::2]  # (3, 2, 4, 5): batch permuted, two non-unit strides
+    a64 = tfw.to_numpy64(a)
+    w, w64 = make(tfw, rng, (5, n), "float64")
+    kwargs: dict = {"epilogue": epilogue}
+    ref_kwargs = dict(kwargs)
+    if kind.aux_in != "none":
+        kwargs["aux"], ref_kwargs["aux"] = aux_input(tfw, rng, epilogue, 24, n, "float64")
+        ref_kwargs["aux"] = ref_kwargs["aux"].reshape(3, 2, 4, n)
+    want = expected(a64, w64, **ref_kwargs)
+    result = gb.matmul(a, w, **kwargs)
+    d = result[0] if isinstance(result, tuple) else result
+    assert rel(tfw.to_numpy64(d), want["d"]) < 1e-8
+    if kind.bias_grad == "d":
+        assert rel(tfw.to_numpy64(result[1]), want["d"].reshape(-1, n).sum(0)) < 1e-8
+
+
 @pytest.mark.parametrize("epilogue", ["gelu_aux", "relu_aux", "bgrad_a", "dgelu_bgrad"])
 def test_given_outputs_are_written_in_place(tfw, rng, epilogue):
     """aux and bias_grad may be passed (preallocated, NaN-poisoned); the call writes them and returns them."""

@@ -465,3 +465,11 @@ def test_cpu_backend_warnings_point_at_the_callers_line() -> None:
     with pytest.warns(RuntimeWarning, match="overflow encountered in the CPU backend") as caught:
         gemmbridge.matmul(a, a)
     assert caught[0].filename == __file__
+
+
+def test_a_meta_tensor_is_refused_after_a_cpu_call_of_the_same_layout() -> None:
+    """CPU and meta tensors share get_device() == -1: the plan cache must still tell them apart."""
+    torch = pytest.importorskip("torch")
+    gemmbridge.matmul(torch.randn(3, 4), torch.randn(4, 5))
+    with pytest.raises(errors.DeviceError, match="meta"):
+        gemmbridge.matmul(torch.empty(3, 4, device="meta"), torch.empty(4, 5, device="meta"))

@@ -93,3 +93,17 @@ def test_extent_and_overlap_helpers():
     assert has_internal_overlap(meta((3, 4), (1, 1))) is True
     assert has_internal_overlap(meta((3, 2), (2, 3))) is False  # six distinct elements: 0 3 2 5 4 7
     assert has_internal_overlap(meta((3, 3), (1, 2))) is True  # (2, 0) and (0, 1) both reach element 2
+
+
+def test_a_batch_does_not_fold_into_more_rows_than_32_bits_hold():
+    p = describe(meta((65536, 65536, 2), dtype="float16"), meta((2, 4), dtype="float16"))
+    assert p.m == 65536 and p.batch_count == 65536  # 2³² rows folded would overflow the vendor's M
+
+
+def test_a_contiguous_batch_over_a_plain_b_folds_into_rows():
+    p = describe(meta((2, 3, 8, 16)), meta((16, 5)))
+    assert (p.m, p.batch_count, len(p.outer_offsets)) == (48, 1, 1) and p.out_shape == (2, 3, 8, 5)
+    row_major_op_a = describe(meta((2, 16, 8), (128, 1, 16)), meta((16, 5)), transpose_a=True)
+    assert (row_major_op_a.m, row_major_op_a.batch_count) == (16, 1)
+    column_major_op_a = describe(meta((2, 16, 8)), meta((16, 5)), transpose_a=True)  # rows of op(a) not stacked
+    assert (column_major_op_a.m, column_major_op_a.batch_count) == (8, 2)

@@ -112,6 +112,50 @@ def test_only_the_inputs_that_require_grad_get_one(device):
     assert x.grad is None and w.grad is not None and b.grad is not None
 
 
+@pytest.mark.parametrize("shape", [(4,), (0, 4), (2, 0, 4)], ids=["1-d", "no-rows", "empty-batch"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_layers_train_on_vectors_and_empty_batches_as_nn_linear_does(device, shape, activation):
+    w, b = rand(3, 4, device=device), rand(3, device=device)
+    x = rand(*shape, device=device)
+    y = gt.linear(x, w, b, activation)
+    assert y.shape == F.linear(x, w, b).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad is not None and b.grad is not None
+    if activation != "none":
+        w1, b1, w2, b2 = (
+            rand(6, 4, device=device),
+            rand(6, device=device),
+            rand(1, 6, device=device),
+            rand(1, device=device),
+        )
+        x = rand(*shape, device=device)
+        gt.mlp(x, w1, b1, w2, b2, activation).sum().backward()
+        assert x.grad.shape == x.shape and w1.grad is not None and b2.grad is not None
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_an_mlp_with_one_output_never_asks_for_a_derivative_epilogue_with_k_1(activation):
+    """cuBLASLt's dgelu/drelu need K ≥ 2, and K of fc2's input gradient is the MLP's output width."""
+    from gemmbridge.torch import functions
+
+    x, w1, b1, w2, b2 = rand(5, 4), rand(6, 4), rand(6), rand(1, 6), rand(1)
+    y, h, aux = functions.mlp_forward(x, w1, b1, w2, b2, activation, None, True)
+    epilogues_asked = []
+
+    def gemm(*args):  # type: ignore[no-untyped-def]
+        epilogues_asked.append(args[9])
+        return functions.direct_gemm(*args)
+
+    with torch.no_grad():  # as autograd runs a backward
+        grads = functions.mlp_backward(gemm, torch.ones_like(y), x, w1, b1, w2, b2, h, aux, activation, None,
+                                       (True,) * 5)  # fmt: skip
+    assert not {f"d{activation}", f"d{activation}_bgrad"} & set(epilogues_asked)
+    x2, w1_, b1_, w2_, b2_ = (t.detach().clone().requires_grad_() for t in (x, w1, b1, w2, b2))
+    F.linear(ACT[activation](F.linear(x2, w1_, b1_)), w2_, b2_).sum().backward()
+    for got, want in zip(grads, (x2.grad, w1_.grad, b1_.grad, w2_.grad, b2_.grad)):
+        torch.testing.assert_close(got, want)
+
+
 def test_double_backward_is_refused_clearly(device):
     x, w = rand(3, 5, device=device), rand(4, 5, device=device)
     y = gt.linear(x, w, None, "gelu").sum()

@@ -185,7 +185,7 @@ def _matrix_order(rows: int, cols: int, rs: int, cs: int) -> tuple[bool, int] | 
 
 def dtype_name(dtype: Any) -> str:
     """A dtype given as a name or a framework dtype object (torch, numpy, jax, cupy) as its name."""
-    if isinstance(dtype, str):
+    if isinstance(dtype, str) and dtype in ITEMSIZE:
         return dtype
     name = str(dtype)
     if name.startswith("torch."):
@@ -464,7 +464,8 @@ def _fold_rows(
     """a, b, c and d as one GEMM whose rows run over the batch, when b has no batch and a, c and d each lay
     their batch and rows out as one row-major ``(B·M) × cols`` matrix (a contiguous ``(B, T, d)`` activation
     times a weight, say); else None."""
-    if math.prod(batch_shape) <= 1 or any(size != 1 for size in logical["b"].shape[:-2]):
+    rows = math.prod(batch_shape) * logical["a"].shape[-2]
+    if math.prod(batch_shape) <= 1 or rows > MAX_DIM or any(size != 1 for size in logical["b"].shape[:-2]):
         return None
     folded = {"b": TensorMeta(logical["b"].shape[-2:], logical["b"].strides[-2:], logical["b"].dtype,
                               logical["b"].device)}  # fmt: skip
@@ -513,15 +514,15 @@ def _check_training(
             if meta is not None:
                 raise OptionError(f"{operands}, {name} is {meta} — epilogue {kind.name!r} has no {name}")
         return None, 0
+    needs_k = kind.aux_in != "none" or kind.bias_grad != "none"
+    if min(m, n) == 0 or (needs_k and k == 0):
+        raise ShapeError(f"{operands} — epilogue {kind.name!r} needs M, N{' and K' if needs_k else ''} ≥ 1")
     rows_only = kind.bias_grad not in ("a", "b")  # bgrad_a / bgrad_b reduce an operand: plain matrices only
     if len(a.shape) < 2 or len(b.shape) != 2 or (len(a.shape) > 2 and not (folded and rows_only)):
         raise ShapeError(
             f"{operands} — epilogue {kind.name!r} needs a 2-D b and a 2-D a"
             + (", or a batch of a laid out as rows (a contiguous (…, M, K) a)" if rows_only else "")
         )
-    needs_k = kind.aux_in != "none" or kind.bias_grad != "none"
-    if min(m, n) == 0 or (needs_k and k == 0):
-        raise ShapeError(f"{operands} — epilogue {kind.name!r} needs M, N{' and K' if needs_k else ''} ≥ 1")
     aux_shape = None
     if kind.aux != "none":
         aux_shape = epilogues.aux_shape(kind.name, m, n)

@@ -156,7 +156,7 @@ class TorchArrays:
         return isinstance(x, torch.Tensor)
 
     def key(self, x: torch.Tensor) -> tuple:
-        return x.shape, x.stride(), x.dtype, x.get_device(), x.layout, x.is_neg()
+        return x.shape, x.stride(), x.dtype, x.device, x.layout, x.is_neg()
 
     def meta(self, x: torch.Tensor) -> TensorMeta:
         what = f"a torch tensor of shape {tuple(x.shape)}"

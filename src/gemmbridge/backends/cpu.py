@@ -85,6 +85,8 @@ def run(problem: Problem, ops: Operands, alpha: float, beta: float, blas: Blas =
         acc += beta * _promoted(c, a_vec, b_vec).astype(acc.dtype, copy=False)
     if ops.bias is not None:
         acc += ops.bias.astype(acc.dtype, copy=False)
+    if kind.training:  # works on rows (a batch of a folds into them): the product may follow a's strides
+        acc = np.ascontiguousarray(acc)
     rows = acc.reshape(-1, acc.shape[-1]) if kind.training else acc  # (B·M) × N: a view of the contiguous acc
     if kind.aux_out == "gelu":
         ops.aux[:, : problem.n] = rows

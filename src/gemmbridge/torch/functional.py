@@ -2,8 +2,9 @@
 
 Each picks its path once per call: no autograd needed (grad mode off, or no input requires grad)
 → the forward alone; ``torch.compile`` tracing → the ``gemmbridge::*`` custom op; otherwise the
-eager ``autograd.Function``. Under ``torch.autocast`` the inputs are cast to the autocast dtype as
-``F.linear`` does, and gradients come back in each input's own dtype.
+eager ``autograd.Function``. Under ``torch.autocast``, ``linear`` and ``mlp`` cast their inputs to the
+autocast dtype as ``F.linear`` does, and gradients come back in each input's own dtype; ``matmul``
+casts nothing (gemmbridge never casts silently: pass ``out_dtype`` or cast the inputs).
 """
 
 from __future__ import annotations

@@ -88,20 +88,39 @@ def _as(x: Tensor, like: Tensor) -> Tensor:
 
 
 def _rows(x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``x`` cast for the GEMM, and contiguous, so that its batch dims fold into the GEMM's rows: the result
-    then comes back in ``x``'s leading shape as a tensor of its own, not a view (autograd and FSDP2 treat
-    a view output as aliasing)."""
+    """``x`` cast for the GEMM, at least 2-D, and contiguous, so that its batch dims fold into the GEMM's rows:
+    the result then comes back in ``x``'s leading shape as a tensor of its own, not a view (autograd and
+    FSDP2 treat a view output as aliasing)."""
     x = _cast(x, dtype)
+    if x.dim() == 1:
+        return x.unsqueeze(0)
     return x if x.dim() == 2 or x.is_contiguous() else x.contiguous()
+
+
+def row_count(x: Tensor) -> int:
+    """Rows of ``x`` as a matrix: the product of all but its last dim (symbolic sizes allowed)."""
+    rows = 1
+    for size in x.shape[:-1]:
+        rows = rows * size
+    return rows
+
+
+def _saving(x: Tensor, features: int) -> bool:
+    """True when the forward GEMM can save the pre-activation itself (an ``*_aux`` epilogue needs rows)."""
+    return row_count(x) > 0 and features > 0
 
 
 def linear_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, compute_dtype: torch.dtype | None, save: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, saved): ``saved`` is the gelu pre-activation (padded rows) when ``save``, else empty."""
-    epilogue = activation + ("_aux" if save and activation == "gelu" else "")
+    xr, out = _rows(x, compute_dtype), weight.shape[0]
+    fused = save and activation == "gelu" and _saving(xr, out)
     w, b = _cast(weight, compute_dtype), _cast_bias(bias, compute_dtype)
-    return direct_gemm(_rows(x, compute_dtype), w, None, b, None, False, True, 1.0, 0.0, epilogue, None)
+    y, saved = direct_gemm(xr, w, None, b, None, False, True, 1.0, 0.0, activation + ("_aux" if fused else ""), None)
+    if save and activation == "gelu" and not fused:  # no rows: nothing to save, an empty pre-activation will do
+        saved = xr.new_empty(epilogues.aux_shape("gelu_aux", row_count(xr), out))
+    return (y.view(out) if x.dim() == 1 else y), saved
 
 
 def linear_backward(
@@ -145,11 +164,13 @@ def mlp_forward(
     compute_dtype: torch.dtype | None, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(y, h, aux): fc1 saves its pre-activation in aux (``*_aux`` epilogue) when ``save``."""
-    epilogue = activation + ("_aux" if save else "")
+    xr = _rows(x, compute_dtype)
+    epilogue = activation + ("_aux" if save and _saving(xr, w1.shape[0]) else "")
     w1c, b1c = _cast(w1, compute_dtype), _cast_bias(b1, compute_dtype)
     w2c, b2c = _cast(w2, compute_dtype), _cast_bias(b2, compute_dtype)
-    h, aux = direct_gemm(_rows(x, compute_dtype), w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
-    return direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None)[0], h, aux
+    h, aux = direct_gemm(xr, w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
+    y = direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None)[0]
+    return (y.view(w2.shape[0]) if x.dim() == 1 else y), h, aux
 
 
 def mlp_backward(
@@ -177,7 +198,13 @@ def mlp_backward(
     if needs[0] or needs[1] or needs[2]:
         # the derivative fused, the bias gradient a separate sum: cuBLASLt's DGELU_BGRAD took 2.41 ms where DGELU
         # and a sum took 1.86 (H200, T = 8192, d = 4096, h = 16384, bf16; benchmarks/epilogue_costs.py)
-        dp1 = gemm(dy2, w2c, None, None, aux, False, False, 1.0, 0.0, f"d{activation}", None)[0]
+        if w2.shape[0] >= 2:
+            dp1 = gemm(dy2, w2c, None, None, aux, False, False, 1.0, 0.0, f"d{activation}", None)[0]
+        else:  # cuBLASLt's d* epilogues need K ≥ 2: the derivative as its own op
+            dh = gemm(dy2, w2c, None, None, None, False, False, 1.0, 0.0, "none", None)[0]
+            hidden = h.shape[-1]
+            dp1 = (_gelu_backward(dh, aux[:, :hidden], approximate="tanh") if activation == "gelu"
+                   else _threshold_backward(dh, h, 0))  # fmt: skip
         if needs[2] and b1 is not None:
             grads[2] = _as(dp1.sum(0, dtype=torch.float32 if compute in HALF else None), b1)
         if needs[1]:

@@ -173,9 +173,7 @@ def _linear_fake(
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
     if not (save and activation == "gelu"):
         return y, x.new_empty((0,))
-    rows = 1
-    for size in x.shape[:-1]:
-        rows = rows * size
+    rows = f.row_count(x)
     return y, x.new_empty(epilogues.aux_shape("gelu_aux", rows, weight.shape[0]), dtype=dtype)
 
 
@@ -231,12 +229,10 @@ def _mlp_fake(
     compute_dtype: torch.dtype | None, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     dtype = _dtype_of(x, compute_dtype)
-    rows = 1
-    for size in x.shape[:-1]:
-        rows = rows * size
+    rows = f.row_count(x)
     h = x.new_empty((*x.shape[:-1], w1.shape[0]), dtype=dtype)
     aux = x.new_empty((0,))
-    if save:
+    if save and rows > 0 and w1.shape[0] > 0:  # as mlp_forward: an aux epilogue needs rows
         aux_dtype = torch.uint8 if activation == "relu" else dtype
         aux = x.new_empty(epilogues.aux_shape(f"{activation}_aux", rows, w1.shape[0]), dtype=aux_dtype)
     return x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=dtype), h, aux

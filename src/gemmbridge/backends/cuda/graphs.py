@@ -80,10 +80,11 @@ class GraphCache:
 
     def replay(self, signature: tuple, stream: int) -> bool:
         """Launch the graph captured for ``signature`` on ``stream``; False when there is none."""
-        graph = self.execs.get(signature)
-        if graph is None:
-            return False
-        _launch(graph, stream)
+        with self.lock:  # another thread's record() may evict and destroy the executable
+            graph = self.execs.get(signature)
+            if graph is None:
+                return False
+            _launch(graph, stream)
         return True
 
     def record(self, signature: tuple, device: int, stream: int, enqueue: Callable[[int], None]) -> bool:
