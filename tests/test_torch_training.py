@@ -115,22 +115,28 @@ def test_only_the_inputs_that_require_grad_get_one(device):
 @pytest.mark.parametrize("shape", [(4,), (0, 4), (2, 0, 4)], ids=["1-d", "no-rows", "empty-batch"])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 def test_layers_train_on_vectors_and_empty_batches_as_nn_linear_does(device, shape, activation):
-    w, b = rand(3, 4, device=device), rand(3, device=device)
-    x = rand(*shape, device=device)
-    y = gt.linear(x, w, b, activation)
-    assert y.shape == F.linear(x, w, b).shape
-    y.sum().backward()
-    assert x.grad.shape == x.shape and w.grad is not None and b.grad is not None
+    x, w, b = rand(*shape, device=device), rand(3, 4, device=device), rand(3, device=device)
+    params = (x, w, b)
+    layers = {
+        "linear": (lambda x, w, b: gt.linear(x, w, b, activation), lambda x, w, b: ACT[activation](F.linear(x, w, b)))
+    }
     if activation != "none":
-        w1, b1, w2, b2 = (
-            rand(6, 4, device=device),
-            rand(6, device=device),
-            rand(1, 6, device=device),
-            rand(1, device=device),
+        params += (rand(2, 3, device=device), rand(2, device=device))
+        layers["mlp"] = (
+            lambda x, w1, b1, w2, b2: gt.mlp(x, w1, b1, w2, b2, activation),
+            lambda x, w1, b1, w2, b2: F.linear(ACT[activation](F.linear(x, w1, b1)), w2, b2),
         )
-        x = rand(*shape, device=device)
-        gt.mlp(x, w1, b1, w2, b2, activation).sum().backward()
-        assert x.grad.shape == x.shape and w1.grad is not None and b2.grad is not None
+    for name, (mine, reference) in layers.items():
+        args = params[:3] if name == "linear" else params
+        y, want = mine(*args), reference(*args)
+        torch.testing.assert_close(y, want)
+        seed = torch.randn_like(want)
+        got_grads = torch.autograd.grad(y, args, seed)
+        want_grads = torch.autograd.grad(want, args, seed)
+        for got, expected in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, expected)
+        op = torch.ops.gemmbridge.linear.default if name == "linear" else torch.ops.gemmbridge.mlp.default
+        torch.library.opcheck(op, (*args, activation, None, True))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

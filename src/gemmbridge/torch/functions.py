@@ -97,6 +97,11 @@ def _rows(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     return x if x.dim() == 2 or x.is_contiguous() else x.contiguous()
 
 
+def _like_rows_of(t: Tensor, x: Tensor) -> Tensor:
+    """``t``, computed on ``_rows(x)``, back in ``x``'s leading shape: a vector when ``x`` is one."""
+    return t.view(t.shape[-1]) if x.dim() == 1 else t
+
+
 def row_count(x: Tensor) -> int:
     """Rows of ``x`` as a matrix: the product of all but its last dim (symbolic sizes allowed)."""
     rows = 1
@@ -120,7 +125,7 @@ def linear_forward(
     y, saved = direct_gemm(xr, w, None, b, None, False, True, 1.0, 0.0, activation + ("_aux" if fused else ""), None)
     if save and activation == "gelu" and not fused:  # no rows: nothing to save, an empty pre-activation will do
         saved = xr.new_empty(epilogues.aux_shape("gelu_aux", row_count(xr), out))
-    return (y.view(out) if x.dim() == 1 else y), saved
+    return _like_rows_of(y, x), saved
 
 
 def linear_backward(
@@ -170,7 +175,7 @@ def mlp_forward(
     w2c, b2c = _cast(w2, compute_dtype), _cast_bias(b2, compute_dtype)
     h, aux = direct_gemm(xr, w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
     y = direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None)[0]
-    return (y.view(w2.shape[0]) if x.dim() == 1 else y), h, aux
+    return _like_rows_of(y, x), _like_rows_of(h, x), aux
 
 
 def mlp_backward(
