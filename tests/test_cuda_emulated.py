@@ -191,3 +191,32 @@ def test_a_capturing_stream_gets_no_graph_replay_and_a_capture_workspace(gpu, mo
     for _ in range(3):
         np.testing.assert_array_equal(gb.matmul(a, b), np.full((4, 5), 3.0))
     assert list(workspace._captures) == [(0, 0, 5)]
+
+
+def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monkeypatch) -> None:
+    """Two threads that both missed the replay record the same call: the second launches the first's graph
+    (a second capture would replace it and leak it). Graphs of a closed cache are destroyed exactly once."""
+    from gemmbridge.backends.cuda import graphs
+
+    captured, launched, destroyed = [], [], []
+
+    def capture(self, device, enqueue):  # type: ignore[no-untyped-def]
+        captured.append(object())
+        return captured[-1], len(captured)
+
+    monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
+    monkeypatch.setattr(graphs, "_launch", lambda graph, stream: launched.append(graph))
+    monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", destroyed.append)
+    monkeypatch.setattr(graphs, "_doomed", [])
+    cache = graphs.GraphCache()
+    results = [cache.record(("sig",), 0, 7, lambda stream: None) for _ in range(3)]
+    assert results == [False, True, True] and len(captured) == 1 and launched == [(captured[0], 1)] * 2
+    assert cache.replay(("sig",), 7) and len(launched) == 3
+    cache.close()
+    assert not cache.replay(("sig",), 7)
+    threads = [threading.Thread(target=graphs.drain) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert destroyed == captured

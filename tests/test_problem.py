@@ -103,6 +103,8 @@ def test_a_batch_does_not_fold_into_more_rows_than_32_bits_hold():
 def test_a_contiguous_batch_over_a_plain_b_folds_into_rows():
     p = describe(meta((2, 3, 8, 16)), meta((16, 5)))
     assert (p.m, p.batch_count, len(p.outer_offsets)) == (48, 1, 1) and p.out_shape == (2, 3, 8, 5)
+    one = describe(meta((1, 8, 16)), meta((16, 5)), epilogue="gelu_aux")  # a batch of one is rows too
+    assert (one.m, one.batch_count) == (8, 1) and one.out_shape == (1, 8, 5)
     row_major_op_a = describe(meta((2, 16, 8), (128, 1, 16)), meta((16, 5)), transpose_a=True)
     assert (row_major_op_a.m, row_major_op_a.batch_count) == (16, 1)
     column_major_op_a = describe(meta((2, 16, 8)), meta((16, 5)), transpose_a=True)  # rows of op(a) not stacked

@@ -112,31 +112,39 @@ def test_only_the_inputs_that_require_grad_get_one(device):
     assert x.grad is None and w.grad is not None and b.grad is not None
 
 
-@pytest.mark.parametrize("shape", [(4,), (0, 4), (2, 0, 4)], ids=["1-d", "no-rows", "empty-batch"])
+@pytest.mark.parametrize(
+    "shape, hidden, out",
+    [
+        ((4,), 3, 2),
+        ((0, 4), 3, 2),
+        ((2, 0, 4), 3, 2),
+        ((1, 5, 4), 3, 2),
+        ((5, 0), 3, 2),
+        ((5, 4), 0, 2),
+        ((5, 4), 3, 0),
+    ],
+    ids=["1-d", "no-rows", "empty-batch", "batch-of-one", "no-inputs", "no-hidden", "no-outputs"],
+)
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
-def test_layers_train_on_vectors_and_empty_batches_as_nn_linear_does(device, shape, activation):
-    x, w, b = rand(*shape, device=device), rand(3, 4, device=device), rand(3, device=device)
-    params = (x, w, b)
-    layers = {
-        "linear": (lambda x, w, b: gt.linear(x, w, b, activation), lambda x, w, b: ACT[activation](F.linear(x, w, b)))
-    }
+def test_layers_train_on_vectors_and_empty_sizes_as_nn_linear_does(device, shape, hidden, out, activation):
+    """Values and gradients equal torch's; the ops pass opcheck there, also with a compute dtype of their own."""
+    x, w1, b1 = rand(*shape, device=device), rand(hidden, shape[-1], device=device), rand(hidden, device=device)
+    layers = {"linear": ((x, w1, b1), lambda x, w, b: ACT[activation](F.linear(x, w, b)))}
     if activation != "none":
-        params += (rand(2, 3, device=device), rand(2, device=device))
         layers["mlp"] = (
-            lambda x, w1, b1, w2, b2: gt.mlp(x, w1, b1, w2, b2, activation),
+            (x, w1, b1, rand(out, hidden, device=device), rand(out, device=device)),
             lambda x, w1, b1, w2, b2: F.linear(ACT[activation](F.linear(x, w1, b1)), w2, b2),
         )
-    for name, (mine, reference) in layers.items():
-        args = params[:3] if name == "linear" else params
-        y, want = mine(*args), reference(*args)
-        torch.testing.assert_close(y, want)
+    for name, (args, reference) in layers.items():
+        mine = getattr(gt, name)(*args, activation)
+        want = reference(*args)
+        torch.testing.assert_close(mine, want)
         seed = torch.randn_like(want)
-        got_grads = torch.autograd.grad(y, args, seed)
-        want_grads = torch.autograd.grad(want, args, seed)
-        for got, expected in zip(got_grads, want_grads):
+        for got, expected in zip(torch.autograd.grad(mine, args, seed), torch.autograd.grad(want, args, seed)):
             torch.testing.assert_close(got, expected)
-        op = torch.ops.gemmbridge.linear.default if name == "linear" else torch.ops.gemmbridge.mlp.default
-        torch.library.opcheck(op, (*args, activation, None, True))
+        op = getattr(torch.ops.gemmbridge, name).default
+        for compute_dtype in (None, torch.float32):
+            torch.library.opcheck(op, (*args, activation, compute_dtype, True))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -160,6 +168,15 @@ def test_an_mlp_with_one_output_never_asks_for_a_derivative_epilogue_with_k_1(ac
     F.linear(ACT[activation](F.linear(x2, w1_, b1_)), w2_, b2_).sum().backward()
     for got, want in zip(grads, (x2.grad, w1_.grad, b1_.grad, w2_.grad, b2_.grad)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("op", ["linear", "mlp"])
+def test_a_backward_through_an_op_that_saved_nothing_is_refused_clearly(op):
+    x, w1, b1, w2, b2 = rand(3, 4), rand(5, 4), rand(5), rand(2, 5), rand(2)
+    args = (x, w1, b1, "gelu") if op == "linear" else (x, w1, b1, w2, b2, "gelu")
+    y = getattr(torch.ops.gemmbridge, op)(*args, None, False)[0]
+    with pytest.raises(RuntimeError, match="save=False"):
+        y.sum().backward()
 
 
 def test_double_backward_is_refused_clearly(device):

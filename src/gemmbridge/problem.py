@@ -465,12 +465,12 @@ def _fold_rows(
     their batch and rows out as one row-major ``(B·M) × cols`` matrix (a contiguous ``(B, T, d)`` activation
     times a weight, say); else None."""
     rows = math.prod(batch_shape) * logical["a"].shape[-2]
-    if math.prod(batch_shape) <= 1 or rows > MAX_DIM or any(size != 1 for size in logical["b"].shape[:-2]):
+    if not batch_shape or rows == 0 or rows > MAX_DIM or any(size != 1 for size in logical["b"].shape[:-2]):
         return None
     folded = {"b": TensorMeta(logical["b"].shape[-2:], logical["b"].strides[-2:], logical["b"].dtype,
                               logical["b"].device)}  # fmt: skip
     for name, meta in (*((n, logical[n]) for n in ("a", "c") if n in logical), ("d", d)):
-        if meta.shape[:-2] != batch_shape:  # c broadcast over the batch
+        if meta.shape[:-2] != batch_shape and math.prod(batch_shape) > 1:  # c broadcast over the batch
             return None
         as_rows = _as_rows(meta)
         if as_rows is None:

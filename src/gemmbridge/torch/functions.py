@@ -110,22 +110,56 @@ def row_count(x: Tensor) -> int:
     return rows
 
 
-def _saving(x: Tensor, features: int) -> bool:
-    """True when the forward GEMM can save the pre-activation itself (an ``*_aux`` epilogue needs rows)."""
-    return row_count(x) > 0 and features > 0
+def _matrix(x: Tensor) -> Tensor:
+    """``x`` as its ``rows × features`` matrix (a reshape that also holds when either is 0)."""
+    return x.reshape(row_count(x), x.shape[-1])
+
+
+def empty_aux(x: Tensor, features: int, activation: str, dtype: torch.dtype) -> Tensor:
+    """An unwritten ``{activation}_aux`` for ``x``'s rows and ``features`` columns: relu's bit mask in bytes,
+    gelu's pre-activation in ``dtype``."""
+    shape = epilogues.aux_shape(f"{activation}_aux", row_count(x), features)
+    return x.new_empty(shape, dtype=torch.uint8 if activation == "relu" else dtype)
+
+
+def _activated(xr: Tensor, w: Tensor, b: Tensor | None, activation: str, save: bool) -> tuple[Tensor, Tensor]:
+    """``act(xr · wᵀ + b)`` and, when ``save``, the ``{activation}_aux`` its GEMM writes — or, where the GEMM
+    has no rows or columns (no epilogue runs), an unwritten one of the same shape; else an empty tensor."""
+    fused = save and row_count(xr) > 0 and w.shape[0] > 0
+    y, aux = direct_gemm(xr, w, None, b, None, False, True, 1.0, 0.0, activation + ("_aux" if fused else ""), None)
+    if save and not fused:
+        aux = empty_aux(xr, w.shape[0], activation, xr.dtype)
+    return y, aux
 
 
 def linear_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, compute_dtype: torch.dtype | None, save: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, saved): ``saved`` is the gelu pre-activation (padded rows) when ``save``, else empty."""
-    xr, out = _rows(x, compute_dtype), weight.shape[0]
-    fused = save and activation == "gelu" and _saving(xr, out)
     w, b = _cast(weight, compute_dtype), _cast_bias(bias, compute_dtype)
-    y, saved = direct_gemm(xr, w, None, b, None, False, True, 1.0, 0.0, activation + ("_aux" if fused else ""), None)
-    if save and activation == "gelu" and not fused:  # no rows: nothing to save, an empty pre-activation will do
-        saved = xr.new_empty(epilogues.aux_shape("gelu_aux", row_count(xr), out))
+    y, saved = _activated(_rows(x, compute_dtype), w, b, activation, save and activation == "gelu")
     return _like_rows_of(y, x), saved
+
+
+def _weight_grads(
+    gemm: Gemm, dp: Tensor, xc: Tensor, weight: Tensor, bias: Tensor | None, needs_w: bool, needs_b: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``dW = dpᵀ · xc`` and ``db = Σ_rows dp``; with both asked, ``db`` is reduced inside the GEMM (``bgrad_a``)
+    where every dim is ≥ 1 and the reduced one, the rows, ≥ 2 (as the d* epilogues need: K = 1 was never run
+    on cuBLASLt, and one row costs nothing to sum)."""
+    compute = dp.dtype
+    grad_w = grad_b = None
+    fused = needs_w and needs_b and min(*dp.shape, xc.shape[1]) > 0 and dp.shape[0] >= 2
+    if needs_w:
+        epilogue = "bgrad_a" if fused else "none"
+        grad_w, reduced = gemm(dp, xc, None, None, None, True, False, 1.0, 0.0, epilogue, _grad_dtype(weight, compute))
+        grad_w, grad_b = _as(grad_w, weight), reduced if fused else None
+    if needs_b:
+        assert bias is not None
+        if grad_b is None:
+            grad_b = dp.sum(0, dtype=torch.float32 if compute in HALF else None)
+        grad_b = _as(grad_b, bias)
+    return grad_w, grad_b
 
 
 def linear_backward(
@@ -135,26 +169,14 @@ def linear_backward(
     """Gradients of x, weight, bias. The bias gradient is reduced inside the weight-gradient GEMM."""
     no_double_backward()
     out = weight.shape[0]
-    xc = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
-    dp = dy.reshape(-1, out)
+    xc = _cast(_matrix(x), compute_dtype)
+    dp = dy.reshape(xc.shape[0], out)
     if activation == "gelu":
         dp = _gelu_backward(dp, saved[:, :out], approximate="tanh")
     elif activation == "relu":
-        dp = _threshold_backward(dp, y.reshape(-1, out), 0)
-    compute = dp.dtype
-    grad_x = grad_w = grad_b = None
-    if needs[1] and xc.shape[0] > 0:
-        epilogue = "bgrad_a" if needs[2] else "none"
-        grad_w, reduced = gemm(dp, xc, None, None, None, True, False, 1.0, 0.0, epilogue, _grad_dtype(weight, compute))
-        grad_w = _as(grad_w, weight)
-        grad_b = reduced if needs[2] else None
-    elif needs[1]:
-        grad_w = torch.zeros_like(weight)
-    if needs[2]:
-        assert bias is not None
-        if grad_b is None:
-            grad_b = dp.sum(0, dtype=torch.float32 if compute in HALF else None)
-        grad_b = _as(grad_b, bias)
+        dp = _threshold_backward(dp, y.reshape(dp.shape), 0)
+    grad_w, grad_b = _weight_grads(gemm, dp, xc, weight, bias, needs[1], needs[2])
+    grad_x = None
     if needs[0]:
         grad_x = gemm(dp, _cast(weight, compute_dtype), None, None, None, False, False, 1.0, 0.0, "none", None)[0]
         grad_x = _as(grad_x.view(x.shape), x)
@@ -169,11 +191,9 @@ def mlp_forward(
     compute_dtype: torch.dtype | None, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(y, h, aux): fc1 saves its pre-activation in aux (``*_aux`` epilogue) when ``save``."""
-    xr = _rows(x, compute_dtype)
-    epilogue = activation + ("_aux" if save and _saving(xr, w1.shape[0]) else "")
     w1c, b1c = _cast(w1, compute_dtype), _cast_bias(b1, compute_dtype)
     w2c, b2c = _cast(w2, compute_dtype), _cast_bias(b2, compute_dtype)
-    h, aux = direct_gemm(xr, w1c, None, b1c, None, False, True, 1.0, 0.0, epilogue, None)
+    h, aux = _activated(_rows(x, compute_dtype), w1c, b1c, activation, save)
     y = direct_gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None)[0]
     return _like_rows_of(y, x), _like_rows_of(h, x), aux
 
@@ -186,28 +206,20 @@ def mlp_backward(
     fc2's input gradient with the activation's derivative (``dgelu`` / ``drelu``), fc1's bias gradient summed
     from it; fc1's weight and input gradients."""
     no_double_backward()
-    xc = _cast(x.reshape(-1, x.shape[-1]), compute_dtype)
+    xc = _cast(_matrix(x), compute_dtype)
     w1c, w2c = _cast(w1, compute_dtype), _cast(w2, compute_dtype)
-    dy2 = dy.reshape(-1, w2.shape[0]).to(h.dtype)
-    h = h.reshape(-1, h.shape[-1])
-    compute = h.dtype
+    h = _matrix(h)
+    dy2 = dy.reshape(h.shape[0], w2.shape[0]).to(h.dtype)
+    compute, hidden = h.dtype, h.shape[1]
     grads: list[Tensor | None] = [None] * 5
-    if xc.shape[0] == 0:  # no tokens: every parameter gradient is zero
-        zeros = [torch.zeros_like(t) if t is not None else None for t in (x, w1, b1, w2, b2)]
-        return tuple(z if need else None for z, need in zip(zeros, needs))
-    if needs[3] or needs[4]:
-        epilogue = "bgrad_a" if needs[4] else "none"
-        dw2, db2 = gemm(dy2, h, None, None, None, True, False, 1.0, 0.0, epilogue, _grad_dtype(w2, compute))
-        grads[3] = _as(dw2, w2) if needs[3] else None
-        grads[4] = _as(db2, b2) if needs[4] and b2 is not None else None
+    grads[3], grads[4] = _weight_grads(gemm, dy2, h, w2, b2, needs[3], needs[4] and b2 is not None)
     if needs[0] or needs[1] or needs[2]:
         # the derivative fused, the bias gradient a separate sum: cuBLASLt's DGELU_BGRAD took 2.41 ms where DGELU
         # and a sum took 1.86 (H200, T = 8192, d = 4096, h = 16384, bf16; benchmarks/epilogue_costs.py)
-        if w2.shape[0] >= 2:
+        if min(*dy2.shape, hidden) > 0 and w2.shape[0] >= 2:
             dp1 = gemm(dy2, w2c, None, None, aux, False, False, 1.0, 0.0, f"d{activation}", None)[0]
-        else:  # cuBLASLt's d* epilogues need K ≥ 2: the derivative as its own op
+        else:  # the d* epilogues need M, N ≥ 1 and K ≥ 2: the derivative as its own op
             dh = gemm(dy2, w2c, None, None, None, False, False, 1.0, 0.0, "none", None)[0]
-            hidden = h.shape[-1]
             dp1 = (_gelu_backward(dh, aux[:, :hidden], approximate="tanh") if activation == "gelu"
                    else _threshold_backward(dh, h, 0))  # fmt: skip
         if needs[2] and b1 is not None:

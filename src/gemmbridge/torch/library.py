@@ -172,18 +172,26 @@ def _linear_fake(
     dtype = _dtype_of(x, compute_dtype)
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
     if not (save and activation == "gelu"):
-        return y, x.new_empty((0,))
-    rows = f.row_count(x)
-    return y, x.new_empty(epilogues.aux_shape("gelu_aux", rows, weight.shape[0]), dtype=dtype)
+        return y, x.new_empty((0,), dtype=dtype)
+    return y, f.empty_aux(x, weight.shape[0], activation, dtype)
+
+
+def _saved_for_backward(ctx: Any, op: str) -> None:
+    if not ctx.save:
+        raise RuntimeError(
+            f"gemmbridge::{op} ran with save=False, which keeps nothing for a backward: call it with save=True "
+            f"where gradients are needed (gemmbridge.torch.{op} does)"
+        )
 
 
 def _linear_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, ctx.activation, ctx.compute_dtype, _ = inputs
+    x, weight, bias, ctx.activation, ctx.compute_dtype, ctx.save = inputs
     ctx.save_for_backward(x, weight, bias, output[0] if ctx.activation == "relu" else None, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _linear_backward(ctx: Any, dy: Tensor, _saved: Tensor) -> tuple:
+    _saved_for_backward(ctx, "linear")
     x, weight, bias, y, saved = ctx.saved_tensors
     grads = f.linear_backward(_traced_gemm, dy, x, weight, bias, y, saved, ctx.activation, ctx.compute_dtype,
                               ctx.needs_input_grad[:3])  # fmt: skip
@@ -229,22 +237,19 @@ def _mlp_fake(
     compute_dtype: torch.dtype | None, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     dtype = _dtype_of(x, compute_dtype)
-    rows = f.row_count(x)
     h = x.new_empty((*x.shape[:-1], w1.shape[0]), dtype=dtype)
-    aux = x.new_empty((0,))
-    if save and rows > 0 and w1.shape[0] > 0:  # as mlp_forward: an aux epilogue needs rows
-        aux_dtype = torch.uint8 if activation == "relu" else dtype
-        aux = x.new_empty(epilogues.aux_shape(f"{activation}_aux", rows, w1.shape[0]), dtype=aux_dtype)
+    aux = f.empty_aux(x, w1.shape[0], activation, dtype) if save else x.new_empty((0,), dtype=dtype)
     return x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=dtype), h, aux
 
 
 def _mlp_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, w1, b1, w2, b2, ctx.activation, ctx.compute_dtype, _ = inputs
+    x, w1, b1, w2, b2, ctx.activation, ctx.compute_dtype, ctx.save = inputs
     ctx.save_for_backward(x, w1, b1, w2, b2, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _mlp_backward(ctx: Any, dy: Tensor, _h: Tensor, _aux: Tensor) -> tuple:
+    _saved_for_backward(ctx, "mlp")
     x, w1, b1, w2, b2, h, aux = ctx.saved_tensors
     grads = f.mlp_backward(_traced_gemm, dy, x, w1, b1, w2, b2, h, aux, ctx.activation, ctx.compute_dtype,
                            ctx.needs_input_grad[:5])  # fmt: skip

@@ -63,8 +63,12 @@ def _launch(graph: Any, stream: int) -> None:
 
 def drain() -> None:
     """Destroy the graph executables of closed caches (call only where no capture is under way)."""
-    while _doomed:
-        driver.cuGraphExecDestroy(_doomed.pop()[0])
+    while True:
+        try:
+            graph = _doomed.pop()  # atomic: threads draining at once never destroy one twice
+        except IndexError:
+            return
+        driver.cuGraphExecDestroy(graph[0])
 
 
 class GraphCache:
@@ -80,7 +84,7 @@ class GraphCache:
 
     def replay(self, signature: tuple, stream: int) -> bool:
         """Launch the graph captured for ``signature`` on ``stream``; False when there is none."""
-        with self.lock:  # another thread's record() may evict and destroy the executable
+        with self.lock:  # launched under the lock: no thread's record() or close() takes it away meanwhile
             graph = self.execs.get(signature)
             if graph is None:
                 return False
@@ -94,7 +98,11 @@ class GraphCache:
         """
         if _doomed:
             drain()
-        with self.lock:
+        with self.lock:  # the whole of it: a graph is captured once, and launched before anyone may evict it
+            graph = self.execs.get(signature)  # another thread captured it meanwhile
+            if graph is not None:
+                _launch(graph, stream)
+                return True
             if self.broken or signature not in self.seen:
                 if len(self.seen) >= 4 * GRAPHS_PER_PLAN:
                     self.seen.clear()
@@ -108,7 +116,7 @@ class GraphCache:
             if len(self.execs) >= GRAPHS_PER_PLAN:
                 driver.cuGraphExecDestroy(self.execs.pop(next(iter(self.execs)))[0])
             self.execs[signature] = graph
-        _launch(graph, stream)
+            _launch(graph, stream)
         return True
 
     def _capture(self, device: int, enqueue: Callable[[int], None]) -> Any:
@@ -134,9 +142,10 @@ class GraphCache:
             driver.cuGraphDestroy(graph)
 
     def close(self) -> None:
-        """Hand the executables to ``drain`` (the caller may be inside a capture)."""
-        _doomed.extend(self.execs.values())
-        self.execs.clear()
+        """Hand the executables to ``drain`` (the caller may be inside a capture); none is launching then."""
+        with self.lock:
+            _doomed.extend(self.execs.values())
+            self.execs.clear()
 
     def __del__(self) -> None:
         try:
