@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import Framework
 from cublaslt_emulator import FakeLt
+from kernel_emulator import FakeKernels
 
 from gemmbridge.arrays import BY_TYPE
 from gemmbridge.arrays.numpy import NumpyArrays, numpy_dtype
@@ -96,13 +97,19 @@ class EmulatedFramework(Framework):
 
 
 def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
-    """Route GpuArray through the CUDA backend with the emulated library; returns (library, view)."""
+    """Route GpuArray through the CUDA backend with the emulated library and skinny kernel (mode "on"), on an
+    emulated device of compute capability 9.0 with 132 SMs; returns (library, view)."""
     pytest.importorskip("nvmath.bindings.cublasLt")
     import gemmbridge
     from gemmbridge.backends import cuda
-    from gemmbridge.backends.cuda import bindings, workspace
+    from gemmbridge.backends.cuda import bindings, kernels, workspace
 
     fake, view = FakeLt(), EmulatedView()
+    fake.kernels = FakeKernels()
+    monkeypatch.setattr(kernels, "_devices", {0: (9, "sm_90", 132)})
+    monkeypatch.setattr(kernels, "mode", "on")  # every problem the kernel can serve: its host side checked widely
+    monkeypatch.setattr(kernels.launch, "kernel", fake.kernels.kernel)
+    monkeypatch.setattr(kernels.launch, "_launch_v2", fake.kernels.launch)
     monkeypatch.setattr(bindings, "lt", fake)
     monkeypatch.setattr(bindings, "_handles", {})
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver

@@ -32,7 +32,10 @@ def test_fuzz_through_the_emulated_cuda_backend(gpu, capsys: pytest.CaptureFixtu
     _run(EmulatedFramework(), ("contiguous", "transposed", "row_strided", "col_strided", "offset", "negative"),
          examples, "emulated-cuda")  # fmt: skip
     with capsys.disabled():
-        print(f"\nfuzz emulated-cuda: {COUNTS['emulated-cuda']} problems, seed {SEED}, 0 failures")
+        print(
+            f"\nfuzz emulated-cuda: {COUNTS['emulated-cuda']} problems ({len(gpu[0].kernels.launches)} on the "
+            f"skinny kernel), seed {SEED}, 0 failures"
+        )
     assert gpu[0].matmuls > 0
 
 

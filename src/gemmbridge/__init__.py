@@ -14,7 +14,7 @@ from .errors import (
     VendorError,
 )
 from .ops import cache_size, clear_cache, matmul
-from .plan import Plan, set_autotune
+from .plan import Plan, set_autotune, set_kernels
 
 __version__ = "0.1.0"
 
@@ -36,4 +36,5 @@ __all__ = [
     "epilogues",
     "matmul",
     "set_autotune",
+    "set_kernels",
 ]

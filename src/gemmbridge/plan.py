@@ -30,6 +30,8 @@ _D, _AUX, _BIAS_GRAD = 3, 5, 6  # slots of Operands
 
 _cuda_backend: Any = None
 _autotune: bool | None = None  # set_autotune() before the CUDA backend was loaded
+_kernels: str | None = None  # set_kernels() before the CUDA backend was loaded
+KERNEL_MODES = ("auto", "on", "off")
 
 
 def cuda() -> Any:
@@ -45,6 +47,8 @@ def cuda() -> Any:
         _cuda_backend = backend
         if _autotune is not None:
             backend.autotune.enabled = _autotune
+        if _kernels is not None:
+            backend.kernels.mode = _kernels
     return _cuda_backend
 
 
@@ -60,6 +64,21 @@ def set_autotune(enabled: bool) -> None:
     _autotune = bool(enabled)
     if _cuda_backend is not None:
         _cuda_backend.autotune.enabled = _autotune
+
+
+def set_kernels(mode: str) -> None:
+    """Serve skinny GEMMs with the project's own kernels where they measured faster than cuBLASLt
+    (``"auto"``, the default), wherever they can (``"on"``), or never (``"off"``: cuBLASLt only); also set
+    by ``GEMMBRIDGE_KERNELS``. ``matmul``'s cached plans are dropped so that its next calls decide again;
+    ``Plan`` objects made before keep their choice. See ``docs/kernels.md``.
+    """
+    global _kernels
+    if mode not in KERNEL_MODES:
+        raise OptionError(f"set_kernels: mode must be one of {KERNEL_MODES}, not {mode!r}")
+    _kernels = mode
+    if _cuda_backend is not None:
+        _cuda_backend.kernels.mode = mode
+    PLANS.clear()
 
 
 def same_framework(view: TensorView, a: Any, b: Any, **others: Any) -> None:

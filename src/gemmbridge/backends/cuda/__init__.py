@@ -16,12 +16,13 @@ from ... import epilogues
 from ...arrays import CallContext, TensorView
 from ...errors import OptionError, allocation_failed
 from ...problem import ITEMSIZE, Operands, Problem
-from . import autotune, bindings, graphs, layouts, workspace  # noqa: F401 (layouts: for the plan layer)
+from . import autotune, bindings, graphs, kernels, layouts, workspace  # noqa: F401 (layouts: for the plan layer)
 from .graphs import MAX_FLOPS, GraphCache
 from .layouts import lt_problem
 
 _AUX_ALIGNMENT = 16  # bytes cuBLASLt needs of the aux and bias-gradient pointers
 _new = tuple.__new__  # Operands(...) without NamedTuple's slower constructor (hot path)
+Plan = bindings.LtPlan | kernels.KernelPlan
 
 
 def described(problem: Problem) -> str:
@@ -36,7 +37,7 @@ def described(problem: Problem) -> str:
 class PlanState:
     """The vendor plans of one problem on one device, keyed by pointer alignments and TF32; shared by threads."""
 
-    __slots__ = ("problem", "lt", "device", "plans", "small", "fp32", "aux_padded", "lock", "described")
+    __slots__ = ("problem", "lt", "device", "plans", "small", "fp32", "aux_padded", "lock", "described", "kernel")
 
     def __init__(self, problem: Problem, device: int) -> None:
         kind = epilogues.TABLE[problem.epilogue]
@@ -47,22 +48,29 @@ class PlanState:
         self.problem = problem
         self.lt = lt_problem(problem)
         self.device = device
-        self.plans: dict[tuple, tuple[bindings.LtPlan, GraphCache]] = {}
+        self.plans: dict[tuple, tuple[Plan, GraphCache]] = {}
         self.small = problem.flops <= MAX_FLOPS
         self.fp32 = problem.dtype == "float32"  # TF32 is a question for float32 only
         # an aux it allocates with padding is zeroed first: outputs deterministic to the byte
         self.aux_padded = kind.aux_out != "none" and epilogues.aux_is_padded(problem.epilogue, problem.n)
         self.lock = threading.Lock()
         self.described = described(problem)
+        self.kernel = kernels.config_for(problem, device)  # the project's own kernel, where it serves
 
     def plan(
         self, key: tuple, view: TensorView, ctx: CallContext, ptrs: Operands, alpha: float, beta: float, ws: int
-    ) -> tuple[bindings.LtPlan, GraphCache]:
-        """The plan for pointer alignments and TF32 ``key``, made (and tuned, when on) the first time."""
+    ) -> tuple[Plan, GraphCache]:
+        """The plan for pointer alignments and TF32 ``key``, made (and tuned, when on) the first time: the skinny
+        kernel where it serves the problem and every pointer is 16-byte aligned, else cuBLASLt."""
         with self.lock:
             found = self.plans.get(key)
             if found is not None:
                 return found
+            if self.kernel is not None and min(key[:4]) >= 16:
+                own = kernels.plan_for(self.kernel, self.problem, self.device, self.described)
+                if own is not None:
+                    found = self.plans[key] = (own, GraphCache())
+                    return found
             lt = self.lt
             alignments = tuple(min(p, lay.alignment) for p, lay in zip(key, (lt.a, lt.b, lt.c, lt.d)))
             plan = bindings.LtPlan(self.device, lt, key[4], alignments, self.described)  # type: ignore[arg-type]
@@ -184,11 +192,11 @@ def run(
     if state.small and ctx.finish is None and not ctx.capturing:
         signature = (ptrs, alpha, beta, stream, ws)
         if not graph_cache.replay(signature, stream) and not graph_cache.record(
-            signature, state.device, stream, lambda on: bindings.launch(plan, ptrs, alpha, beta, ws, on)
+            signature, state.device, stream, lambda on: plan.launch(ptrs, alpha, beta, ws, on)
         ):
-            bindings.launch(plan, ptrs, alpha, beta, ws, stream)
+            plan.launch(ptrs, alpha, beta, ws, stream)
     else:
-        bindings.launch(plan, ptrs, alpha, beta, ws, stream)
+        plan.launch(ptrs, alpha, beta, ws, stream)
     del workspace_buffer
     if ctx.finish is not None:
         ctx.finish()

@@ -182,6 +182,9 @@ class LtPlan:
         self.algo_ptr = self.algo.ptr
         self.workspace_size = int(self.algo.workspace_size)
 
+    def launch(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> None:
+        launch(self, ptrs, alpha, beta, workspace, stream)
+
     def close(self) -> None:
         for h in self.layouts:
             lt.matrix_layout_destroy(h)

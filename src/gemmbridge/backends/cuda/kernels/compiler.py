@@ -1,0 +1,113 @@
+"""``skinny.cu`` compiled at run time by NVRTC, cached on disk, loaded once per process.
+
+Why NVRTC (through cuda-bindings) and not Triton: the kernel must launch from any framework's stream
+(torch, CuPy, JAX) at the host cost of a ``cublasLtMatmul`` call or less. A compiled CUDA library
+is launched with one ``cuLaunchKernel`` and a packed parameter block (``launch.py``), needs no
+framework and is captured into CUDA graphs like any kernel; Triton's Python launcher costs tens of
+µs per call and needs torch. The source includes no header, so only ``libnvrtc`` is needed.
+
+Cubins are kept under ``$GEMMBRIDGE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/gemmbridge``, else
+``~/.cache/gemmbridge``) in ``kernels/``, named by a hash of the source, the options and the NVRTC
+version; written to a temporary file and renamed, so concurrent processes never see a partial one.
+A cache that cannot be read or written is skipped (the kernel is compiled in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+from .config import Config
+
+KERNEL_NAME = b"gemmbridge_skinny"
+
+
+def source() -> str:
+    return resources.files(__package__).joinpath("skinny.cu").read_text()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GEMMBRIDGE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gemmbridge"
+    )
+    return Path(root) / "kernels"
+
+
+def options(config: Config, arch: str) -> list[bytes]:
+    defines = [f"-D{name}={value}".encode() for name, value in config.defines().items()]
+    return [f"-arch={arch}".encode(), b"-std=c++17", b"-default-device", *defines]
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+
+    result = nvrtc.nvrtcVersion()
+    _check(result[0], "nvrtcVersion")
+    return int(result[1]), int(result[2])
+
+
+def _check(status: object, what: str, log: str = "") -> None:
+    from cuda.bindings import nvrtc
+
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        from ....errors import VendorError
+
+        raise VendorError(f"matmul: NVRTC {what} failed with {status!r}{': ' + log if log else ''}", str(status))
+
+
+def compile_cubin(config: Config, arch: str) -> bytes:
+    """NVRTC's cubin of ``skinny.cu`` for ``config`` and ``arch`` (e.g. ``sm_90``); no disk cache."""
+    from cuda.bindings import nvrtc
+
+    status, program = nvrtc.nvrtcCreateProgram(source().encode(), b"skinny.cu", 0, [], [])
+    _check(status, "nvrtcCreateProgram")
+    try:
+        opts = options(config, arch)
+        (status,) = nvrtc.nvrtcCompileProgram(program, len(opts), opts)
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            _, size = nvrtc.nvrtcGetProgramLogSize(program)
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(program, log)
+            _check(status, f"compiling {config.name} for {arch}", log.decode(errors="replace").strip())
+        status, size = nvrtc.nvrtcGetCUBINSize(program)
+        _check(status, "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check(nvrtc.nvrtcGetCUBIN(program, cubin)[0], "nvrtcGetCUBIN")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
+def cache_path(config: Config, arch: str) -> Path:
+    digest = hashlib.sha256()
+    for part in (source().encode(), *options(config, arch), repr(nvrtc_version()).encode()):
+        digest.update(part + b"\0")
+    return cache_dir() / f"{config.name}-{arch}-{digest.hexdigest()[:16]}.cubin"
+
+
+_lock = threading.Lock()
+
+
+def cubin(config: Config, arch: str) -> bytes:
+    """The cubin from the disk cache, or compiled and stored there."""
+    with _lock:
+        path = cache_path(config, arch)
+        try:
+            data = path.read_bytes()
+            if data[:4] == b"\x7fELF":
+                return data
+        except OSError:
+            pass
+        data = compile_cubin(config, arch)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, path)
+        except OSError:
+            pass
+        return data
