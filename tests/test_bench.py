@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cuda_torch
 
 from gemmbridge.bench import candidates, report
 from gemmbridge.bench.data import DTYPES, parse_dtypes
@@ -36,7 +37,7 @@ def test_shapes_parse_and_presets_are_named():
         with pytest.raises(OptionError, match="MxNxK|zero"):
             parse_shape(bad)
     for device in ("cpu", "cuda"):
-        assert set(PRESETS[device]) == {"square", "llm", "lora", "small"}
+        assert set(PRESETS[device]) == {"square", "llm", "lora", "small", "skinny"}
         lora = preset_shapes(device, ["lora"])
         assert {s.n for s in lora if s.n <= 64} == {8, 16, 32, 64}  # T×r×d, r in 8..64
         assert {s.k for s in lora if s.k <= 64} == {8, 16, 32, 64}  # T×d×r
@@ -225,18 +226,11 @@ def test_plain_table_without_rich(monkeypatch):
 # -- CUDA: the candidates and the Triton kernel are right (run on a GPU machine) -------------------------------
 
 
-def _cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return torch
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("label", ["bf16", "fp16", "tf32", "fp32"])
 @pytest.mark.parametrize("shape", [(256, 192, 128, 1), (100, 72, 40, 3), (64, 8, 1000, 1)])
 def test_triton_gemm_matches_float64(label, shape):
-    torch = _cuda()
+    torch = cuda_torch()
     pytest.importorskip("triton")
     from gemmbridge.bench import triton_gemm
 
@@ -253,7 +247,7 @@ def test_triton_gemm_matches_float64(label, shape):
 
 @pytest.mark.gpu
 def test_cuda_bench_checks_and_times_every_available_candidate():
-    _cuda()
+    cuda_torch()
     doc = run(BenchOptions(device="cuda", shapes=["256x128x64", "64x64x64x4"], dtypes="bf16,fp32", rep_ms=5,
                            rounds=1, peak_size=512, progress=False))  # fmt: skip
     report.validate(doc)
