@@ -173,10 +173,10 @@ def test_values_that_cannot_run_are_refused(given, flag):
 
 def test_an_80_column_table_cuts_no_number():
     doc = tiny(shapes=["8x8x8", "2048x11008x64", "16x8x4x2"], candidates="gemmbridge,numpy,torch")
-    for row in doc["rows"]:  # as on CUDA: five candidates, host µs of three digits
+    for row in doc["rows"]:  # as on CUDA: five candidates, host µs of three digits, GPU µs per op of two
         row["results"]["numpy"] = {"status": "skipped", "reason": "runs on the CPU only; this run is on CUDA"}
-        for name in ("torch", "triton", "cupy", "nvmath"):
-            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7}
+        for name in ("gemmbridge", "torch", "triton", "cupy", "nvmath"):
+            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7, "gpu_us": 12.25}
     text = io.StringIO()
     report.render(doc, file=text, width=80)
     lines = text.getvalue().splitlines()
@@ -184,7 +184,7 @@ def test_an_80_column_table_cuts_no_number():
     table = "\n".join(line for line in lines if line[:1] in "┃│")
     for row in doc["rows"]:
         assert f"{row['results']['gemmbridge']['tflops']:.4g}" in table and report.shape_text(row) in table
-    assert "136.7µs" in table
+    assert "136.7µs" in table and "(12.2µs)" in table
 
 
 def test_cells_over_the_roofline_are_explained_not_capped():

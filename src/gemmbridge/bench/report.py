@@ -25,7 +25,7 @@ on a memory-bound row whose operands fit in a cache faster than the measured cop
 so), and is reported as measured, not capped. ``gb_per_s`` is ``bytes`` (the least a GEMM moves: read A and
 B, write D) over the time, ``pct_of_copy`` that as a percentage of the copy bandwidth; on a memory-bound row
 it equals ``pct_of_roofline``. ``host_us``: host µs per eager call; ``gpu_us``: GPU µs per op replayed from
-a CUDA graph (small shapes; CUDA only, null on the CPU).
+a CUDA graph (small shapes; CUDA only, null on the CPU), shown in parentheses in the table.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _cell(r: dict[str, Any], rich: bool) -> str:
     if r.get("host_us") is not None:
         parts.append(f"{r['host_us']:.1f}µs")
     if r.get("gpu_us") is not None:
-        parts.append(f"gpu {r['gpu_us']:.2f}µs")
+        parts.append(f"({r['gpu_us']:.3g}µs)")
     return "\n".join(parts) if rich else " ".join(parts)
 
 
@@ -157,7 +157,7 @@ def footer(doc: dict[str, Any]) -> list[str]:
             lines.append(f"measured peak {label}: none (no candidate ran the peak GEMM correctly)")
     lines.append(f"copy bandwidth: {bw / 1e12:.3g} TB/s ({doc['bandwidth']['method']})")
     gpu = (
-        ", GPU µs per op replayed from a CUDA graph ('gpu', small shapes)"
+        ", then in parentheses GPU µs per op from a replayed CUDA graph (small shapes)"
         if doc["device"] == "cuda"
         else "; GPU µs per op: not applicable on the CPU"
     )
