@@ -69,3 +69,11 @@ def _fresh_cache() -> None:
     import gemmbridge
 
     gemmbridge.clear_cache()
+
+
+def cuda_torch():
+    """torch, for a test that needs a CUDA GPU through it (skipped without torch or a GPU)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cuda_torch
 
 from gemmbridge.bench import candidates, report
 from gemmbridge.bench.data import DTYPES, parse_dtypes
@@ -36,7 +37,7 @@ def test_shapes_parse_and_presets_are_named():
         with pytest.raises(OptionError, match="MxNxK|zero"):
             parse_shape(bad)
     for device in ("cpu", "cuda"):
-        assert set(PRESETS[device]) == {"square", "llm", "lora", "small"}
+        assert set(PRESETS[device]) == {"square", "llm", "lora", "small", "skinny"}
         lora = preset_shapes(device, ["lora"])
         assert {s.n for s in lora if s.n <= 64} == {8, 16, 32, 64}  # T×r×d, r in 8..64
         assert {s.k for s in lora if s.k <= 64} == {8, 16, 32, 64}  # T×d×r
@@ -172,10 +173,10 @@ def test_values_that_cannot_run_are_refused(given, flag):
 
 def test_an_80_column_table_cuts_no_number():
     doc = tiny(shapes=["8x8x8", "2048x11008x64", "16x8x4x2"], candidates="gemmbridge,numpy,torch")
-    for row in doc["rows"]:  # as on CUDA: five candidates, host µs of three digits
+    for row in doc["rows"]:  # as on CUDA: five candidates, host µs of three digits, GPU µs per op of two
         row["results"]["numpy"] = {"status": "skipped", "reason": "runs on the CPU only; this run is on CUDA"}
-        for name in ("torch", "triton", "cupy", "nvmath"):
-            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7}
+        for name in ("gemmbridge", "torch", "triton", "cupy", "nvmath"):
+            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7, "gpu_us": 12.25}
     text = io.StringIO()
     report.render(doc, file=text, width=80)
     lines = text.getvalue().splitlines()
@@ -183,7 +184,7 @@ def test_an_80_column_table_cuts_no_number():
     table = "\n".join(line for line in lines if line[:1] in "┃│")
     for row in doc["rows"]:
         assert f"{row['results']['gemmbridge']['tflops']:.4g}" in table and report.shape_text(row) in table
-    assert "136.7µs" in table
+    assert "136.7µs" in table and "(12.2µs)" in table
 
 
 def test_cells_over_the_roofline_are_explained_not_capped():
@@ -225,18 +226,11 @@ def test_plain_table_without_rich(monkeypatch):
 # -- CUDA: the candidates and the Triton kernel are right (run on a GPU machine) -------------------------------
 
 
-def _cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return torch
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("label", ["bf16", "fp16", "tf32", "fp32"])
 @pytest.mark.parametrize("shape", [(256, 192, 128, 1), (100, 72, 40, 3), (64, 8, 1000, 1)])
 def test_triton_gemm_matches_float64(label, shape):
-    torch = _cuda()
+    torch = cuda_torch()
     pytest.importorskip("triton")
     from gemmbridge.bench import triton_gemm
 
@@ -253,7 +247,7 @@ def test_triton_gemm_matches_float64(label, shape):
 
 @pytest.mark.gpu
 def test_cuda_bench_checks_and_times_every_available_candidate():
-    _cuda()
+    cuda_torch()
     doc = run(BenchOptions(device="cuda", shapes=["256x128x64", "64x64x64x4"], dtypes="bf16,fp32", rep_ms=5,
                            rounds=1, peak_size=512, progress=False))  # fmt: skip
     report.validate(doc)

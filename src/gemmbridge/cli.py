@@ -17,10 +17,13 @@ timed. A candidate that cannot run is listed with the reason. Exit status 1 when
 wrong or fails on any shape; other candidates' failures are reported in the table and the JSON.
 
 examples:
-  gemmbridge bench                                     # cuda: bf16, every preset (CPU: fp32)
+  gemmbridge bench                                     # cuda: bf16, the default presets (CPU: fp32)
   gemmbridge bench --dtype bf16,fp16 --json b.json --plot b.png
   gemmbridge bench --shape 4096x16x4096 --shape 64x64x64x32 --dtype fp32
   gemmbridge bench --device cpu --preset small
+  gemmbridge bench --preset skinny --dtype bf16,fp16   # bandwidth-bound: % of copy bandwidth
+
+Small shapes also get host µs per call and, on CUDA, GPU µs per op (calls replayed from a CUDA graph).
 """
 
 STRESS_EPILOG = """\
@@ -152,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--preset",
         dest="presets",
-        help="comma list of square, llm, lora, small, all (default: all, or none with --shape)",
+        help="comma list of square, llm, lora, small, skinny, all (default: square,llm,lora,small, or none with "
+        "--shape); skinny: LoRA's GEMMs in a layer's layouts and decode steps, %% of copy bandwidth against the "
+        "80 %% target",
     )
     bench.add_argument(
         "--shape", dest="shapes", action="append", metavar="MxNxK[xBATCH]", help="a shape to time (repeatable)"

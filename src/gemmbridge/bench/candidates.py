@@ -3,7 +3,8 @@
 A candidate says whether it can run at all (``available(device)`` → a reason it cannot, or None), whether
 it takes one shape and dtype (``unsupported``), and turns the run's inputs into a no-argument callable
 (``prepare``): everything that can be done once (views, plans) is done there, outside the timed region.
-A callable with a ``close()`` method is closed when the shape is done.
+A callable with a ``close()`` method is closed when the shape is done. ``graph`` names the framework whose
+CUDA graph captures the callable for GPU µs per op (``timing.gpu_us_per_op``).
 
 Inputs are numpy arrays on the CPU and torch CUDA tensors on CUDA. The torch CPU candidate sees the numpy
 arrays through ``torch.from_numpy``; CuPy sees the torch tensors through DLPack (zero-copy); nvmath-python
@@ -29,6 +30,7 @@ class Candidate:
     name = ""
     description = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
+    graph = "torch"
 
     def available(self, device: str) -> str | None:
         """None when this candidate can run on ``device``, else why not."""
@@ -137,6 +139,7 @@ class Cupy(Candidate):
     name = "cupy"
     description = "cupy.matmul on zero-copy DLPack views of the torch tensors"
     devices = ("cuda",)
+    graph = "cupy"
 
     def _available(self, device: str) -> str | None:
         try:

@@ -72,19 +72,27 @@ def torch_dtype(dtype: DType) -> Any:
     return getattr(torch, dtype.name)
 
 
-def make_inputs(device: str, shape: Shape, dtype: DType, rng: np.random.Generator) -> tuple[Any, Any]:
-    """Fresh standard-normal ``a`` (batch, M, K) and ``b`` (batch, K, N) on ``device``."""
-    if device == "cpu":
-        a = rng.standard_normal(shape.a_shape, dtype=np.float32).astype(numpy_dtype(dtype))
-        b = rng.standard_normal(shape.b_shape, dtype=np.float32).astype(numpy_dtype(dtype))
-        return a, b
-    import torch
+def _stored(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+    """The row-major array an operand of ``shape`` is a transposed view of (its last two dims swapped)."""
+    return (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
 
-    gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-    tdt = torch_dtype(dtype)
-    ta = torch.randn(shape.a_shape, generator=gen, device=device, dtype=tdt)
-    tb = torch.randn(shape.b_shape, generator=gen, device=device, dtype=tdt)
-    return ta, tb
+
+def make_inputs(device: str, shape: Shape, dtype: DType, rng: np.random.Generator) -> tuple[Any, Any]:
+    """Fresh standard-normal ``op(a)`` (batch, M, K) and ``op(b)`` (batch, K, N) on ``device``: row-major, or
+    transposed views of row-major arrays where ``shape`` says so."""
+    stored = _stored(shape.a_shape, shape.transpose_a), _stored(shape.b_shape, shape.transpose_b)
+    a: Any
+    b: Any
+    if device == "cpu":
+        a, b = (rng.standard_normal(s, dtype=np.float32).astype(numpy_dtype(dtype)) for s in stored)
+    else:
+        import torch
+
+        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        a, b = (torch.randn(s, generator=gen, device=device, dtype=torch_dtype(dtype)) for s in stored)
+    a = a.swapaxes(-1, -2) if shape.transpose_a else a
+    b = b.swapaxes(-1, -2) if shape.transpose_b else b
+    return a, b
 
 
 def to_float64(x: Any, device: str) -> Any:

@@ -2,7 +2,8 @@
 
 A candidate that is wrong (relative error over the dtype's tolerance, or NaN) or that raises is reported
 with the reason and is not timed. Timing interleaves the candidates (A B C A B C) and keeps each one's best
-median; a small shape also gets host µs per call.
+median; a small shape also gets host µs per call and, on CUDA, GPU µs per op replayed from a CUDA graph (a
+candidate that cannot be captured keeps its timings, with the reason under ``gpu_us_reason``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from .candidates import Candidate
 from .data import DType, make_inputs, poison, reference, rel_err
 from .presets import Shape
-from .timing import device_ms, host_us_per_call
+from .timing import device_ms, gpu_us_per_op, host_us_per_call
 
 
 def _error(error: BaseException) -> str:
@@ -37,9 +38,10 @@ def check_and_time(
     rep_ms: float,
     rounds: int,
 ) -> dict[str, dict[str, Any]]:
-    """Each candidate's result on ``shape``: status, reason, rel_err, ms, ms_runs, tflops, host_us."""
+    """Each candidate's result on ``shape``: status, reason, rel_err, ms, ms_runs, tflops, host_us, gpu_us."""
     results: dict[str, dict[str, Any]] = {}
     fns: dict[str, Callable[[], Any]] = {}
+    graph = {cand.name: cand.graph for cand in candidates}
     with contextlib.ExitStack() as stack:
         a, b = make_inputs(device, shape, dtype, rng)
         ref = reference(a, b, device)
@@ -76,10 +78,17 @@ def check_and_time(
             result = results[name]
             result["ms"] = min(result["ms_runs"])
             result["tflops"] = shape.flops / (result["ms"] * 1e-3) / 1e12
-            result["host_us"] = None
-            if shape.small:
+            result["host_us"] = result["gpu_us"] = None
+            if not shape.small:
+                continue
+            try:
+                result["host_us"] = host_us_per_call(fn, device, budget_ms=rep_ms)
+            except Exception as error:
+                results[name] = {"status": "error", "reason": _error(error), "rel_err": result["rel_err"]}
+                continue
+            if device == "cuda":
                 try:
-                    result["host_us"] = host_us_per_call(fn, device, budget_ms=rep_ms)
+                    result["gpu_us"] = gpu_us_per_op(fn, graph[name])
                 except Exception as error:
-                    results[name] = {"status": "error", "reason": _error(error), "rel_err": result["rel_err"]}
+                    result["gpu_us_reason"] = f"not captured in a CUDA graph: {_error(error)}"
     return results

@@ -4,7 +4,9 @@ The compute peak is the best TFLOP/s that any correct candidate reaches on a lar
 dtype (M = N = K = ``PEAK_SIZE``); a shape timed later that beats it raises it (the JSON says so). The
 memory bound is device-to-device copy bandwidth, bytes read + written, of a large torch tensor copy on
 CUDA or a numpy copy on the CPU. A shape's roofline is ``min(peak, bandwidth × FLOPs / bytes)``: the
-shape is compute-bound when the peak is the smaller term, memory-bound otherwise.
+shape is compute-bound when the peak is the smaller term, memory-bound otherwise. A shape's achieved bandwidth is
+the least bytes its GEMM must move (``Shape.nbytes``) over its time, also given as a percentage of the copy
+bandwidth (the skinny target's measure).
 """
 
 from __future__ import annotations
@@ -69,3 +71,9 @@ def roofline(shape: Shape, dtype: DType, peak_tflops: float | None, bytes_per_s:
     if peak_tflops <= memory:
         return {"intensity": intensity, "roofline_tflops": peak_tflops, "bound": "compute"}
     return {"intensity": intensity, "roofline_tflops": memory, "bound": "memory"}
+
+
+def bandwidth_use(nbytes: int, ms: float, copy_bytes_per_s: float | None) -> dict[str, float | None]:
+    """``gb_per_s = nbytes / time / 1e9`` and ``pct_of_copy = 100 · (nbytes / time) / copy bandwidth``."""
+    per_s = nbytes / (ms * 1e-3)
+    return {"gb_per_s": per_s / 1e9, "pct_of_copy": 100 * per_s / copy_bytes_per_s if copy_bytes_per_s else None}

@@ -24,23 +24,29 @@ from . import report
 from .candidates import BASELINES, Candidate, candidates
 from .data import DType, parse_dtypes
 from .measure import check_and_time, skipped
-from .peaks import compute_peak, copy_bandwidth, roofline
-from .presets import PEAK_SIZE, Shape, parse_shape, preset_shapes
+from .peaks import bandwidth_use, compute_peak, copy_bandwidth, roofline
+from .presets import DEFAULT_PRESETS, PEAK_SIZE, SKINNY_TARGET_PCT, Shape, parse_shape, preset_shapes
+from .timing import GRAPH_CALLS, GRAPH_REPLAYS
 
 DEFAULT_DTYPE = {"cuda": "bf16", "cpu": "fp32"}
 DEFAULT_REP_MS = {"cuda": 60.0, "cpu": 25.0}
 METHOD = (
     "inputs standard normal, fresh per shape; each candidate checked against a float64 reference before it is "
     "timed; device time: {timer}, warm-up excluded; candidates interleaved A B C A B C, {rounds} round(s), best "
-    "median kept; host µs/call (small shapes): eager calls without synchronization, then one, median of 5"
+    "median kept; host µs/call (small shapes): eager calls without synchronization, then one, median of 5; {gpu}"
 )
+GPU_METHOD = {
+    "cuda": "GPU µs/op (small shapes): {calls} calls captured in one CUDA graph (torch's; CuPy's for cupy), "
+    "median of {replays} event-timed replays / {calls}",
+    "cpu": "GPU µs/op: not applicable on the CPU",
+}
 
 
 @dataclass
 class BenchOptions:
     device: str | None = None  # "cpu" or "cuda"; None: cuda when torch sees one
     dtypes: str | None = None  # comma list of bf16, fp16, tf32, fp32, fp64
-    presets: str | None = None  # comma list of square, llm, lora, small, all
+    presets: str | None = None  # comma list of square, llm, lora, small, skinny, all
     shapes: list[str] = field(default_factory=list)  # MxNxK[xBATCH]
     candidates: str | None = None  # comma list to keep; the others are listed as not selected
     rep_ms: float | None = None  # timed milliseconds per measurement
@@ -162,6 +168,7 @@ ENV_PREFIXES = (
     "NVIDIA_TF32_OVERRIDE",
     "CUBLAS",
     "CUDA_VISIBLE_DEVICES",
+    "GEMMBRIDGE_",
 )
 
 
@@ -189,7 +196,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
     custom = [parse_shape(s) for s in options.shapes]
     shapes = custom
     if options.presets or not custom:
-        shapes = preset_shapes(device, (options.presets or "all").split(",")) + custom
+        names = options.presets.split(",") if options.presets else list(DEFAULT_PRESETS)
+        shapes = preset_shapes(device, names) + custom
     rep_ms = DEFAULT_REP_MS[device] if options.rep_ms is None else options.rep_ms
     peak_size = PEAK_SIZE[device] if options.peak_size is None else options.peak_size
     rounds = options.rounds
@@ -213,7 +221,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(device),
-        "method": METHOD.format(timer=timer, rounds=rounds),
+        "method": METHOD.format(
+            timer=timer, rounds=rounds, gpu=GPU_METHOD[device].format(calls=GRAPH_CALLS, replays=GRAPH_REPLAYS)
+        ),
         "settings": {
             "dtypes": [d.label for d in dtypes],
             "presets": sorted({s.preset for s in shapes}),
@@ -259,14 +269,19 @@ def _row(shape: Shape, dtype: DType, results: dict[str, dict[str, Any]]) -> dict
         "n": shape.n,
         "k": shape.k,
         "batch": shape.batch,
+        "transpose_a": shape.transpose_a,
+        "transpose_b": shape.transpose_b,
+        "role": shape.role,
         "flops": shape.flops,
         "bytes": shape.nbytes(dtype.itemsize),
+        "target_pct_of_copy": SKINNY_TARGET_PCT if shape.preset == "skinny" else None,
         "results": results,
     }
 
 
 def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
-    """Peaks raised to the best seen, then each row's roofline, % of it, and ratio to the framework's matmul."""
+    """Peaks raised to the best seen, then each row's roofline, % of it, bandwidth used (and the skinny target met or
+    not), and ratio to the framework's matmul."""
     bandwidth = result["bandwidth"]["bytes_per_s"]
     for dtype in dtypes:
         peak = result["peaks"][dtype.label]
@@ -286,6 +301,9 @@ def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
         for r in ok.values():
             r["pct_of_roofline"] = 100 * r["tflops"] / row["roofline_tflops"] if row["roofline_tflops"] else None
             r["ratio"] = r["tflops"] / base if base else None
+            r.update(bandwidth_use(row["bytes"], r["ms"], bandwidth))
+            target = row["target_pct_of_copy"]
+            r["target_met"] = None if target is None or r["pct_of_copy"] is None else r["pct_of_copy"] >= target
     summary: dict[str, Any] = {}
     for cand in result["candidates"]:
         name = cand["name"]
@@ -309,6 +327,8 @@ def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
             "baseline_rows": sum(row["baseline"] == name for row in result["rows"]),
             "geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None,
             "min_ratio": min(ratios) if ratios else None,
+            "targets_met": sum(row["results"][name].get("target_met") is True for row in result["rows"]),
+            "targets_missed": sum(row["results"][name].get("target_met") is False for row in result["rows"]),
             "failures": failed,
         }
     result["summary"] = summary
