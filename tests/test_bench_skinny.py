@@ -176,7 +176,7 @@ def test_the_skinny_script_writes_every_candidates_figures(tmp_path: Path):
     doc = json.loads(out.read_text())
     assert doc["schema"] == "gemmbridge.skinny/1" and doc["card"].startswith("CPU") and doc["date"]
     assert {"gemmbridge", "torch", "gemmbridge_git"} <= set(doc["versions"])
-    assert [c["name"] for c in doc["candidates"]] == ["torch", "gemmbridge-off", "gemmbridge-auto"]
+    assert [c["name"] for c in doc["candidates"]] == ["torch", "gemmbridge-off", "gemmbridge-auto", "gemmbridge-on"]
     kernels = hasattr(gb, "set_kernels")
     assert doc["own_kernels"]["available"] is kernels
     assert ("own kernels: not available" in result.stdout) is not kernels
