@@ -19,6 +19,9 @@ from gemmbridge.arrays import BY_TYPE
 from gemmbridge.arrays.numpy import NumpyArrays, numpy_dtype
 from gemmbridge.problem import TensorMeta
 
+EMULATED_DEVICE = {"name": "Emulated GPU", "sms": 4, "capability": "9.0", "driver": "0.0", "cuda_driver": 13000,
+                   "cublasLt": 130100}  # fmt: skip
+
 
 class GpuArray(np.ndarray):
     """A host array that gemmbridge takes for one on cuda:0."""
@@ -100,7 +103,7 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     pytest.importorskip("nvmath.bindings.cublasLt")
     import gemmbridge
     from gemmbridge.backends import cuda
-    from gemmbridge.backends.cuda import bindings, workspace
+    from gemmbridge.backends.cuda import bindings, tuning_cache, workspace
 
     fake, view = FakeLt(), EmulatedView()
     monkeypatch.setattr(bindings, "lt", fake)
@@ -110,5 +113,6 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.__array_interface__["data"][0]))(
         np.empty(workspace.WORKSPACE_BYTES, np.uint8)))  # fmt: skip
     monkeypatch.setitem(BY_TYPE, GpuArray, view)
+    monkeypatch.setattr(tuning_cache, "_devices", {0: dict(EMULATED_DEVICE)})
     gemmbridge.clear_cache()
     return fake, view

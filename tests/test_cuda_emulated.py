@@ -64,7 +64,7 @@ def test_any_other_vendor_error_changes_nothing(gpu, monkeypatch) -> None:
         gb.matmul(a, b)
     monkeypatch.setattr(fake, "matmul", real_matmul)
     plan = next(iter(gb.plan.PLANS.plans.values()))
-    assert [p.choice for p, _ in plan.state.plans.values()] == [0]
+    assert [p.choice for p, _, _ in plan.state.plans.values()] == [0]
 
 
 def test_threads_share_one_plan_and_compute_right(gpu) -> None:
