@@ -4,7 +4,6 @@ foreign files and entries ignored, concurrent writers from several processes."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 
 import pytest
@@ -157,23 +156,36 @@ def test_an_invalid_entry_is_refused_before_writing(cache) -> None:
         tuning.file_for(DEVICE).put({"p": {"timings": {}}})
 
 
-def _writer(args: tuple[str, int, int]) -> None:
-    folder, worker, count = args
-    os.environ["GEMMBRIDGE_CACHE_DIR"] = folder
-    tuning._files.clear()
-    file = tuning.file_for(DEVICE)
-    for i in range(count):
-        file.put({f"w{worker}-{i}": entry(worker * 1000 + i)})
+WRITER = """
+import os, sys, time
+from gemmbridge import tuning
+device, folder, worker, count = eval(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+while not os.path.exists(os.path.join(folder, "go")):  # every writer starts at once
+    time.sleep(0.001)
+file = tuning.file_for(device)
+for i in range(count):
+    entry = {"choice": {"backend": "cublaslt", "config": {"ID": worker * 1000 + i}},
+             "timings": {"first_ms": 2.0, "chosen_ms": 1.0}}
+    file.put({f"w{worker}-{i}": entry})
+"""
 
 
 @pytest.mark.skipif(tuning.fcntl is None, reason="no flock on this platform")
-def test_concurrent_writers_in_several_processes_all_land(cache) -> None:
-    workers, count = 4, 25
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers) as pool:
-        pool.map(_writer, [(str(cache), w, count) for w in range(workers)])
+def test_concurrent_writers_in_several_processes_all_land(cache, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import gemmbridge
+
+    workers, count = 4, 40
+    source = os.path.dirname(os.path.dirname(os.path.abspath(gemmbridge.__file__)))
+    env = {**os.environ, "GEMMBRIDGE_CACHE_DIR": str(cache), "PYTHONPATH": source}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, repr(DEVICE), str(tmp_path), str(w), str(count)],
+                              env=env) for w in range(workers)]  # fmt: skip
+    (tmp_path / "go").write_text("")
+    assert [p.wait(timeout=120) for p in procs] == [0] * workers
     tuning._files.clear()
     entries = tuning.file_for(DEVICE).entries()
     assert len(entries) == workers * count
-    assert entries["w3-24"] == entry(3024)
+    assert entries["w3-39"] == entry(3039)
     assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []

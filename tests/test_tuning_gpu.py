@@ -62,7 +62,7 @@ def test_a_tuned_shape_is_used_and_correct_in_a_fresh_process(cache, dtype, tol,
     label = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}[dtype]
     (result,) = gb.tune(["x".join(map(str, shape))], dtype=label, transpose_b=transpose_b, budget_s=1.0)
     assert result.first_ms > 0 and result.tuned_ms > 0 and result.candidates > 1
-    assert result.tuned_ms <= result.first_ms * 1.05  # the choice, timed again beside the first pick
+    assert result.tuned_ms <= result.first_ms  # the choice beats the first pick, or is it
     (path,) = [p for p in cache.glob("*.json")]
     (entry,) = json.loads(path.read_text())["entries"].values()
     assert entry["method"] == "explore" and entry["choice"]["backend"] == "cublaslt"
@@ -81,11 +81,14 @@ def test_tune_model_tunes_forward_and_both_gradients_of_each_linear(cache) -> No
                           nn.Linear(256, 256, bias=False), gt.MLP(256, 512)).to(torch.bfloat16)  # fmt: skip
     results = gb.tune_model(model, tokens=384, budget_s=0.5)
     described = [r.problem for r in results]
-    # per linear: forward, input gradient, weight gradient (4 linears) + the MLP's 2 forward and 4 backward GEMMs
-    assert len(results) >= 3 * 4 + 6, described
-    assert any("epilogue=gelu_aux" in d for d in described) and any("epilogue=bgrad_a" in d for d in described)
+    # per linear: forward, input gradient, weight gradient (4 linears); the MLP's 2 forward and 4 backward GEMMs
+    # (those with a problem met before share its plan)
+    assert 3 * 4 <= len(results) <= 3 * 4 + 6, described
+    for epilogue in ("gelu_aux", "bgrad_a", "dgelu", "none"):
+        assert any(f"epilogue={epilogue} " in d for d in described), (epilogue, described)
+    assert any("m=384 n=512 k=256" in d for d in described)  # the first layer's forward
     (path,) = list(cache.glob("*.json"))
-    assert len(json.loads(path.read_text())["entries"]) == len(results)
+    assert 12 <= len(json.loads(path.read_text())["entries"]) <= len(results)
     gb.clear_cache()
     x = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer = gt.Linear(256, 512, device="cuda", dtype=torch.bfloat16)

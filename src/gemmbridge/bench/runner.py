@@ -131,6 +131,9 @@ def _environment() -> dict[str, Any]:
     """What else shapes the numbers: thread counts and the variables that change BLAS or TF32 behaviour."""
     found: dict[str, Any] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     found["cpu_count"] = os.cpu_count()
+    from .. import tuning
+
+    found["tuning_cache"] = tuning.cache_dir() if tuning.enabled else "off"  # tuned choices a GPU plan may use
     with contextlib.suppress(ImportError):
         import torch
 

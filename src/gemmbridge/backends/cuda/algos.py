@@ -187,9 +187,19 @@ def _caps_of(plan: LtPlan, algo_id: int, caps_cache: dict[int, dict]) -> dict[st
     return caps_cache[algo_id]
 
 
+def _schemes(plan: LtPlan) -> list[Any]:
+    """Split-K reduction schemes that keep the result's precision: for half results only the one that adds the
+    partial products in the compute type (fp32); ``INPLACE`` and ``OUTPUT_TYPE`` add them in the output type."""
+    scheme = bindings.lt.ReductionScheme
+    if plan.problem.d_dtype in ("float16", "bfloat16"):
+        return [scheme.COMPUTE_TYPE]
+    return [scheme.INPLACE, scheme.COMPUTE_TYPE, scheme.OUTPUT_TYPE]
+
+
 def neighbours(plan: LtPlan, cfg: Config, caps_cache: dict[int, dict]) -> Iterator[Config]:
     """Configurations one change away from ``cfg``: other stages, another tile, a split-K count (with each reduction
-    scheme the id supports), CTA swizzling flipped, another cluster shape; unchecked."""
+    scheme the id supports that keeps precision, ``_schemes``), CTA swizzling flipped, another cluster shape;
+    unchecked."""
     values = dict(cfg)
     caps = _caps_of(plan, values["ID"], caps_cache)
     for stages in caps["STAGES_IDS"]:
@@ -197,8 +207,7 @@ def neighbours(plan: LtPlan, cfg: Config, caps_cache: dict[int, dict]) -> Iterat
     for tile in caps["TILE_IDS"]:
         yield _changed(cfg, TILE_ID=tile)
     if caps["SPLITK_SUPPORT"]:
-        schemes = [int(s) for s in bindings.lt.ReductionScheme if int(s) & caps["REDUCTION_SCHEME_MASK"]
-                   and int(s) != int(bindings.lt.ReductionScheme.MASK)]  # fmt: skip
+        schemes = [int(s) for s in _schemes(plan) if int(s) & caps["REDUCTION_SCHEME_MASK"]]
         for splitk in SPLITK:
             for scheme in schemes if splitk > 1 else [0]:
                 yield _changed(cfg, SPLITK_NUM=splitk, REDUCTION_SCHEME=scheme)

@@ -100,7 +100,11 @@ class LtCandidate(Candidate):
     algo: Any
     index: int
 
-    def __init__(self, plan: LtPlan, algo: Any, name: str, index: int = -1) -> None:
+    def __init__(self, plan: LtPlan, algo: Any, label: str = "", index: int = -1) -> None:
+        payload = algos.payload(algo)
+        named = algos.named(tuple(payload["config"].items()))
+        name = f"{label}: {named}" if label else named
+
         def launch(ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> None:
             if plan.algo is not algo:
                 plan.use(algo)
@@ -108,7 +112,7 @@ class LtCandidate(Candidate):
             if plan.algo is not algo:
                 raise Refused(f"cuBLASLt refused {name}")
 
-        super().__init__(name, algos.payload(algo), launch)
+        super().__init__(name, payload, launch)
         object.__setattr__(self, "algo", algo)
         object.__setattr__(self, "index", index)
 

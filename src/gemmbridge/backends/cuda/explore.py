@@ -41,7 +41,7 @@ def _lt(plan: LtPlan, cfgs: Iterable[algos.Config], seen: set[str]) -> Iterable[
     for cfg in cfgs:
         algo = algos.build(plan, cfg)
         if algo is not None:
-            cand = LtCandidate(plan, algo, algos.named(cfg))
+            cand = LtCandidate(plan, algo)
             if canonical(cand.payload) not in seen:
                 yield cand
 
@@ -77,10 +77,14 @@ def explore(
         ids = {dict(algos.config(c.algo))["ID"] for c, _ in _cublaslt(timed)}
         run(_lt(plan, algos.unseen_ids(plan, ids), set(timed)))
         caps: dict[int, dict] = {}
+        expanded: set[algos.Config] = set()
         best = min(t for _, t in timed.values())
         while time.perf_counter() < deadline and len(timed) < MAX_CANDIDATES:
             for cand, _ in sorted(_cublaslt(timed), key=lambda v: v[1])[:SEEDS]:
-                run(_lt(plan, algos.neighbours(plan, algos.config(cand.algo), caps), set(timed)))
+                cfg = algos.config(cand.algo)
+                if cfg not in expanded:
+                    expanded.add(cfg)
+                    run(_lt(plan, algos.neighbours(plan, cfg, caps), set(timed)))
             now = min(t for _, t in timed.values())
             if not now < best:
                 break
