@@ -116,3 +116,34 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(tuning_cache, "_devices", {0: dict(EMULATED_DEVICE)})
     gemmbridge.clear_cache()
     return fake, view
+
+
+class Events:
+    """cuda.bindings.driver's event calls: between two records, ``ms_of()`` (of whatever ran last) per launch
+    (``count()`` counts launches)."""
+
+    def __init__(self, ms_of, count) -> None:  # type: ignore[no-untyped-def]
+        from cuda.bindings import driver
+
+        self.ok, self.ms_of, self.count, self.timed, self.records, self.mark = (
+            driver.CUresult.CUDA_SUCCESS, ms_of, count, 0, 0, 0)  # fmt: skip
+        self.destroyed: list = []
+
+    def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
+        return self.ok, object()
+
+    def cuEventRecord(self, event, stream):  # type: ignore[no-untyped-def]
+        if self.records % 2 == 0:  # a start
+            self.mark = self.count()
+        self.records += 1
+        return (self.ok,)
+
+    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
+
+    def cuGraphExecDestroy(self, graph):  # type: ignore[no-untyped-def]
+        self.destroyed.append(graph)
+        return (self.ok,)
+
+    def cuEventElapsedTime(self, start, end):  # type: ignore[no-untyped-def]
+        self.timed += 1
+        return self.ok, self.ms_of() * (self.count() - self.mark)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cublaslt_emulator import STAGES, TILES, raw
-from emulated_gpu import EMULATED_DEVICE, GpuArray, install
+from emulated_gpu import EMULATED_DEVICE, Events, GpuArray, install
 
 import gemmbridge as gb
 from gemmbridge import tuning
@@ -34,32 +34,6 @@ def gpu(monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
     yield found
     gb.set_autotune(False)
     gb.clear_cache()
-
-
-class Events:
-    """cuda.bindings.driver's event calls: between two records, ``ms_of()`` (of whatever ran last) per launch
-    (``count()`` counts launches)."""
-
-    def __init__(self, ms_of, count) -> None:  # type: ignore[no-untyped-def]
-        from cuda.bindings import driver
-
-        self.ok, self.ms_of, self.count, self.timed, self.records, self.mark = (
-            driver.CUresult.CUDA_SUCCESS, ms_of, count, 0, 0, 0)  # fmt: skip
-
-    def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
-        return self.ok, object()
-
-    def cuEventRecord(self, event, stream):  # type: ignore[no-untyped-def]
-        if self.records % 2 == 0:  # a start
-            self.mark = self.count()
-        self.records += 1
-        return (self.ok,)
-
-    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
-
-    def cuEventElapsedTime(self, start, end):  # type: ignore[no-untyped-def]
-        self.timed += 1
-        return self.ok, self.ms_of() * (self.count() - self.mark)
 
 
 def aligned(x: np.ndarray) -> GpuArray:
@@ -117,6 +91,47 @@ def test_autotune_stores_its_choice_and_a_new_plan_uses_it_without_timing(gpu, m
     np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
     assert fake.calls[-1][0] == chosen
     assert lt_plan()[0].choice == -1  # the cached algorithm, not a heuristic index
+
+
+def test_host_bound_candidates_are_timed_as_graph_replays(gpu, monkeypatch, rng) -> None:
+    """Launched one by one, both candidates cost the host's 0.03 ms per launch; replayed from a graph, their
+    kernels' own times (0.01 and 0.005 ms) show, and the faster one is kept."""
+    from gemmbridge.backends.cuda import graphs
+
+    fake, _ = gpu
+    state = {"graph": False, "replaying": False}  # graph: the launches since the last event came from a replay
+    captured: list = []
+    real = fake.matmul
+
+    def matmul(*args):  # type: ignore[no-untyped-def]
+        state["graph"] = state["replaying"]
+        real(*args)
+
+    def capture(device, enqueue):  # type: ignore[no-untyped-def]
+        captured.append(enqueue)
+        return (len(captured), enqueue)
+
+    def replay(graph, stream):  # type: ignore[no-untyped-def]
+        state["replaying"] = True
+        graph[1](stream)
+        state["replaying"] = False
+
+    def cost() -> float:
+        kernel = {0: 0.01, 1: 0.005}[fake.calls[-1][0]]
+        return kernel if state["graph"] else max(kernel, 0.03)
+
+    monkeypatch.setattr(fake, "matmul", matmul)
+    monkeypatch.setattr(graphs, "capture", capture)
+    monkeypatch.setattr(graphs, "_launch", replay)
+    events = Events(cost, lambda: fake.matmuls)
+    monkeypatch.setattr(autotune, "driver", events)
+    gb.set_autotune(True)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert len(captured) == 2 and events.destroyed == [1, 2]
+    (entry,) = cache_entries().values()
+    assert entry["timings"] == {"first_ms": pytest.approx(0.01), "chosen_ms": pytest.approx(0.005)}
+    assert fake.calls[-1][0] == 1
 
 
 def store_choice(gpu, monkeypatch, rng) -> None:  # type: ignore[no-untyped-def]

@@ -28,12 +28,14 @@ from cuda.bindings import driver
 
 from ...errors import GemmError
 from ...problem import Operands, Problem
-from . import algos, bindings
+from . import algos, bindings, graphs
 from .bindings import LtPlan
 from .graphs import check
 
 MEASURE_MS = 2.0  # GPU time to spend timing each candidate (at least 3 calls, at most 200)
 MARGIN = 0.98  # a candidate replaces the heuristic's first pick only when at least 2 % faster
+GRAPH_BELOW_MS = 0.05  # per-call times below this are measured again as CUDA-graph replays (Timer)
+GRAPH_LAUNCHES = 20
 enabled = os.environ.get("GEMMBRIDGE_AUTOTUNE", "0") == "1"
 exploring = False  # set by ``gemmbridge.tune``: explore beyond the heuristic, and re-tune problems already cached
 # told of each tuning: the problem described, the result, and a callable that forgets its cache entry
@@ -142,11 +144,15 @@ def pick(times: Sequence[float], baseline: int = 0, margin: float = MARGIN) -> i
 
 
 class Timer:
-    """CUDA-event timing of candidates on one stream, into scratch outputs (``ptrs``)."""
+    """CUDA-event timing of candidates on one stream, into scratch outputs (``ptrs``).
 
-    def __init__(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> None:
+    A candidate faster than ``GRAPH_BELOW_MS`` per call is host-bound when launched call by call (the
+    host's launch rate, not the kernel, would be measured): it is timed again as replays of a CUDA graph
+    of ``GRAPH_LAUNCHES`` calls, captured on a private stream (``graphs``)."""
+
+    def __init__(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int, device: int) -> None:
         self.args = (ptrs, alpha, beta, workspace, stream)
-        self.stream = stream
+        self.stream, self.device = stream, device
         self.start = check(driver.cuEventCreate(0), "cuEventCreate")
         self.end = check(driver.cuEventCreate(0), "cuEventCreate")
 
@@ -157,23 +163,42 @@ class Timer:
         driver.cuEventDestroy(self.start)
         driver.cuEventDestroy(self.end)
 
-    def time(self, candidate: Candidate, budget_ms: float = MEASURE_MS) -> float:
-        """``candidate``'s ms per call over about ``budget_ms`` of calls (after a warm-up); inf if it fails."""
-        launch, args = candidate.launch, self.args
-        try:
-            launch(*args)  # warm-up
-        except GemmError:
-            return float("inf")
+    def _per_call(self, enqueue: Callable[[], None], budget_ms: float) -> float:
+        """ms per ``enqueue()``: a short estimate, then about ``budget_ms`` worth of calls (3 to 200)."""
         repeats = 3
-        for _ in range(2):  # a short estimate, then about budget_ms worth of calls
+        for _ in range(2):
             check(driver.cuEventRecord(self.start, self.stream), "cuEventRecord")
             for _ in range(repeats):
-                launch(*args)
+                enqueue()
             check(driver.cuEventRecord(self.end, self.stream), "cuEventRecord")
             check(driver.cuEventSynchronize(self.end), "cuEventSynchronize")
             per_call = check(driver.cuEventElapsedTime(self.start, self.end), "cuEventElapsedTime") / repeats
             repeats = max(3, min(200, int(budget_ms / max(per_call, 1e-3))))
         return float(per_call)
+
+    def time(self, candidate: Candidate, budget_ms: float = MEASURE_MS) -> float:
+        """``candidate``'s ms per call (after a warm-up); inf if it fails."""
+        launch, (ptrs, alpha, beta, workspace, stream) = candidate.launch, self.args
+        try:
+            launch(ptrs, alpha, beta, workspace, stream)  # warm-up
+        except GemmError:
+            return float("inf")
+        per_call = self._per_call(lambda: launch(ptrs, alpha, beta, workspace, stream), budget_ms)
+        if per_call >= GRAPH_BELOW_MS:
+            return per_call
+
+        def calls(on: int) -> None:
+            for _ in range(GRAPH_LAUNCHES):
+                launch(ptrs, alpha, beta, workspace, on)
+
+        try:
+            graph = graphs.capture(self.device, calls)
+        except GemmError:
+            return per_call
+        try:
+            return self._per_call(lambda: graphs._launch(graph, stream), budget_ms) / GRAPH_LAUNCHES
+        finally:
+            driver.cuGraphExecDestroy(graph[0])
 
 
 @dataclass
@@ -193,7 +218,7 @@ def tune(plan: LtPlan, ptrs: Operands, alpha: float, beta: float, workspace: int
     ``ptrs`` must point the outputs (d, aux in a forward epilogue, bias_grad) at scratch memory.
     """
     candidates = heuristic_candidates(plan)
-    with Timer(ptrs, alpha, beta, workspace, stream) as timer:
+    with Timer(ptrs, alpha, beta, workspace, stream, plan.device) as timer:
         times = [timer.time(c) for c in candidates]
     chosen = pick(times)
     candidates[chosen].apply(plan)

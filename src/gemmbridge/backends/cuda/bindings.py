@@ -91,6 +91,7 @@ class LtPlan:
         self, device: int, problem: LtProblem, tf32: bool, alignments: tuple[int, int, int, int], described: str
     ) -> None:
         self.handle = handle(device)
+        self.device = device
         self.described = described
         self.lock = threading.Lock()
         self.layouts: list[int] = []

@@ -59,7 +59,7 @@ def explore(
     first = LtCandidate(plan, plan.result(plan._results, 0), "heuristic 0", 0)
     timed: dict[str, tuple[Candidate, float]] = {}  # by canonical payload
 
-    with Timer(ptrs, alpha, beta, workspace, stream) as timer:
+    with Timer(ptrs, alpha, beta, workspace, stream, plan.device) as timer:
 
         def run(candidates: Iterable[Candidate]) -> None:
             for cand in candidates:
