@@ -132,3 +132,19 @@ def test_a_wrong_tuned_result_forgets_its_entries_and_raises() -> None:
     assert forgotten == [1, 2]
     with pytest.raises(VendorError):
         tuner._checked(found, 2, "what", {"y": float("nan")}, 1e-2)
+
+
+def test_tf32_flag_follows_the_dtype_asked_and_comes_back() -> None:
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_tf32
+    try:
+        for start in (False, True):
+            flags.allow_tf32 = start
+            for label, inside in (("tf32", True), ("fp32", False), ("bf16", start)):
+                with tuner._tf32(torch, tuner._dtype(label)):
+                    assert flags.allow_tf32 is inside
+                assert flags.allow_tf32 is start
+            with tuner._tf32(torch, None):
+                assert flags.allow_tf32 is start
+    finally:
+        flags.allow_tf32 = before

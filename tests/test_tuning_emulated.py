@@ -352,3 +352,18 @@ def test_forget_drops_the_entry(gpu, monkeypatch, rng) -> None:
     gb.matmul(*operands(rng)[:2])
     tuning_cache.forget(lt_plan()[0], 0)
     assert cache_entries() == {}
+
+
+def test_a_driver_that_cannot_name_the_device_means_no_cache_and_no_failure(gpu, monkeypatch, rng, tmp_path) -> None:
+    def broken(device):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no libcuda")
+
+    monkeypatch.setattr(tuning_cache, "_devices", {})
+    monkeypatch.setattr(tuning_cache, "_query", broken)
+    monkeypatch.setattr(
+        autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[gpu[0].calls[-1][0]], lambda: gpu[0].matmuls)
+    )
+    gb.set_autotune(True)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert tuning_cache._devices == {0: None} and list(tmp_path.glob("*.json")) == []

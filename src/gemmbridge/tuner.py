@@ -188,24 +188,39 @@ def _run_layer(torch: Any, spec: tuple, tokens: int) -> dict[str, float]:
     return errors
 
 
+@contextlib.contextmanager
+def _tf32(torch: Any, dtype: DType | None) -> Iterator[None]:
+    """torch's TF32 flag as ``dtype`` says (tf32: on, fp32: off; None: as it is), restored afterwards."""
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_tf32
+    if dtype is not None and dtype.name == "float32":
+        flags.allow_tf32 = dtype.tf32
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = before
+
+
 def tune_model(
     model: Any, *, tokens: int, dtype: str | DType | None = None, budget_s: float = 4.0, progress: bool = False
 ) -> list[TuneResult]:
     """Tune the GEMMs that training ``model``'s ``nn.Linear`` layers and ``gemmbridge.torch.MLP`` blocks runs through
     ``gemmbridge.torch`` (``Linear``, ``convert_linears``, ``MLP``): for a batch of ``tokens`` rows, the forward
     ``x·Wᵀ`` (with its bias and activation), the input gradient ``dy·W`` and the weight gradient ``dyᵀ·x`` (with the
-    bias gradient). ``dtype``: the layers' own parameter dtype when None. Returns one ``TuneResult`` per GEMM."""
+    bias gradient). ``dtype``: the layers' own parameter dtype when None (float32 layers then follow torch's TF32
+    flag, as they will in training); ``tf32`` / ``fp32`` set that flag for the tuning. Returns one ``TuneResult``
+    per GEMM."""
     if not isinstance(tokens, int) or tokens < 1:
         raise OptionError(f"tune_model: tokens must be a positive int, not {tokens!r}")
     torch = _torch_cuda()
     if not isinstance(model, torch.nn.Module):
         raise OptionError(f"tune_model: model must be a torch.nn.Module, not {type(model).__name__}")
-    tdt = None if dtype is None else torch_dtype(_dtype(dtype))
-    specs = _layers(model, tdt)
+    dt = None if dtype is None else _dtype(dtype)
+    specs = _layers(model, None if dt is None else torch_dtype(dt))
     if not specs:
         raise OptionError(f"tune_model: {type(model).__name__} has no nn.Linear layer")
     results: list[TuneResult] = []
-    with _exploring(budget_s) as found, Progress(len(specs), progress, "tune") as bar:
+    with _exploring(budget_s) as found, Progress(len(specs), progress, "tune") as bar, _tf32(torch, dt):
         for spec in specs:
             kind, sizes, has_bias, activation, layer_dtype = spec
             what = f"{kind} {'x'.join(map(str, sizes))} bias={has_bias} {activation} {layer_dtype} tokens={tokens}"
