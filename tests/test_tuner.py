@@ -148,3 +148,27 @@ def test_tf32_flag_follows_the_dtype_asked_and_comes_back() -> None:
                 assert flags.allow_tf32 is start
     finally:
         flags.allow_tf32 = before
+
+
+def test_the_command_prints_first_pick_against_tuned_and_writes_json(monkeypatch, tmp_path, capsys) -> None:
+    """The table and the JSON of ``gemmbridge tune``, with the GPU work replaced by fixed results."""
+    import json
+
+    from gemmbridge import cli
+
+    calls: list = []
+    done = [tuner.TuneResult("bfloat16 m=4096 n=4096 k=4096", 0.2, 0.18, "id 66 tile 128x256", 120)]
+    monkeypatch.setattr(tuner, "_torch_cuda", lambda: torch)
+    monkeypatch.setattr(tuner, "tune", lambda shapes, **kw: calls.append((shapes, kw)) or done)
+    monkeypatch.setattr(tuning, "enabled", True)
+    out = tmp_path / "t.json"
+    argv = ["tune", "--shapes", "4096x4096x4096", "--shapes", "1x2x3", "--dtype", "bf16,fp16", "--transpose-b"]
+    assert cli.main([*argv, "--budget", "2", "--no-progress", "--json", str(out)]) == 0
+    assert [str(s) for s in calls[0][0]] == ["4096x4096x4096", "1x2x3"] and len(calls) == 2
+    assert [kw["dtype"].label for _, kw in calls] == ["bf16", "fp16"]
+    assert calls[0][1] == {**calls[0][1], "transpose_a": False, "transpose_b": True, "budget_s": 2.0, "progress": False}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["problem", "first", "pick", "tuned", "speedup", "choice"]
+    assert "0.2000 ms   0.1800 ms   1.111×  id 66 tile 128x256" in lines[1]
+    doc = json.loads(out.read_text())
+    assert doc["results"][0]["speedup"] == pytest.approx(0.2 / 0.18) and len(doc["results"]) == 2
