@@ -7,7 +7,8 @@ tensors (six for the MLP, three for a Linear). Each result is checked against to
 timed. Peak memory is the step's allocation peak above what the parameters and inputs hold, by torch's
 allocator statistics (gemmbridge's cuBLASLt workspace, 32 MiB per stream from CUDA's own pool, is not in
 them). Host cost: µs per eager call at a small shape with autograd recording, against ``F.linear``, for
-gemmbridge's eager path and for its custom op.
+gemmbridge's eager path and for its custom op. The persistent tuning cache is off (docs/tuning.md), so that
+"gemmbridge" is the heuristic's first pick whatever earlier runs tuned.
 
     python benchmarks/training_layers.py --json benchmarks/results/<date>-<card>-training-layers.json
 """
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 
 import gemmbridge as gb
 import gemmbridge.torch as gt
+from gemmbridge import tuning
 from gemmbridge.bench.timing import host_us_per_call
 
 DTYPE = torch.bfloat16
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--h", type=int, default=16384)
     parser.add_argument("--json")
     args = parser.parse_args()
+    tuning.enabled = False
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
         rows += block_rows("mlp", t, args.d, args.h)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
 # each writing its log under $OUT. Steps: tests, profile, ab, training, distributed, bench, benchcli, stress,
-# rsscontrol, sanitize, freshvenv. STEP_TIMEOUT (s) bounds each step.
+# rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -34,6 +34,14 @@ for step in ${STEPS:-tests}; do
             --steps ${DIST_STEPS:-20} --json "$OUT/scaling-$1.json"; done
       } 2>&1 | tee "$OUT/distributed.txt" ;;
     profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
+    tune)
+      # the tuning tests, then gemmbridge tune on large shapes (first pick vs tuned), into a cache kept under $OUT
+      { header "tuning: tests, gemmbridge tune ${TUNE_SHAPES:-4096x4096x4096,8192x8192x8192,16384x4096x4096}"
+        timeout ${STEP_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short tests/test_tuning_gpu.py \
+          tests/test_tuning_emulated.py tests/test_tuning.py tests/test_tuner.py; echo "exit status $?"
+        GEMMBRIDGE_CACHE_DIR="$OUT/tuning-cache" timeout ${STEP_TIMEOUT:-480} python3 -m gemmbridge.cli tune --no-progress \
+          --shapes ${TUNE_SHAPES:-4096x4096x4096,8192x8192x8192,16384x4096x4096} --dtype ${TUNE_DTYPES:-bf16,fp16} \
+          --json "$OUT/tune.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/tune.txt" ;;
     bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
     benchcli)
       for d in ${BENCH_DTYPES:-bf16}; do

@@ -18,7 +18,7 @@ for _ in range(3):
     gb.matmul(a, b, out=d)  # the second sighting of these pointers captures a graph
 view = BY_TYPE[torch.Tensor]
 plan = next(iter(PLANS.plans.values()))
-lt_plan, graphs = next(iter(plan.state.plans.values()))
+lt_plan, graphs, _ = next(iter(plan.state.plans.values()))
 ctx = view.context(0, a)
 graph = next(iter(graphs.execs.values()))
 ws = workspace.pointer(view, ctx)[1]

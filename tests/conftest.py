@@ -63,6 +63,20 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_tuning_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests' tuning cache lives in a temporary directory, never the user's."""
+    import os
+
+    before = os.environ.get("GEMMBRIDGE_CACHE_DIR")
+    os.environ["GEMMBRIDGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tuning-cache"))
+    yield
+    if before is None:
+        del os.environ["GEMMBRIDGE_CACHE_DIR"]
+    else:
+        os.environ["GEMMBRIDGE_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
     """Each test starts with an empty problem cache."""

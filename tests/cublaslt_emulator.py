@@ -16,6 +16,12 @@ them, and ``matmul`` computes what cuBLASLt documents, in its column-major terms
   like the library, the heuristic offers nothing for ``BGRADB`` unless B is read transposed, nor for
   ``BGRADA`` unless A is read as stored.
 
+The algorithm space is emulated too (``matmul_algo_get_ids``, ``_init``, ``_cap_get_attribute``,
+``_config_get/set_attribute``, ``_check``): ids 0, 1, 2 (the heuristic returns 0 and 1); an algorithm's
+64 bytes hold ``[id + 1, tile, stages, split-K, reduction, swizzle, custom, inner | cluster << 16]``;
+``matmul_algo_check`` refuses an undefined tile, a cluster other than auto, 1x1x1 or 2x1x1, split-K
+without a reduction scheme, and asks more workspace than gemmbridge has for split-K 8.
+
 The device "pointers" are host addresses of NumPy arrays, so the test arrays must stay alive.
 """
 
@@ -42,6 +48,20 @@ _NUMPY = {
 }
 _D = real.MatmulDescAttribute
 _L = real.MatrixLayoutAttribute
+_CFG = real.MatmulAlgoConfigAttribute
+_CAP = real.MatmulAlgoCapAttribute
+SLOT = {_CFG.ID: 0, _CFG.TILE_ID: 1, _CFG.STAGES_ID: 2, _CFG.SPLITK_NUM: 3, _CFG.REDUCTION_SCHEME: 4,
+        _CFG.CTA_SWIZZLING: 5, _CFG.CUSTOM_OPTION: 6}  # fmt: skip
+TILES = [int(real.MatmulTile.TILE_128x64), int(real.MatmulTile.TILE_128x128), int(real.MatmulTile.TILE_128x256)]
+STAGES = [int(real.MatmulStages.STAGES_64x4), int(real.MatmulStages.STAGES_128x4)]
+CAPS = {
+    _CAP.TILE_IDS: TILES,
+    _CAP.STAGES_IDS: STAGES,
+    _CAP.SPLITK_SUPPORT: [1],
+    _CAP.CTA_SWIZZLING_SUPPORT: [1],
+    _CAP.REDUCTION_SCHEME_MASK: [int(real.ReductionScheme.INPLACE) | int(real.ReductionScheme.COMPUTE_TYPE)],
+}
+CLUSTERS_OK = {int(getattr(real.ClusterShape, f"SHAPE_{s}")) for s in ("AUTO", "1x1x1", "2x1x1")}
 
 
 def raw(address: int, dtype: Any, count: int) -> np.ndarray:
@@ -77,6 +97,8 @@ class FakeLt:
         self.matmuls = 0
         self.refuse: set[int] = set()  # algorithm indices that answer NOT_SUPPORTED
         self.calls: list[tuple[int, int]] = []  # (algorithm index, D address) of each product
+        self.last: tuple[int, ...] = ()  # the 8 words of the algorithm of the last product
+        self.checks = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(real, name)
@@ -121,9 +143,51 @@ class FakeLt:
             return
         size = real.matmul_heuristic_result_dtype.itemsize
         ctypes.memset(results, 0, wanted * size)
-        for i in range(2):  # two candidates: index 0 and 1, told apart by the algo pointer
-            raw(results + i * size, np.uint8, size)[:8] = np.frombuffer(np.int64(i + 1).tobytes(), np.uint8)
-        raw(count, np.int32, 1)[0] = 2
+        for i in range(min(2, wanted)):  # two candidates: ids 0 and 1 (told apart by the algorithm's first word)
+            raw(results + i * size, np.uint64, 8)[:] = [i + 1, TILES[1], STAGES[0], 1, 0, 0, 0, 0]
+        raw(count, np.int32, 1)[0] = min(2, wanted)
+
+    # -- the algorithm space ---------------------------------------------------------------------------
+    def matmul_algo_get_ids(self, handle, compute, scale, at, bt, ct, dt, wanted) -> tuple:  # type: ignore[no-untyped-def]
+        return (0, 1, 2)[:wanted]
+
+    def matmul_algo_init(self, handle, compute, scale, at, bt, ct, dt, algo_id, algo) -> None:  # type: ignore[no-untyped-def]
+        raw(algo, np.uint64, 8)[:] = [algo_id + 1, 0, 0, 1, 0, 0, 0, 0]
+
+    def matmul_algo_cap_get_attribute(self, algo, attr, buf, size, written) -> None:  # type: ignore[no-untyped-def]
+        dtype = np.dtype(real.get_matmul_algo_cap_attribute_dtype(attr))
+        values = np.array(CAPS.get(int(attr), [0]), dtype=dtype)
+        raw(written, np.uint64, 1)[0] = values.nbytes
+        if size:
+            raw(buf, dtype, size // dtype.itemsize)[: len(values)] = values[: size // dtype.itemsize]
+
+    def _slot(self, algo: int, attr: int) -> tuple[np.ndarray, int, int]:
+        """The word of ``attr`` in an algorithm, its shift and mask."""
+        words = raw(algo, np.uint64, 8)
+        if attr in (_CFG.INNER_SHAPE_ID, _CFG.CLUSTER_SHAPE_ID):
+            return words, 7, 0 if attr == _CFG.INNER_SHAPE_ID else 16
+        return words, SLOT[attr], 0
+
+    def matmul_algo_config_get_attribute(self, algo, attr, buf, size, written) -> None:  # type: ignore[no-untyped-def]
+        words, i, shift = self._slot(algo, int(attr))
+        value = (int(words[i]) >> shift) & (0xFFFF if i == 7 else (1 << 64) - 1)
+        raw(buf, real.get_matmul_algo_config_attribute_dtype(attr), 1)[0] = value - (attr == _CFG.ID)
+        raw(written, np.uint64, 1)[0] = size
+
+    def matmul_algo_config_set_attribute(self, algo, attr, buf, size) -> None:  # type: ignore[no-untyped-def]
+        words, i, shift = self._slot(algo, int(attr))
+        value = int(raw(buf, real.get_matmul_algo_config_attribute_dtype(attr), 1)[0])
+        if i == 7:
+            words[7] = (int(words[7]) & ~(0xFFFF << shift)) | (value << shift)
+        else:
+            words[i] = value + (attr == _CFG.ID)
+
+    def matmul_algo_check(self, handle, desc, la, lb, lc, ld, algo, result) -> None:  # type: ignore[no-untyped-def]
+        self.checks += 1
+        _, tile, _, splitk, reduction, _, _, shapes = (int(w) for w in raw(algo, np.uint64, 8))
+        if tile == 0 or (shapes >> 16) not in CLUSTERS_OK or (splitk > 1 and reduction == 0):
+            raise LtError(int(cublas.Status.NOT_SUPPORTED))
+        raw(result + 64, np.uint64, 1)[0] = (64 << 20) if splitk == 8 else 1024 * (splitk - 1)
 
     def matmul_preference_destroy(self, pref: int) -> None:
         self.objects.pop(pref, None)
@@ -150,6 +214,7 @@ class FakeLt:
             raise LtError(int(cublas.Status.NOT_SUPPORTED))
         self.matmuls += 1
         self.calls.append((index, d))
+        self.last = tuple(int(w) for w in raw(algo, np.uint64, 8))
         attrs = self.objects[desc]
         scalar = np.float64 if attrs["compute"] == int(cublas.ComputeType.COMPUTE_64F) else np.float32
         alpha_v, beta_v = float(raw(alpha, scalar, 1)[0]), float(raw(beta, scalar, 1)[0])

@@ -20,6 +20,9 @@ from gemmbridge.arrays import BY_TYPE
 from gemmbridge.arrays.numpy import NumpyArrays, numpy_dtype
 from gemmbridge.problem import TensorMeta
 
+EMULATED_DEVICE = {"name": "Emulated GPU", "sms": 4, "capability": "9.0", "driver": "0.0", "cuda_driver": 13000,
+                   "cublasLt": 130100}  # fmt: skip
+
 
 class GpuArray(np.ndarray):
     """A host array that gemmbridge takes for one on cuda:0."""
@@ -102,7 +105,7 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     pytest.importorskip("nvmath.bindings.cublasLt")
     import gemmbridge
     from gemmbridge.backends import cuda
-    from gemmbridge.backends.cuda import bindings, kernels, workspace
+    from gemmbridge.backends.cuda import bindings, kernels, tuning_cache, workspace
 
     fake, view = FakeLt(), EmulatedView()
     fake.kernels = FakeKernels()
@@ -117,5 +120,37 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.__array_interface__["data"][0]))(
         np.empty(workspace.WORKSPACE_BYTES, np.uint8)))  # fmt: skip
     monkeypatch.setitem(BY_TYPE, GpuArray, view)
+    monkeypatch.setattr(tuning_cache, "_devices", {0: dict(EMULATED_DEVICE)})
     gemmbridge.clear_cache()
     return fake, view
+
+
+class Events:
+    """cuda.bindings.driver's event calls: between two records, ``ms_of()`` (of whatever ran last) per launch
+    (``count()`` counts launches)."""
+
+    def __init__(self, ms_of, count) -> None:  # type: ignore[no-untyped-def]
+        from cuda.bindings import driver
+
+        self.ok, self.ms_of, self.count, self.timed, self.records, self.mark = (
+            driver.CUresult.CUDA_SUCCESS, ms_of, count, 0, 0, 0)  # fmt: skip
+        self.destroyed: list = []
+
+    def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
+        return self.ok, object()
+
+    def cuEventRecord(self, event, stream):  # type: ignore[no-untyped-def]
+        if self.records % 2 == 0:  # a start
+            self.mark = self.count()
+        self.records += 1
+        return (self.ok,)
+
+    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
+
+    def cuGraphExecDestroy(self, graph):  # type: ignore[no-untyped-def]
+        self.destroyed.append(graph)
+        return (self.ok,)
+
+    def cuEventElapsedTime(self, start, end):  # type: ignore[no-untyped-def]
+        self.timed += 1
+        return self.ok, self.ms_of() * (self.count() - self.mark)

@@ -4,6 +4,7 @@ help texts, ``python -m gemmbridge``, and what is refused before any work starts
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -43,7 +44,10 @@ def test_info_reports_cuda_versions_and_cache_locations():
     assert any(line.split()[0] == "triton" and ".triton" in line or "TRITON" in line for line in caches)
     report = json.loads(run_cli("info", "--json").stdout)
     assert {"cuda_driver", "cuda_runtime", "cublasLt"} <= set(report["cuda"])
-    assert {c["name"] for c in report["caches"]} >= {"gemmbridge plans", "triton kernels", "cupy kernels"}
+    assert {c["name"] for c in report["caches"]} >= {"gemmbridge plans", "gemmbridge tuning", "triton kernels",
+                                                     "cupy kernels"}  # fmt: skip
+    tuned = next(c for c in report["caches"] if c["name"] == "gemmbridge tuning")
+    assert tuned["location"] == os.environ["GEMMBRIDGE_CACHE_DIR"]  # the tests' private one (conftest)
 
 
 def test_bench_and_stress_have_help():

@@ -274,9 +274,11 @@ def test_autotune_times_every_candidate_and_keeps_a_working_one(dtype, with_out,
     finally:
         gb.set_autotune(False)
     (plan,) = gb.plan.PLANS.plans.values()
-    ((lt_plan, _),) = plan.state.plans.values()
-    assert len(timed) == 1 and len(timed[0]) == lt_plan.candidates
-    assert 0 <= lt_plan.choice < lt_plan.candidates and timed[0][lt_plan.choice] < float("inf")
+    ((lt_plan, _, _),) = plan.state.plans.values()
+    assert len(timed) == 1 and len(timed[0].timings) == lt_plan.candidates
+    assert 0 <= lt_plan.choice < lt_plan.candidates and timed[0].chosen_ms < float("inf")
+    (chosen,) = [ms for name, ms in timed[0].timings.items() if name.startswith(f"heuristic {lt_plan.choice}:")]
+    assert chosen == timed[0].chosen_ms
 
 
 def test_two_captured_graphs_have_their_own_workspaces_and_replay_concurrently(monkeypatch):

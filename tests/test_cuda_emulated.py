@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 import pytest
-from emulated_gpu import EmulatedFramework, install
+from emulated_gpu import EmulatedFramework, Events, install
 from test_fuzz import COUNTS, SEED, _run
 
 import gemmbridge as gb
@@ -67,7 +67,7 @@ def test_any_other_vendor_error_changes_nothing(gpu, monkeypatch) -> None:
         gb.matmul(a, b)
     monkeypatch.setattr(fake, "matmul", real_matmul)
     plan = next(iter(gb.plan.PLANS.plans.values()))
-    assert [p.choice for p, _ in plan.state.plans.values()] == [0]
+    assert [p.choice for p, _, _ in plan.state.plans.values()] == [0]
 
 
 def test_threads_share_one_plan_and_compute_right(gpu) -> None:
@@ -95,37 +95,12 @@ def test_threads_share_one_plan_and_compute_right(gpu) -> None:
     assert gb.cache_size() == 1
 
 
-class Events:
-    """cuda.bindings.driver's event calls for autotune: each candidate's timing set by the test."""
-
-    def __init__(self, fake, ms_by_candidate: dict[int, float]) -> None:  # type: ignore[no-untyped-def]
-        from cuda.bindings import driver
-
-        self.CUresult, self.ok, self.fake, self.ms = (
-            driver.CUresult,
-            driver.CUresult.CUDA_SUCCESS,
-            fake,
-            ms_by_candidate,
-        )
-
-    def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
-        return self.ok, object()
-
-    def cuEventRecord(self, event, stream):  # type: ignore[no-untyped-def]
-        return (self.ok,)
-
-    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
-
-    def cuEventElapsedTime(self, start, end):  # type: ignore[no-untyped-def]
-        return self.ok, self.ms[self.fake.calls[-1][0]]
-
-
 def test_autotune_with_out_times_into_scratch_and_keeps_the_faster_candidate(gpu, monkeypatch) -> None:
     """A plan first made by an out= call is tuned too, and tuning never writes out (here out is c, in place)."""
     from gemmbridge.backends.cuda import autotune
 
     fake, _ = gpu
-    monkeypatch.setattr(autotune, "driver", Events(fake, {0: 1.0, 1: 0.5}))
+    monkeypatch.setattr(autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
     fw = EmulatedFramework()
     rng = np.random.default_rng(1)
     a64, b64, c64 = rng.standard_normal((6, 4)), rng.standard_normal((4, 5)), rng.standard_normal((6, 5))

@@ -249,3 +249,22 @@ def test_a_misaligned_pointer_takes_cublaslt_for_that_call(gpu, rng):
     b = fw.from_numpy(rng.standard_normal((256, 16)), "bfloat16")
     _check(gb.matmul(a, b), np.asarray(a, np.float64) @ np.asarray(b, np.float64), "bfloat16")
     assert not fake.kernels.launches and fake.matmuls == 1
+
+
+def test_the_tuner_is_offered_the_kernel_and_its_cached_choice_restores(gpu):
+    """The skinny kernel is a tuning source (``autotune.add_source``): its candidates launch, and a cached payload
+    comes back only while it still fits the problem's dtypes, operand orders and pointer alignments."""
+    from gemmbridge.backends.cuda import autotune, kernels
+
+    source = autotune.sources["kernel"]
+    assert isinstance(source, kernels.KernelSource)
+    problem = describe(meta((4096, 4096)), meta((16, 4096)), transpose_b=True)
+    offered = source.candidates(problem, (16, 16, 16, 16), False)
+    assert [c.payload["config"]["splits"] for c in offered] == [c.splits for c in candidates(problem, SMS)]
+    assert source.candidates(problem, (16, 8, 16, 16), False) == []  # a pointer the kernel cannot read
+    payload = offered[0].payload
+    restored = source.restore(problem, (16, 16, 16, 16), False, payload)
+    assert restored is not None and restored.payload == payload
+    other = describe(meta((4096, 4096), "float16"), meta((16, 4096), "float16"), transpose_b=True)
+    assert source.restore(other, (16, 16, 16, 16), False, payload) is None  # another dtype
+    assert source.restore(problem, (16, 16, 16, 16), False, {"backend": "kernel", "config": {"bm": 3}}) is None

@@ -1,9 +1,10 @@
-"""Command line: ``gemmbridge info | bench | stress``."""
+"""Command line: ``gemmbridge info | bench | stress | tune``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -37,6 +38,19 @@ a memcheck error, 1 on a stress failure):
       --error-exitcode 9 python -m gemmbridge.cli stress --short --device cuda --frameworks torch
 soak:
   gemmbridge stress --iterations 100000 --json stress.json
+"""
+
+
+TUNE_EPILOG = """\
+Each GEMM is tuned on the current GPU, exploring cuBLASLt's algorithms beyond its heuristic's picks, and
+the choice is kept in the tuning cache ($GEMMBRIDGE_CACHE_DIR, else $XDG_CACHE_HOME/gemmbridge, else
+~/.cache/gemmbridge), one file per GPU, driver and cuBLASLt version; later processes use it automatically
+(GEMMBRIDGE_TUNING_CACHE=0 turns that off). Every tuned result is checked against float64 first.
+
+examples:
+  gemmbridge tune --shapes 4096x4096x4096,8192x8192x8192 --dtype bf16,fp16
+  gemmbridge tune --shapes 2048x11008x4096 --transpose-b --budget 8
+  gemmbridge tune --model mypkg.models:build_model --tokens 8192 --dtype bf16
 """
 
 
@@ -131,6 +145,74 @@ def _stress(args: argparse.Namespace) -> int:
     return 0 if run(options)["ok"] else 1
 
 
+def _load_model(spec: str) -> Any:
+    """The torch module that ``module:callable`` returns (the current directory is importable, as with -m)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise OptionError(f"--model {spec!r} is not module:callable (e.g. mypkg.models:build_model)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as error:
+        raise OptionError(f"--model {spec!r}: cannot import {module_name} ({type(error).__name__}: {error})") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise OptionError(f"--model {spec!r}: {module_name} has no {attr}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise OptionError(f"--model {spec!r}: {attr} is not callable")
+    model = target()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from . import tuner, tuning
+    from .bench.data import parse_dtypes
+    from .bench.presets import parse_shape
+
+    if bool(args.shapes) == bool(args.model):
+        raise OptionError("give --shapes MxNxK[,...] or --model module:callable (one of them)")
+    if args.model and args.tokens is None:
+        raise OptionError("--model needs --tokens T (the rows of the activations: batch × sequence length)")
+    if args.tokens is not None and (args.shapes or args.tokens < 1):
+        raise OptionError(f"--tokens {args.tokens}: a positive number of rows, with --model")
+    if not args.budget > 0:
+        raise OptionError(f"--budget {args.budget}: seconds per GEMM, > 0")
+    shapes = [parse_shape(s) for s in ",".join(args.shapes or []).split(",") if s.strip()]
+    dtypes = parse_dtypes(args.dtype) if args.dtype else None
+    if args.json:
+        _writable("--json", args.json)
+    if not tuning.enabled:
+        raise OptionError("the tuning cache is off (GEMMBRIDGE_TUNING_CACHE=0): nothing tuned would be kept")
+    model = _load_model(args.model) if args.model else None
+    tuner._torch_cuda()
+    results: list[tuner.TuneResult] = []
+    common = {"budget_s": args.budget, "progress": args.progress}
+    chosen: list[Any] = dtypes or ([None] if model is not None else parse_dtypes("bf16"))  # None: the model's own
+    for dtype in chosen:
+        if model is not None:
+            results += tuner.tune_model(model, tokens=args.tokens, dtype=dtype, **common)
+        else:
+            results += tuner.tune(shapes, dtype=dtype, transpose_a=args.transpose_a, transpose_b=args.transpose_b,
+                                  **common)  # fmt: skip
+    width = max([len(r.problem) for r in results] + [7])
+    print(f"{'problem':{width}}  {'first pick':>10}  {'tuned':>10}  {'speedup':>7}  choice")
+    for r in results:
+        print(f"{r.problem:{width}}  {r.first_ms:7.4f} ms  {r.tuned_ms:7.4f} ms  {r.speedup:6.3f}×  {r.chosen}")
+    print(f"kept in {tuning.cache_dir()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cache_dir": tuning.cache_dir(), "results": [
+                {**dataclasses.asdict(r), "speedup": r.speedup} for r in results]}, f, indent=1)  # fmt: skip
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmbridge", description="Vendor GEMM for any framework's tensors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +296,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     stress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     stress.set_defaults(run=_stress)
+
+    tune = sub.add_parser(
+        "tune",
+        help="tune GEMMs ahead of time (shapes, or a torch model's linear layers) into the tuning cache",
+        description="Tune the GEMMs of a list of shapes, or the forward and backward GEMMs of a torch model's "
+        "nn.Linear layers, on the current GPU; keep the choices in the tuning cache; print first pick vs tuned.",
+        epilog=TUNE_EPILOG,
+        formatter_class=raw,
+    )
+    tune.add_argument("--shapes", action="append", metavar="MxNxK[,...]", help="comma list of shapes (repeatable)")
+    tune.add_argument("--model", metavar="MODULE:CALLABLE", help="a callable returning a torch.nn.Module")
+    tune.add_argument("--tokens", type=int, help="with --model: rows of the activations (batch × sequence)")
+    tune.add_argument("--dtype", help="comma list of bf16, fp16, tf32, fp32, fp64 (default: bf16; a model's own)")
+    tune.add_argument("--transpose-a", action="store_true", help="with --shapes: a is stored (K, M), read transposed")
+    tune.add_argument("--transpose-b", action="store_true", help="with --shapes: b is stored (N, K), as nn.Linear's W")
+    tune.add_argument("--budget", type=float, default=4.0, help="seconds of exploring per GEMM (default 4)")
+    tune.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    tune.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    tune.set_defaults(run=_tune)
     return parser
 
 

@@ -124,10 +124,17 @@ def cache_locations() -> list[dict[str, Any]]:
         or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
         "jax compilation": env("JAX_COMPILATION_CACHE_DIR"),
     }
+    from . import tuning
+
+    tuned = tuning.cache_dir() if tuning.enabled else "off (GEMMBRIDGE_TUNING_CACHE=0)"
     caches: list[dict[str, Any]] = [{
         "name": "gemmbridge plans",
-        "location": f"in memory, per thread, LRU of at most {PLAN_CACHE_SIZE} problems (no disk cache)",
+        "location": f"in memory, shared by threads, at most {PLAN_CACHE_SIZE} problems",
         "exists": None,
+    }, {
+        "name": "gemmbridge tuning",
+        "location": tuned,
+        "exists": os.path.isdir(tuned) if tuning.enabled else None,
     }]  # fmt: skip
     for name, path in paths.items():
         exists = os.path.isdir(path) if path else None

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import OptionError
 from ..info import resolve_device
+from ..progress import Progress
 from . import report
 from .candidates import BASELINES, Candidate, candidates
 from .data import DType, parse_dtypes
@@ -85,45 +86,6 @@ def _tf32(device: str, dtype: DType) -> Iterator[None]:
         flags.allow_tf32 = old
 
 
-class _Progress:
-    """A rich progress bar on stderr, or one plain line per step when rich is not installed."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.done = total, enabled, 0
-        self.bar: Any = None
-
-    def __enter__(self) -> _Progress:
-        if not self.enabled:
-            return self
-        try:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        except ImportError:
-            return self
-        columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self.bar = Progress(*columns, console=Console(stderr=True), transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task("bench", total=self.total)
-        return self
-
-    def step(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=text)
-        elif self.enabled:
-            import sys
-
-            print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
 def _select(device: str, names: str | None) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """The candidates that will run, and every candidate's listing (with the reason for those that won't)."""
     every = candidates()
@@ -176,6 +138,9 @@ def _environment() -> dict[str, Any]:
     """What else shapes the numbers: thread counts and the variables that change BLAS or TF32 behaviour."""
     found: dict[str, Any] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     found["cpu_count"] = os.cpu_count()
+    from .. import tuning
+
+    found["tuning_cache"] = tuning.cache_dir() if tuning.enabled else "off"  # tuned choices a GPU plan may use
     with contextlib.suppress(ImportError):
         import torch
 
@@ -240,7 +205,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "bandwidth": None,
         "rows": [],
     }
-    with _Progress(1 + len(dtypes) * (1 + len(shapes)), options.progress) as progress:
+    with Progress(1 + len(dtypes) * (1 + len(shapes)), options.progress) as progress:
         progress.step("copy bandwidth")
         result["bandwidth"] = copy_bandwidth(device, rep_ms)
         progress.advance()

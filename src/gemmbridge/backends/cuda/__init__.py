@@ -12,17 +12,16 @@ import math
 import threading
 from typing import Any
 
-from ... import epilogues
+from ... import epilogues, tuning
 from ...arrays import CallContext, TensorView
 from ...errors import OptionError, allocation_failed
 from ...problem import ITEMSIZE, Operands, Problem
-from . import autotune, bindings, graphs, kernels, layouts, workspace  # noqa: F401 (layouts: for the plan layer)
+from . import autotune, bindings, explore, graphs, kernels, layouts, tuning_cache, workspace  # noqa: F401 (layouts)
 from .graphs import MAX_FLOPS, GraphCache
 from .layouts import lt_problem
 
 _AUX_ALIGNMENT = 16  # bytes cuBLASLt needs of the aux and bias-gradient pointers
 _new = tuple.__new__  # Operands(...) without NamedTuple's slower constructor (hot path)
-Plan = bindings.LtPlan | kernels.KernelPlan
 
 
 def described(problem: Problem) -> str:
@@ -48,7 +47,7 @@ class PlanState:
         self.problem = problem
         self.lt = lt_problem(problem)
         self.device = device
-        self.plans: dict[tuple, tuple[Plan, GraphCache]] = {}
+        self.plans: dict[tuple, tuple[bindings.LtPlan, GraphCache, Any]] = {}  # (plan, graphs, its launch)
         self.small = problem.flops <= MAX_FLOPS
         self.fp32 = problem.dtype == "float32"  # TF32 is a question for float32 only
         # an aux it allocates with padding is zeroed first: outputs deterministic to the byte
@@ -59,31 +58,34 @@ class PlanState:
 
     def plan(
         self, key: tuple, view: TensorView, ctx: CallContext, ptrs: Operands, alpha: float, beta: float, ws: int
-    ) -> tuple[Plan, GraphCache]:
-        """The plan for pointer alignments and TF32 ``key``, made (and tuned, when on) the first time: the skinny
-        kernel where it serves the problem and every pointer is 16-byte aligned, else cuBLASLt."""
+    ) -> tuple[bindings.LtPlan, GraphCache, Any]:
+        """The plan for pointer alignments and TF32 ``key`` with its graphs and launch, made the first time: the
+        tuning cache's choice when it has one, else tuned when tuning is on, else the skinny kernel where the
+        dispatch rule takes it (every pointer 16-byte aligned), else the heuristic's first pick."""
         with self.lock:
             found = self.plans.get(key)
             if found is not None:
                 return found
-            if self.kernel is not None and min(key[:4]) >= 16:
-                own = kernels.plan_for(self.kernel, self.problem, self.device, self.described)
-                if own is not None:
-                    found = self.plans[key] = (own, GraphCache())
-                    return found
             lt = self.lt
             alignments = tuple(min(p, lay.alignment) for p, lay in zip(key, (lt.a, lt.b, lt.c, lt.d)))
             plan = bindings.LtPlan(self.device, lt, key[4], alignments, self.described)  # type: ignore[arg-type]
-            if autotune.enabled and ctx.finish is None and not ctx.capturing:
-                self._tune(plan, view, ctx, ptrs, alpha, beta, ws)
-            found = self.plans[key] = (plan, GraphCache())
+            launch = None
+            if tuning.enabled and not autotune.exploring:
+                launch = tuning_cache.restore(plan, self.problem, self.device)
+            if launch is None and (autotune.enabled or autotune.exploring) and ctx.finish is None and not ctx.capturing:
+                launch = self._tune(plan, view, ctx, ptrs, alpha, beta, ws)
+            if launch is None and self.kernel is not None and min(key[:4]) >= 16:
+                own = kernels.plan_for(self.kernel, self.problem, self.device, self.described)
+                launch = None if own is None else tuning_cache.launcher(own)
+            found = self.plans[key] = (plan, GraphCache(), launch or bindings.launch)
         return found
 
     def _tune(
         self, plan: bindings.LtPlan, view: TensorView, ctx: CallContext, ptrs: Operands, alpha: float, beta: float,
         ws: int,
-    ) -> None:  # fmt: skip
-        """Time the candidates, writing scratch buffers laid out like this call's outputs."""
+    ) -> Any:  # fmt: skip
+        """Time candidates writing scratch buffers laid out like this call's outputs; keep the choice in the tuning
+        cache; return its launch."""
         problem = self.problem
         d_bytes = (problem.byte_extents.d or (0, 0))[1] or math.prod(problem.out_shape) * problem.result_itemsize
         scratch = [ctx.empty((max(d_bytes, 1),), "uint8")]
@@ -96,11 +98,20 @@ class PlanState:
             scratch.append(ctx.empty((problem.bias_grad_length,), problem.result_dtype))
             bias_grad = view.pointer(scratch[-1])
         c = d if ptrs.c == ptrs.d else ptrs.c
-        tuned = ptrs._replace(c=c, d=d, aux=aux, bias_grad=bias_grad)
-        autotune.tune(plan, tuned, alpha, beta, ws, ctx.stream)
+        tuned_ptrs = ptrs._replace(c=c, d=d, aux=aux, bias_grad=bias_grad)
+        if autotune.exploring:
+            tuned = explore.explore(plan, problem, tuned_ptrs, alpha, beta, ws, ctx.stream, explore.budget_s)
+        else:
+            tuned = autotune.tune(plan, tuned_ptrs, alpha, beta, ws, ctx.stream)
+        if tuning.enabled:
+            tuning_cache.store(plan, self.device, tuned, self.described)
+        if autotune.on_tuned is not None:
+            autotune.on_tuned(self.described, tuned, lambda: tuning_cache.forget(plan, self.device))
+        chosen = tuned.chosen
+        return bindings.launch if isinstance(chosen, autotune.LtCandidate) else tuning_cache.launcher(chosen)
 
     def close(self) -> None:
-        for plan, graph_cache in self.plans.values():
+        for plan, graph_cache, _ in self.plans.values():
             graph_cache.close()
             plan.close()
         self.plans.clear()
@@ -188,15 +199,15 @@ def run(
     found = state.plans.get(key)
     if found is None:
         found = state.plan(key, view, ctx, ptrs, alpha, beta, ws)
-    plan, graph_cache = found
+    plan, graph_cache, launch = found
     if state.small and ctx.finish is None and not ctx.capturing:
         signature = (ptrs, alpha, beta, stream, ws)
         if not graph_cache.replay(signature, stream) and not graph_cache.record(
-            signature, state.device, stream, lambda on: plan.launch(ptrs, alpha, beta, ws, on)
+            signature, state.device, stream, lambda on: launch(plan, ptrs, alpha, beta, ws, on)
         ):
-            plan.launch(ptrs, alpha, beta, ws, stream)
+            launch(plan, ptrs, alpha, beta, ws, stream)
     else:
-        plan.launch(ptrs, alpha, beta, ws, stream)
+        launch(plan, ptrs, alpha, beta, ws, stream)
     del workspace_buffer
     if ctx.finish is not None:
         ctx.finish()

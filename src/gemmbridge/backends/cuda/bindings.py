@@ -91,12 +91,18 @@ class LtPlan:
         self, device: int, problem: LtProblem, tf32: bool, alignments: tuple[int, int, int, int], described: str
     ) -> None:
         self.handle = handle(device)
+        self.device = device
         self.described = described
         self.lock = threading.Lock()
         self.layouts: list[int] = []
         self.desc = 0
         self._results: Any = None
         compute, scale = compute_types(problem.a_dtype, tf32)
+        a_type, d_type = _DATA_TYPE[problem.a_dtype], _DATA_TYPE[problem.d_dtype]
+        self.types = (compute, scale, a_type, a_type, d_type, d_type)  # for matmul_algo_get_ids / _init
+        self.alignments = alignments
+        self.tf32 = tf32
+        self.problem = problem
         self.scalars = np.array([1.0, 0.0], dtype=np.float64 if problem.a_dtype == "float64" else np.float32)
         self.alpha_ptr = self.scalars.ctypes.data
         self.beta_ptr = self.alpha_ptr + self.scalars.itemsize
@@ -124,7 +130,7 @@ class LtPlan:
             self.lc, self.ld = (
                 self._layout(problem.d_dtype, lay, problem.batch_count) for lay in (problem.c, problem.d)
             )
-            self._choose(alignments)
+            self._choose()
         except lt.cuBLASLtError as error:
             self.close()
             raise vendor_error("creating the cuBLASLt descriptors", error, described) from error
@@ -141,33 +147,42 @@ class LtPlan:
             _set(lset, ldt, h, _Lay.STRIDED_BATCH_OFFSET, lay.batch_stride)
         return h
 
-    def _choose(self, alignments: tuple[int, int, int, int]) -> None:
+    def heuristic(self, wanted: int) -> tuple[Any, int]:
+        """Up to ``wanted`` of the heuristic's algorithms for this problem, best first: (results, count)."""
         pref = lt.matmul_preference_create()
         try:
             pset, pdt = lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype
             _set(pset, pdt, pref, _Pref.MAX_WORKSPACE_BYTES, WORKSPACE_BYTES)
             names = (_Pref.MIN_ALIGNMENT_A_BYTES, _Pref.MIN_ALIGNMENT_B_BYTES, _Pref.MIN_ALIGNMENT_C_BYTES,
                      _Pref.MIN_ALIGNMENT_D_BYTES)  # fmt: skip
-            for attr, align in zip(names, alignments):
+            for attr, align in zip(names, self.alignments):
                 _set(pset, pdt, pref, attr, align)
-            # the heuristic may check the epilogue pointers: aligned stand-ins until the first call sets them
-            if self.bias_attr:
-                self._set_pointer(_Desc.BIAS_POINTER, 0, 256)
-            if self.aux_attr:
-                self._set_pointer(_Desc.EPILOGUE_AUX_POINTER, 1, 256)
-            results = lt.MatmulHeuristicResult(HEURISTIC_CANDIDATES)
+            results = lt.MatmulHeuristicResult(wanted)
             count = np.zeros(1, dtype=np.int32)
             lt.matmul_algo_get_heuristic(self.handle, self.desc, self.la, self.lb, self.lc, self.ld, pref,
-                                         HEURISTIC_CANDIDATES, results.ptr, count.ctypes.data)  # fmt: skip
+                                         wanted, results.ptr, count.ctypes.data)  # fmt: skip
         finally:
             lt.matmul_preference_destroy(pref)
-        if count[0] == 0:
+        return results, int(count[0])
+
+    def result(self, results: Any, index: int) -> Any:
+        """Entry ``index`` of a heuristic results array (a view: ``results`` must stay alive)."""
+        return lt.MatmulHeuristicResult.from_ptr(results.ptr + index * lt.matmul_heuristic_result_dtype.itemsize, 1)
+
+    def _choose(self) -> None:
+        # the heuristic may check the epilogue pointers: aligned stand-ins until the first call sets them
+        if self.bias_attr:
+            self._set_pointer(_Desc.BIAS_POINTER, 0, 256)
+        if self.aux_attr:
+            self._set_pointer(_Desc.EPILOGUE_AUX_POINTER, 1, 256)
+        results, count = self.heuristic(HEURISTIC_CANDIDATES)
+        if count == 0:
             raise VendorError(
-                f"matmul: cuBLASLt has no algorithm for {self.described} (alignments {alignments} bytes)",
+                f"matmul: cuBLASLt has no algorithm for {self.described} (alignments {self.alignments} bytes)",
                 "CUBLAS_STATUS_NOT_SUPPORTED",
             )
         self._results = results  # keeps the algorithms' memory alive
-        self.candidates = int(count[0])
+        self.candidates = count
         self.select(0)
 
     def _set_pointer(self, attr: int, slot: int, ptr: int) -> None:
@@ -176,14 +191,16 @@ class LtPlan:
 
     def select(self, index: int) -> None:
         """Use the heuristic's candidate ``index`` (0 is its first pick)."""
+        self.use(self.result(self._results, index))
         self.choice = index
-        size = lt.matmul_heuristic_result_dtype.itemsize
-        self.algo = lt.MatmulHeuristicResult.from_ptr(self._results.ptr + index * size, 1)
-        self.algo_ptr = self.algo.ptr
-        self.workspace_size = int(self.algo.workspace_size)
 
-    def launch(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> None:
-        launch(self, ptrs, alpha, beta, workspace, stream)
+    def use(self, algo: Any) -> None:
+        """Use ``algo`` (a ``MatmulHeuristicResult`` checked for this problem, kept alive here): a tuned choice.
+        A refusal of it at launch moves the plan to the heuristic's first pick (``_enqueue``)."""
+        self.algo = algo
+        self.algo_ptr = algo.ptr
+        self.workspace_size = int(algo.workspace_size)
+        self.choice = -1
 
     def close(self) -> None:
         for h in self.layouts:
@@ -219,8 +236,9 @@ def launch(plan: LtPlan, ptrs: Operands, alpha: float, beta: float, workspace: i
 
 def _enqueue(plan: LtPlan, ptrs: Operands, workspace: int, stream: int) -> None:
     """One cublasLtMatmul per outer offset. A refusal (NOT_SUPPORTED) before anything was enqueued moves the
-    plan to the heuristic's next candidate for good (the refusal is a property of the problem and the
-    algorithm); any other status is raised as it is and changes nothing."""
+    plan to the heuristic's next candidate (its first after a tuned choice, ``LtPlan.use``) for good (the
+    refusal is a property of the problem and the algorithm); any other status is raised as it is and changes
+    nothing."""
     launched = 0
     try:
         for oa, ob, oc, od in plan.offsets:

@@ -71,6 +71,31 @@ def drain() -> None:
         driver.cuGraphExecDestroy(graph[0])
 
 
+def capture(device: int, enqueue: Callable[[int], None]) -> Any:
+    """An instantiated graph of what ``enqueue(stream)`` enqueues, captured on the device's private stream:
+    ``(exec, handle)`` for ``_launch``; the caller destroys it (``cuGraphExecDestroy``)."""
+    with _capture_lock:
+        stream = _capture_streams.get(device)
+        if stream is None:
+            flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
+            stream = _capture_streams[device] = check(driver.cuStreamCreate(flags), "cuStreamCreate")
+        mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
+        try:
+            enqueue(int(stream))
+        except BaseException:
+            result = driver.cuStreamEndCapture(stream)
+            if result[0] == driver.CUresult.CUDA_SUCCESS:
+                driver.cuGraphDestroy(result[1])
+            raise
+        graph = check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
+    try:
+        graph_exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        return graph_exec, int(graph_exec)
+    finally:
+        driver.cuGraphDestroy(graph)
+
+
 class GraphCache:
     """Per-plan table: call signature → instantiated graph, and the signatures seen once."""
 
@@ -120,26 +145,7 @@ class GraphCache:
         return True
 
     def _capture(self, device: int, enqueue: Callable[[int], None]) -> Any:
-        with _capture_lock:
-            stream = _capture_streams.get(device)
-            if stream is None:
-                flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
-                stream = _capture_streams[device] = check(driver.cuStreamCreate(flags), "cuStreamCreate")
-            mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-            check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
-            try:
-                enqueue(int(stream))
-            except BaseException:
-                result = driver.cuStreamEndCapture(stream)
-                if result[0] == driver.CUresult.CUDA_SUCCESS:
-                    driver.cuGraphDestroy(result[1])
-                raise
-            graph = check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
-        try:
-            graph_exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-            return graph_exec, int(graph_exec)
-        finally:
-            driver.cuGraphDestroy(graph)
+        return capture(device, enqueue)
 
     def close(self) -> None:
         """Hand the executables to ``drain`` (the caller may be inside a capture); none is launching then."""

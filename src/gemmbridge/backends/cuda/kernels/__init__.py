@@ -11,15 +11,18 @@ the measured rule says it beats cuBLASLt (``config.choose``), "on" wherever it c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
+from typing import Any
 
 from cuda.bindings import driver
 
 from ....errors import GemmError, OptionError
 from ....problem import Problem
+from .. import autotune
 from ..graphs import check
-from .config import Config, choose, configure
+from .config import Config, candidates, choose, configure, eligible
 from .launch import KernelPlan
 
 MODES = ("auto", "on", "off")
@@ -57,13 +60,55 @@ def config_for(problem: Problem, device: int) -> Config | None:
     return choose(problem, sms) if mode == "auto" else configure(problem, sms)
 
 
-def plan_for(config: Config, problem: Problem, device: int, described: str) -> KernelPlan | None:
-    """A plan on the skinny kernel, or None after warning once when the kernel cannot be built here."""
+def plan_for(config: Config, problem: Problem, device: int, described: str) -> autotune.Candidate | None:
+    """``config`` on the skinny kernel as a launchable candidate, or None after warning once when the kernel
+    cannot be built here."""
     global _failed
     try:
-        return KernelPlan(problem, config, device, _device(device)[1], described)
+        plan = KernelPlan(problem, config, device, _device(device)[1], described)
     except (GemmError, ImportError, OSError, RuntimeError) as error:
         _failed = True
         warnings.warn(f"gemmbridge: the skinny-GEMM kernels are unavailable, cuBLASLt serves every problem: {error}",
                       RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
+    payload = {"backend": KernelSource.backend, "config": dataclasses.asdict(config)}
+    return autotune.Candidate(f"kernel {config.name}", payload, plan.launch)
+
+
+def _index(problem: Problem) -> int:
+    return int(problem.device.partition(":")[2] or 0)
+
+
+class KernelSource:
+    """The skinny kernel's configurations as the tuner's candidates (``autotune.Source``), whatever the rule says."""
+
+    backend = "kernel"
+
+    def candidates(
+        self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool
+    ) -> list[autotune.Candidate]:
+        device = _index(problem)
+        if mode == "off" or _failed or min(alignments) < 16 or _device(device)[0] < 9:
+            return []
+        found = (plan_for(c, problem, device, f"{c.name} for {problem.m}x{problem.n}x{problem.k}")
+                 for c in candidates(problem, _device(device)[2]))  # fmt: skip
+        return [c for c in found if c is not None]
+
+    def restore(
+        self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool, payload: dict[str, Any]
+    ) -> autotune.Candidate | None:
+        """The cached configuration, if it still fits the problem (its dtypes and operand orders) and pointers."""
+        try:
+            config = Config(**payload["config"])
+        except (KeyError, TypeError):
+            return None
+        a, b = problem.matrices.a, problem.matrices.b
+        fits = (config.valid and eligible(problem) and config.dtype == problem.dtype and min(alignments) >= 16
+                and config.out_f32 == (problem.result_dtype == "float32") and config.a_kcontig == a.row_major
+                and config.b_kcontig == (not b.row_major))  # fmt: skip
+        if mode == "off" or _failed or not fits:
+            return None
+        return plan_for(config, problem, _index(problem), f"{config.name} (tuned)")
+
+
+autotune.add_source(KernelSource())

@@ -1,0 +1,369 @@
+"""Tuning through the CUDA backend's own code with cuBLASLt emulated (``cublaslt_emulator``), with fake timings:
+the dispatch rule, the tuning cache consulted at plan creation (and ignored when stale, foreign or off), the
+exploration of cuBLASLt's algorithm space beyond the heuristic, and extra candidates from a source."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from cublaslt_emulator import STAGES, TILES, raw
+from emulated_gpu import EMULATED_DEVICE, Events, GpuArray, install
+
+import gemmbridge as gb
+from gemmbridge import tuning
+
+pytest.importorskip("nvmath.bindings.cublasLt")
+
+from gemmbridge.backends.cuda import autotune, explore, tuning_cache  # noqa: E402
+
+TILE_256, SWIZZLE = TILES[2], 5  # the emulator's word 5 is the CTA swizzle
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("GEMMBRIDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_files", {})
+    monkeypatch.setattr(tuning, "enabled", True)
+    found = install(monkeypatch)
+    call = found[1].call
+    empty = call.empty
+    monkeypatch.setattr(call, "empty", lambda shape, dtype: aligned(empty(shape, dtype)))
+    yield found
+    gb.set_autotune(False)
+    gb.clear_cache()
+
+
+def aligned(x: np.ndarray) -> GpuArray:
+    """``x`` copied to a 256-byte aligned address, as GPU allocators give (the plan's alignment key stays put)."""
+    buf = np.empty(x.nbytes + 256, np.uint8)
+    start = (-buf.ctypes.data) % 256
+    out = buf[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out.view(GpuArray)
+
+
+def operands(rng: np.random.Generator, m: int = 6, k: int = 4, n: int = 5) -> tuple[Any, Any, np.ndarray]:
+    a64, b64 = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    return aligned(a64), aligned(b64), a64 @ b64
+
+
+def lt_plan() -> Any:
+    (plan,) = gb.plan.PLANS.plans.values()
+    ((lt, _, launch),) = plan.state.plans.values()
+    return lt, launch
+
+
+def cache_entries() -> dict:
+    return tuning_cache._file(0).entries()  # type: ignore[union-attr]
+
+
+def no_timing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(autotune, "Timer", lambda *a: pytest.fail("timed a plan the cache should have served"))
+
+
+@pytest.mark.parametrize(
+    ("times", "chosen"),
+    [([1.0, 0.99], 0), ([1.0, 0.97], 1), ([1.0, 0.98], 0), ([float("inf"), 2.0], 1), ([0.5, 0.2, 0.1], 2),
+     ([float("inf")] * 2, 0)],
+)  # fmt: skip
+def test_the_dispatch_rule_keeps_the_first_pick_unless_beaten_by_the_margin(times, chosen) -> None:
+    assert autotune.MARGIN == 0.98
+    assert autotune.pick(times) == chosen
+
+
+@pytest.mark.parametrize(("ms", "chosen"), [({0: 1.0, 1: 0.5}, 1), ({0: 1.0, 1: 0.99}, 0)])
+def test_autotune_stores_its_choice_and_a_new_plan_uses_it_without_timing(gpu, monkeypatch, rng, ms, chosen) -> None:
+    fake, _ = gpu
+    monkeypatch.setattr(autotune, "driver", Events(lambda: ms[fake.calls[-1][0]], lambda: fake.matmuls))
+    a, b, ref = operands(rng)
+    gb.set_autotune(True)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    gb.set_autotune(False)
+    (entry,) = cache_entries().values()
+    assert entry["choice"]["config"]["ID"] == chosen and entry["method"] == "heuristic"
+    assert entry["timings"] == {"first_ms": 1.0, "chosen_ms": ms[chosen]}
+    gb.clear_cache()
+    no_timing(monkeypatch)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert fake.calls[-1][0] == chosen
+    assert lt_plan()[0].choice == -1  # the cached algorithm, not a heuristic index
+
+
+def test_host_bound_candidates_are_timed_as_graph_replays(gpu, monkeypatch, rng) -> None:
+    """Launched one by one, both candidates cost the host's 0.03 ms per launch; replayed from a graph, their
+    kernels' own times (0.01 and 0.005 ms) show, and the faster one is kept."""
+    from gemmbridge.backends.cuda import graphs
+
+    fake, _ = gpu
+    state = {"graph": False, "replaying": False}  # graph: the launches since the last event came from a replay
+    captured: list = []
+    real = fake.matmul
+
+    def matmul(*args):  # type: ignore[no-untyped-def]
+        state["graph"] = state["replaying"]
+        real(*args)
+
+    def capture(device, enqueue):  # type: ignore[no-untyped-def]
+        captured.append(enqueue)
+        return (len(captured), enqueue)
+
+    def replay(graph, stream):  # type: ignore[no-untyped-def]
+        state["replaying"] = True
+        graph[1](stream)
+        state["replaying"] = False
+
+    def cost() -> float:
+        kernel = {0: 0.01, 1: 0.005}[fake.calls[-1][0]]
+        return kernel if state["graph"] else max(kernel, 0.03)
+
+    monkeypatch.setattr(fake, "matmul", matmul)
+    monkeypatch.setattr(graphs, "capture", capture)
+    monkeypatch.setattr(graphs, "_launch", replay)
+    events = Events(cost, lambda: fake.matmuls)
+    monkeypatch.setattr(autotune, "driver", events)
+    gb.set_autotune(True)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert len(captured) == 2 and events.destroyed == [1, 2]
+    (entry,) = cache_entries().values()
+    assert entry["timings"] == {"first_ms": pytest.approx(0.01), "chosen_ms": pytest.approx(0.005)}
+    assert fake.calls[-1][0] == 1
+
+
+def store_choice(gpu, monkeypatch, rng) -> None:  # type: ignore[no-untyped-def]
+    """Tune once (candidate 1 wins) and forget the plans."""
+    fake, _ = gpu
+    monkeypatch.setattr(autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
+    gb.set_autotune(True)
+    gb.matmul(*operands(rng)[:2])
+    gb.set_autotune(False)
+    gb.clear_cache()
+
+
+def test_the_cache_turned_off_is_not_read(gpu, monkeypatch, rng) -> None:
+    store_choice(gpu, monkeypatch, rng)
+    monkeypatch.setattr(tuning, "enabled", False)
+    gb.matmul(*operands(rng)[:2])
+    assert gpu[0].calls[-1][0] == 0
+
+
+@pytest.mark.parametrize("field", ["name", "driver", "cublasLt"])
+def test_another_device_key_does_not_use_the_entry(gpu, monkeypatch, rng, field) -> None:
+    store_choice(gpu, monkeypatch, rng)
+    monkeypatch.setattr(tuning_cache, "_devices", {0: {**EMULATED_DEVICE, field: "other"}})
+    gb.matmul(*operands(rng)[:2])
+    assert gpu[0].calls[-1][0] == 0
+
+
+def edit_entry(change) -> None:  # type: ignore[no-untyped-def]
+    path = tuning_cache._file(0).path  # type: ignore[union-attr]
+    with open(path) as f:
+        doc = json.load(f)
+    (entry,) = doc["entries"].values()
+    change(entry["choice"])
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def _refused_tile(choice: dict) -> None:  # consistent, but the library no longer accepts it
+    words = np.frombuffer(bytes.fromhex(choice["data"]), np.uint64).copy()
+    words[1] = 0
+    choice["data"], choice["config"]["TILE_ID"] = words.tobytes().hex(), 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _refused_tile,
+        lambda c: c["config"].update(TILE_ID=TILES[0]),  # the bytes no longer read as the configuration
+        lambda c: c.update(data="zz"),
+        lambda c: c.update(data=c["data"][:-2]),
+        lambda c: c.pop("config"),
+        lambda c: c.update(backend="kernel"),  # no source for it
+    ],
+    ids=["refused", "config-mismatch", "bad-hex", "short", "no-config", "unknown-backend"],
+)
+def test_a_stale_or_corrupted_entry_is_ignored(gpu, monkeypatch, rng, change) -> None:
+    store_choice(gpu, monkeypatch, rng)
+    edit_entry(change)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert gpu[0].calls[-1][0] == 0 and lt_plan()[0].choice == 0
+
+
+def test_a_cached_algorithm_refused_at_launch_falls_back_to_the_first_pick(gpu, monkeypatch, rng) -> None:
+    store_choice(gpu, monkeypatch, rng)
+    gpu[0].refuse = {1}
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert gpu[0].calls[-1][0] == 0 and lt_plan()[0].choice == 0
+
+
+def explored_ms(fake) -> float:  # type: ignore[no-untyped-def]
+    """A fake cost model: the 128x256 tile and CTA swizzling each save 20 %, algorithm 2 costs double."""
+    words = fake.last
+    ms = 1.0 - 0.2 * (words[1] == TILE_256) - 0.2 * (words[SWIZZLE] == 1)
+    return ms * (2.0 if words[0] == 3 else 1.0)
+
+
+def test_exploring_finds_a_configuration_two_changes_away_and_keeps_it(gpu, monkeypatch, rng) -> None:
+    fake, _ = gpu
+    monkeypatch.setattr(autotune, "driver", Events(lambda: explored_ms(fake), lambda: fake.matmuls))
+    monkeypatch.setattr(autotune, "exploring", True)
+    launched: set[tuple[int, ...]] = set()
+    real = fake.matmul
+
+    def record(*args):  # type: ignore[no-untyped-def]
+        real(*args)
+        launched.add(fake.last)
+
+    monkeypatch.setattr(fake, "matmul", record)
+    told: list = []
+    monkeypatch.setattr(autotune, "on_tuned", lambda described, tuned, forget: told.append(tuned))
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    (tuned,) = told
+    assert tuned.method == "explore" and tuned.first_ms == 1.0 and tuned.chosen_ms == pytest.approx(0.6)
+    words = {w[0] - 1 for w in launched}
+    assert words == {0, 1, 2}, "the heuristic's ids and the unseen id 2 were timed"
+    assert all(w[1] != 0 and w[3] != 8 for w in launched), "refused or over-workspace configurations never ran"
+    assert any(w[3] > 1 for w in launched) and any(w[2] == STAGES[1] for w in launched)
+    assert fake.last[1] == TILE_256 and fake.last[SWIZZLE] == 1  # the real call ran the choice
+    (entry,) = cache_entries().values()
+    assert entry["method"] == "explore" and entry["choice"]["config"]["TILE_ID"] == TILE_256
+    assert entry["choice"]["config"]["CTA_SWIZZLING"] == 1 and entry["candidates"] == len(tuned.timings)
+    monkeypatch.setattr(autotune, "exploring", False)
+    gb.clear_cache()
+    no_timing(monkeypatch)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert fake.last[1] == TILE_256 and fake.last[SWIZZLE] == 1
+
+
+def test_exploring_keeps_the_first_pick_when_nothing_beats_it_by_the_margin(gpu, monkeypatch, rng) -> None:
+    fake, _ = gpu
+    monkeypatch.setattr(
+        autotune, "driver", Events(lambda: 1.0 - 0.01 * (fake.last[1] == TILE_256), lambda: fake.matmuls)
+    )
+    monkeypatch.setattr(autotune, "exploring", True)
+    gb.matmul(*operands(rng)[:2])
+    (entry,) = cache_entries().values()
+    assert entry["choice"]["config"]["ID"] == 0 and entry["choice"]["config"]["TILE_ID"] == TILES[1]
+    assert lt_plan()[0].choice == 0
+
+
+def test_exploring_stops_at_the_budget(gpu, monkeypatch, rng) -> None:
+    fake, _ = gpu
+    events = Events(lambda: explored_ms(fake), lambda: fake.matmuls)
+    monkeypatch.setattr(autotune, "driver", events)
+    monkeypatch.setattr(autotune, "exploring", True)
+    monkeypatch.setattr(explore, "budget_s", 0.0)
+    gb.matmul(*operands(rng)[:2])
+    # only the first pick was timed briefly, then it alone in the final rounds (2 measurements per timing)
+    assert events.timed == 2 * (1 + explore.ROUNDS)
+
+
+class KernelSource:
+    """Another backend's candidates: a 'kernel' computing the product on the emulated device (host) memory."""
+
+    backend = "kernel"
+
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.a, self.b, self.launches, self.restored = a, b, 0, []
+
+    def _candidate(self, block: int) -> autotune.Candidate:
+        def launch(ptrs, alpha, beta, workspace, stream):  # type: ignore[no-untyped-def]
+            self.launches += 1
+            m, n = self.a.shape[0], self.b.shape[1]
+            raw(ptrs.d, np.float64, m * n)[:] = (alpha * (np.asarray(self.a) @ np.asarray(self.b))).ravel()
+
+        return autotune.Candidate(f"kernel block {block}", {"backend": "kernel", "config": {"block": block}}, launch)
+
+    def candidates(self, problem, alignments, tf32):  # type: ignore[no-untyped-def]
+        assert (problem.m, problem.n, problem.k) == (6, 5, 4) and len(alignments) == 4 and tf32 is False
+        return [self._candidate(64), self._candidate(128)]
+
+    def restore(self, problem, alignments, tf32, payload):  # type: ignore[no-untyped-def]
+        self.restored.append(payload)
+        return self._candidate(payload["config"]["block"])
+
+
+def test_an_extra_source_competes_is_kept_and_is_restored_from_the_cache(gpu, monkeypatch, rng) -> None:
+    fake, _ = gpu
+    a, b, ref = operands(rng)
+    source = KernelSource(a, b)
+    state = {"last": "lt"}
+    real = fake.matmul
+
+    def lt_matmul(*args):  # type: ignore[no-untyped-def]
+        state["last"] = "lt"
+        real(*args)
+
+    monkeypatch.setattr(fake, "matmul", lt_matmul)
+    kernel_launch = source._candidate
+
+    def tracked(block: int) -> autotune.Candidate:
+        cand = kernel_launch(block)
+
+        def launch(*args):  # type: ignore[no-untyped-def]
+            state["last"] = f"kernel {block}"
+            cand.launch(*args)
+
+        return autotune.Candidate(cand.name, cand.payload, launch)
+
+    monkeypatch.setattr(source, "_candidate", tracked)
+    cost = {"lt": 1.0, "kernel 64": 0.7, "kernel 128": 0.4}
+    monkeypatch.setattr(autotune, "driver", Events(lambda: cost[state["last"]], lambda: fake.matmuls + source.launches))
+    monkeypatch.setattr(autotune, "exploring", True)
+    autotune.add_source(source)
+    try:
+        out = gb.matmul(a, b)
+        np.testing.assert_allclose(out, ref, rtol=1e-12)
+        assert state["last"] == "kernel 128"
+        (entry,) = cache_entries().values()
+        assert entry["choice"] == {"backend": "kernel", "config": {"block": 128}}
+        monkeypatch.setattr(autotune, "exploring", False)
+        gb.clear_cache()
+        no_timing(monkeypatch)
+        before = fake.matmuls
+        np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+        assert source.restored == [{"backend": "kernel", "config": {"block": 128}}] and fake.matmuls == before
+    finally:
+        autotune.remove_source("kernel")
+    gb.clear_cache()
+    gb.matmul(a, b)
+    assert fake.matmuls == before + 1  # without its source the entry is ignored: cuBLASLt's first pick
+
+
+def test_add_source_refuses_the_builtin_name() -> None:
+    class Bad:
+        backend = "cublaslt"
+
+    with pytest.raises(ValueError, match="built-in"):
+        autotune.add_source(Bad())  # type: ignore[arg-type]
+
+
+def test_forget_drops_the_entry(gpu, monkeypatch, rng) -> None:
+    store_choice(gpu, monkeypatch, rng)
+    gb.matmul(*operands(rng)[:2])
+    tuning_cache.forget(lt_plan()[0], 0)
+    assert cache_entries() == {}
+
+
+def test_a_driver_that_cannot_name_the_device_means_no_cache_and_no_failure(gpu, monkeypatch, rng, tmp_path) -> None:
+    def broken(device):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no libcuda")
+
+    monkeypatch.setattr(tuning_cache, "_devices", {})
+    monkeypatch.setattr(tuning_cache, "_query", broken)
+    monkeypatch.setattr(
+        autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[gpu[0].calls[-1][0]], lambda: gpu[0].matmuls)
+    )
+    gb.set_autotune(True)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert tuning_cache._devices == {0: None} and list(tmp_path.glob("*.json")) == []
