@@ -236,6 +236,9 @@ def test_apply_lora_by_pattern_freezes_the_rest_and_shares_the_weights(device):
     assert trainable == ["blocks.0.q.lora_a", "blocks.0.q.lora_b", "blocks.0.v.lora_a", "blocks.0.v.lora_b"]
     with pytest.raises(gb.OptionError, match="'\\*.k'"):
         gt.apply_lora(small_model(device), ["*.q", "*.k"], r=2)
+    mixed = torch.nn.ModuleDict({"plain": gt.Linear(4, 4), "gelu": gt.Linear(4, 4, activation="gelu"),
+                                 "attn": torch.nn.MultiheadAttention(4, 1)})  # fmt: skip
+    assert gt.apply_lora(mixed, "*", r=2) == ["plain"]  # not an activation's input, nor MHA's out_proj
 
 
 def test_adapters_save_and_load_round_trip(device, tmp_path):

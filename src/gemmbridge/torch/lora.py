@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import OptionError, ShapeError
 from .functional import lora_linear
+from .modules import Linear
 
 ADAPTERS = ("lora_a", "lora_b")
 
@@ -113,6 +114,12 @@ class LoRALinear(nn.Module):
                 f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, merged={self.merged}")  # fmt: skip
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a gemmbridge ``Linear`` without activation, not a subclass (``MultiheadAttention``'s
+    ``out_proj`` is one, and reads its weight without calling it)."""
+    return type(module) is nn.Linear or (type(module) is Linear and module.activation == "none")
+
+
 def apply_lora(
     model: nn.Module,
     patterns: str | Iterable[str],
@@ -121,15 +128,16 @@ def apply_lora(
     dropout: float = 0.0,
     dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """Replace, in place, every ``nn.Linear`` whose qualified name matches one of ``patterns`` (``fnmatch``,
-    e.g. ``"*.q_proj"``) by a ``LoRALinear`` on the same weight and bias, and freeze every other parameter of
-    ``model``, as PEFT does: only the adapters train. ``dtype``: the adapters' (None: each weight's).
-    Returns the names replaced; a pattern that matches no ``nn.Linear`` is refused."""
+    """Replace, in place, every ``nn.Linear`` (or gemmbridge ``Linear`` without activation) whose qualified name
+    matches one of ``patterns`` (``fnmatch``, e.g. ``"*.q_proj"``) by a ``LoRALinear`` on the same weight and bias,
+    and freeze every other parameter of ``model``, as PEFT does: only the adapters train. ``dtype``: the adapters'
+    (None: each weight's). Returns the names replaced; a pattern that matches no such layer is refused."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
+    linears = [(name, module) for name, module in model.named_modules() if _plain_linear(module)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in linears)]
     if unmatched:
-        raise OptionError(f"apply_lora: no nn.Linear of the model matches {', '.join(map(repr, unmatched))}")
+        raise OptionError(f"apply_lora: no linear layer without activation of the model matches "
+                          f"{', '.join(map(repr, unmatched))}")  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
     replaced = []
