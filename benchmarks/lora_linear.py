@@ -34,13 +34,12 @@ from typing import Any
 import peft
 import torch
 import transformers
-import triton
 import triton.testing
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import gemmbridge as gb
 import gemmbridge.torch as gt
+from gemmbridge import info
 from gemmbridge.torch.peft import use_gemmbridge
 
 DTYPE = torch.bfloat16
@@ -194,20 +193,15 @@ def main() -> None:
     for name, s in table.items():
         print(f"{name:27} overhead {s['min_overhead_pct']:+6.1f} … {s['max_overhead_pct']:+6.1f} %, "
               f"forward peak ≤ {s['max_forward_peak_vs_output']:.2f}× y")  # fmt: skip
-    from gemmbridge.backends.cuda import bindings
-
     doc = {
         "schema": "gemmbridge.lora-linear/1",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "card": torch.cuda.get_device_name(0),
         "versions": {
-            "gemmbridge": gb.__version__,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cublasLt": bindings.version(),
+            **info.versions(),
+            **info.cuda_versions(),
             "peft": peft.__version__,
             "transformers": transformers.__version__,
-            "triton": triton.__version__,
         },
         "dtype": "bfloat16 activations and W; adapters bf16 or fp32 as the candidate says",
         "method": "fwd + bwd(dy): triton.testing.do_bench median (CUDA events, L2 flushed) over 100 ms after 25 ms "
