@@ -349,7 +349,7 @@ class LoRABlock(torch.nn.Module):
         self.up = gt.LoRALinear(d, 2 * d, r=4, alpha=8, dropout=dropout, device=device)
         self.down = gt.LoRALinear(2 * d, d, r=4, dropout=dropout, bias=False, device=device)
         for layer in (self.up, self.down):
-            torch.nn.init.normal_(layer.lora_b)
+            torch.nn.init.normal_(layer.lora_b, std=0.1)
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return x + self.down(F.gelu(self.up(self.norm(x))))
