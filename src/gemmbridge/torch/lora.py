@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError, ShapeError
-from .functional import lora_linear
+from .functional import linear, lora_linear
 from .modules import Linear
 
 ADAPTERS = ("lora_a", "lora_b")
@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scale, self.dropout,
                            self.training)  # fmt: skip
 
