@@ -72,15 +72,15 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def test_bfloat16_model_with_peft_s_float32_adapters_against_float64():
+def test_bfloat16_model_with_peft_s_float32_adapters_against_float64(device):
     """PEFT keeps the adapters float32 and runs the LoRA path on a float32 copy of x; the bridge casts the adapters
     down instead, so its LoRA path rounds to bfloat16: against the float64 model its error is a small multiple of
     PEFT's (measured 1.0–2.9×, both 1–6 %), and the adapters' gradients are float32."""
-    ref = tiny_llama(torch.bfloat16)
+    ref = tiny_llama(torch.bfloat16).to(device)
     assert ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     model, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
     use_gemmbridge(model)
-    tokens = torch.randint(0, 64, (2, 12))
+    tokens = torch.randint(0, 64, (2, 12), device=device)
     (logits, grads), (peft_logits, peft_grads), (logits64, grads64) = (
         loss_and_grads(m, tokens) for m in (model, ref, exact)
     )
