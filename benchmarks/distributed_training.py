@@ -7,6 +7,7 @@ single-GPU run. Writes the losses, the parameters (``--params``, a torch file) a
 
     python benchmarks/distributed_training.py --mode ddp --world 2 --json ddp.json --params ddp.pt
     python benchmarks/distributed_training.py --mode ddp --world 2 --size bench --dtype bf16 --steps 30
+    python benchmarks/distributed_training.py --mode fsdp --world 2 --lora 8     # LoRA: only the adapters train
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def train(rank: int, args: argparse.Namespace) -> None:
     d, layers, heads, _, n, vocab = SIZES[args.size]
     torch.manual_seed(0)
     model = Model(d, layers, heads, vocab).to(device)
+    if args.lora:  # LoRA on the attention projections; everything else frozen
+        gt.apply_lora(model, ["blocks.*.qkv", "blocks.*.proj"], r=args.lora, alpha=2 * args.lora)
     if args.mode == "ddp":
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if args.device == "cuda" else None)
     elif args.mode == "fsdp":
@@ -91,7 +94,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
     losses, times = [], []
     for step in range(args.steps):
@@ -118,7 +121,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
         t = SIZES[args.size][3]
         result = {
             "mode": args.mode, "world": world, "size": args.size, "dtype": args.dtype, "steps": args.steps,
-            "losses": losses, "median_step_s": step_s, "tokens_per_s": n * t / step_s,
+            "lora": args.lora, "losses": losses, "median_step_s": step_s, "tokens_per_s": n * t / step_s,
             "card": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
         }  # fmt: skip
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lora", type=int, default=0, help="LoRA of this rank on qkv and proj (0: full training)")
     parser.add_argument("--port", type=int, default=29511)
     parser.add_argument("--json")
     parser.add_argument("--params", help="save the trained parameters (full tensors) here")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, ab, training, distributed, bench, benchcli, stress,
-# rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
+# each writing its log under $OUT. Steps: tests, profile, ab, training, lora, finetune, distributed, bench, benchcli,
+# skinny, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -33,6 +33,17 @@ for step in ${STEPS:-tests}; do
           timeout 240 python3 benchmarks/distributed_training.py --mode $1 --world $2 --size bench --dtype bf16 \
             --steps ${DIST_STEPS:-20} --json "$OUT/scaling-$1.json"; done
       } 2>&1 | tee "$OUT/distributed.txt" ;;
+    lora)
+      # LoRA: the op alone against PEFT, the composite and the frozen layer (LORA_ARGS=--quick: one shape)
+      { header "benchmarks/lora_linear.py ${LORA_ARGS:-}"
+        timeout ${STEP_TIMEOUT:-480} python3 benchmarks/lora_linear.py ${LORA_ARGS:-} --json "$OUT/lora-linear.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/lora-linear.txt" ;;
+    finetune)
+      # LoRA end to end: the small Llama through PEFT and through the bridge, beside the frozen floor
+      { header "examples/finetune_lora.py ${FINETUNE_ARGS:-}"
+        timeout ${STEP_TIMEOUT:-420} python3 examples/finetune_lora.py ${FINETUNE_ARGS:-} --json "$OUT/finetune-lora.json" \
+          --plot "$OUT/finetune-lora.png"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/finetune-lora.txt" ;;
     profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
     tune)
       # the tuning tests, then gemmbridge tune on large shapes (first pick vs tuned), into a cache kept under $OUT
@@ -42,6 +53,11 @@ for step in ${STEPS:-tests}; do
         GEMMBRIDGE_CACHE_DIR="$OUT/tuning-cache" timeout ${STEP_TIMEOUT:-480} python3 -m gemmbridge.cli tune --no-progress \
           --shapes ${TUNE_SHAPES:-4096x4096x4096,8192x8192x8192,16384x4096x4096} --dtype ${TUNE_DTYPES:-bf16,fp16} \
           --json "$OUT/tune.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/tune.txt" ;;
+    skinny)
+      # bandwidth-bound GEMMs: torch, gemmbridge on cuBLASLt, with its rule, with its kernel everywhere (SKINNY_ARGS)
+      { header "benchmarks/skinny_gemms.py ${SKINNY_ARGS:-}"
+        timeout ${STEP_TIMEOUT:-480} python3 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} --json "$OUT/skinny.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/skinny.txt" ;;
     bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
     benchcli)
       for d in ${BENCH_DTYPES:-bf16}; do
@@ -104,6 +120,8 @@ for step in ${STEPS:-tests}; do
             "not graph and not capture and not captured and not jax and not threads" $nocache "--report-api-errors no"
           run_tool memcheck tests/test_epilogues.py "torch-cuda and float32 and not plan" $nocache "--report-api-errors no"
           run_tool memcheck tests/test_torch_training.py "cuda and mlp and not compile and not gradcheck" $nocache \
+            "--report-api-errors no"
+          run_tool memcheck tests/test_lora.py "gpu_outputs or (cuda and values_and_gradients)" $nocache \
             "--report-api-errors no"
         fi
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do

@@ -57,6 +57,16 @@ def fw(request: pytest.FixtureRequest) -> Framework:
     return Framework(*request.param)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """A torch device for the training tests: the CPU, and (marked ``gpu``) CUDA, skipped without it."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return str(request.param)
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """Fresh random data for each test, reproducible from the test's id."""

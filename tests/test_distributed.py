@@ -23,11 +23,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def train(mode: str, tmp_path: Path, world: int, device: str) -> tuple[list[float], dict]:
+def train(mode: str, tmp_path: Path, world: int, device: str, lora: int) -> tuple[list[float], dict]:
     out = tmp_path / f"{mode}.json"
     params = tmp_path / f"{mode}.pt"
     args = [sys.executable, str(SCRIPT), "--mode", mode, "--world", str(world), "--steps", "8", "--device", device,
-            "--port", str(free_port()), "--json", str(out), "--params", str(params)]  # fmt: skip
+            "--port", str(free_port()), "--json", str(out), "--params", str(params), "--lora", str(lora),
+            "--lr", "3e-2" if lora else "1e-3"]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text())["losses"], torch.load(params)
@@ -35,11 +36,13 @@ def train(mode: str, tmp_path: Path, world: int, device: str) -> tuple[list[floa
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_training_matches_one_process(mode, device, tmp_path):
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_two_process_training_matches_one_process(mode, device, lora, tmp_path):
+    """Full training, and LoRA (``LoRALinear`` on the attention projections, everything else frozen)."""
     if device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < 2):
         pytest.skip("needs two GPUs")
-    ref_losses, ref_params = train("single", tmp_path, 1, device)
-    losses, params = train(mode, tmp_path, 2, device)
+    ref_losses, ref_params = train("single", tmp_path, 1, device, lora)
+    losses, params = train(mode, tmp_path, 2, device, lora)
     assert losses[-1] < losses[0], "the model did not learn"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
     assert params.keys() == ref_params.keys()

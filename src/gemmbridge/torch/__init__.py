@@ -1,10 +1,24 @@
-"""gemmbridge for PyTorch training: differentiable ops, ``Linear``, ``MLP``, and ``convert_linears``.
+"""gemmbridge for PyTorch training: differentiable ops, ``Linear``, ``MLP``, ``LoRALinear`` and their helpers.
 
-Importing this module registers the ``gemmbridge::gemm``, ``::matmul``, ``::linear`` and ``::mlp``
-custom ops (``torch.ops.gemmbridge``), which ``torch.compile`` traces without graph breaks.
+Importing this module registers the ``gemmbridge::gemm``, ``::matmul``, ``::linear``, ``::mlp`` and
+``::lora_linear`` custom ops (``torch.ops.gemmbridge``), which ``torch.compile`` traces without graph breaks.
+The PEFT bridge is ``gemmbridge.torch.peft`` (it needs the optional ``peft`` package).
 """
 
-from .functional import linear, matmul, mlp
+from .functional import linear, lora_linear, matmul, mlp
+from .lora import LoRALinear, apply_lora, load_adapters, save_adapters
 from .modules import MLP, Linear, convert_linears
 
-__all__ = ["MLP", "Linear", "convert_linears", "linear", "matmul", "mlp"]
+__all__ = [
+    "MLP",
+    "Linear",
+    "LoRALinear",
+    "apply_lora",
+    "convert_linears",
+    "linear",
+    "load_adapters",
+    "lora_linear",
+    "matmul",
+    "mlp",
+    "save_adapters",
+]

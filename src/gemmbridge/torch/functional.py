@@ -1,8 +1,8 @@
-"""Differentiable functions on torch tensors: ``matmul``, ``linear``, ``mlp``.
+"""Differentiable functions on torch tensors: ``matmul``, ``linear``, ``mlp``, ``lora_linear``.
 
 Each picks its path once per call: no autograd needed (grad mode off, or no input requires grad)
 → the forward alone; ``torch.compile`` tracing → the ``gemmbridge::*`` custom op; otherwise the
-eager ``autograd.Function``. Under ``torch.autocast``, ``linear`` and ``mlp`` cast their inputs to the
+eager ``autograd.Function``. Under ``torch.autocast``, ``linear``, ``mlp`` and ``lora_linear`` cast their inputs to the
 autocast dtype as ``F.linear`` does, and gradients come back in each input's own dtype; ``matmul``
 casts nothing (gemmbridge never casts silently: pass ``out_dtype`` or cast the inputs).
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import OptionError
+from ..errors import OptionError, ShapeError
 from . import functions as f
 from . import library
 
@@ -58,6 +58,63 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     if _is_compiling():
         return library.mlp_op(x, w1, b1, w2, b2, activation, compute, True)[0]
     return library._MLP.apply(x, w1, b1, w2, b2, activation, compute)
+
+
+def _check_lora_shapes(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
+    """W ``(out, in)``, A ``(r, in)``, B ``(out, r)`` with ``in`` x's last dim, or a ``ShapeError`` naming all four."""
+    if (
+        weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2 or x.dim() < 1
+        or weight.shape[1] != x.shape[-1] or lora_a.shape[1] != x.shape[-1]
+        or lora_b.shape[0] != weight.shape[0] or lora_b.shape[1] != lora_a.shape[0]
+    ):  # fmt: skip
+        raise ShapeError(
+            f"gemmbridge.torch.lora_linear: x is {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a "
+            f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} — expected weight (out, in), lora_a (r, in), "
+            "lora_b (out, r) with in = x's last dim"
+        )
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """``y = x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ``; ``W`` ``(out, in)``, ``A`` ``(r, in)``, ``B`` ``(out, r)``.
+
+    Three GEMMs forward, the base one accumulating into the LoRA term (beta = 1, the bias in its epilogue);
+    nothing of size ``x`` is kept beyond ``x`` itself (and, with dropout, its bool mask: one byte per
+    element of ``x``). Adapters of another dtype than the activations (float32 adapters, bfloat16 ``x``)
+    are cast to the activations' dtype for the GEMMs; their gradients come back in their own dtype.
+    Dropout (probability ``dropout``, only when ``training``) applies to the LoRA path's input, as in PEFT;
+    ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead of drawing one.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise OptionError(f"gemmbridge.torch.lora_linear: dropout {dropout!r} is not in [0, 1)")
+    _check_lora_shapes(x, weight, lora_a, lora_b)
+    mask, keep = None, 1.0
+    if dropout_mask is not None or (training and dropout > 0.0):
+        keep = 1.0 - dropout
+        mask = dropout_mask
+        if mask is None:
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+        elif mask.shape != x.shape or mask.dtype != torch.bool or mask.device != x.device:
+            raise OptionError(
+                f"gemmbridge.torch.lora_linear: dropout_mask is {tuple(mask.shape)} {mask.dtype} on {mask.device}; "
+                f"it must be torch.bool of x's shape {tuple(x.shape)} on {x.device}"
+            )
+    compute = autocast_dtype(x)
+    args = (x, weight, bias, lora_a, lora_b, mask, float(scale), keep, compute)
+    if not f.requires_grad(x, weight, bias, lora_a, lora_b):
+        return f.lora_forward(*args)[0]
+    if _is_compiling():
+        return library.lora_linear_op(*args)[0]
+    return library._LoRALinear.apply(*args)
 
 
 def matmul(

@@ -233,6 +233,66 @@ def mlp_backward(
     return tuple(grads)
 
 
+# -- LoRA linear: y = x · Wᵀ + b + s · (drop(x) · Aᵀ) · Bᵀ, W frozen -------------------------------------------
+
+
+def _dropped(xc: Tensor, mask: Tensor | None) -> Tensor:
+    """``x ⊙ m`` (the 1 / keep factor is the GEMMs' alpha), or ``x`` itself without a mask."""
+    return xc if mask is None else xc * mask.reshape(xc.shape)
+
+
+def lora_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, mask: Tensor | None,
+    scale: float, keep: float, compute_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(y, xa) in three GEMMs: ``xa = (x ⊙ m) · Aᵀ / keep``; ``y = s · xa · Bᵀ``; ``y += x · Wᵀ + b`` (beta = 1).
+
+    The adapters are cast to the GEMMs' dtype (x's, or the autocast dtype) — never x to the adapters'.
+    ``xa`` (rows × r) is what the backward needs besides x and the mask.
+    """
+    xc = _rows(x, compute_dtype)
+    w, b = _cast(weight, compute_dtype), _cast_bias(bias, compute_dtype)
+    a, lb = _as(lora_a, xc), _as(lora_b, xc)
+    xa = direct_gemm(_matrix(_dropped(xc, mask)), a, None, None, None, False, True, 1.0 / keep, 0.0, "none", None)[0]
+    y = direct_gemm(xa, lb, None, None, None, False, True, scale, 0.0, "none", None)[0]
+    y = y.view(*xc.shape[:-1], lb.shape[0])
+    y = direct_gemm(xc, w, y, b, None, False, True, 1.0, 1.0, "none", None, None, y)[0]
+    return _like_rows_of(y, x), xa
+
+
+def lora_backward(
+    gemm: Gemm, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+    mask: Tensor | None, xa: Tensor, scale: float, keep: float, compute_dtype: torch.dtype | None,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients of x, W, b, A, B: ``g = dy · B``; ``dB = s · dyᵀ · xa``; ``dA = (s / keep) · gᵀ · (x ⊙ m)``;
+    ``dx = ((s / keep) · g · A) ⊙ m + dy · W`` (the last GEMM accumulates with beta = 1). W and b get gradients
+    only when they require them (``dW = dyᵀ · x``, ``db = Σ_rows dy``, one GEMM). dA, dB come out of the GEMM in
+    the adapters' dtype (``out_dtype`` float32 for float32 adapters fed half activations)."""
+    no_double_backward()
+    xc = _cast(_matrix(x), compute_dtype)
+    dyc = dy.reshape(xc.shape[0], weight.shape[0])
+    a, lb = _as(lora_a, xc), _as(lora_b, xc)
+    compute, alpha = xc.dtype, scale / keep
+    grads: list[Tensor | None] = [None] * 5
+    grads[1], grads[2] = _weight_grads(gemm, dyc, xc, weight, bias, needs[1], needs[2] and bias is not None)
+    if needs[4]:
+        db = gemm(dyc, xa, None, None, None, True, False, scale, 0.0, "none", _grad_dtype(lora_b, compute))[0]
+        grads[4] = _as(db, lora_b)
+    if needs[0] or needs[3]:
+        g = gemm(dyc, lb, None, None, None, False, False, 1.0, 0.0, "none", None)[0]
+        if needs[3]:
+            da = gemm(g, _dropped(xc, mask), None, None, None, True, False, alpha, 0.0, "none",
+                      _grad_dtype(lora_a, compute))[0]  # fmt: skip
+            grads[3] = _as(da, lora_a)
+        if needs[0]:
+            dxa = gemm(g, a, None, None, None, False, False, alpha, 0.0, "none", None)[0]
+            dxa = _dropped(dxa, mask)
+            dx = gemm(dyc, _cast(weight, compute_dtype), dxa, None, None, False, False, 1.0, 1.0, "none", None)[0]
+            grads[0] = _as(dx.view(x.shape), x)
+    return tuple(grads)
+
+
 # -- matmul: act(alpha · op(a) @ op(b) + beta · c + bias), a and b at least 2-D ----------------------------
 
 

@@ -1,0 +1,164 @@
+"""The PEFT bridge against PEFT itself, on a small random ``transformers`` Llama built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import gemmbridge.torch as gt  # noqa: E402
+from gemmbridge.torch.peft import undo_gemmbridge, use_gemmbridge  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, **lora: object) -> torch.nn.Module:
+    """A 2-layer Llama with LoRA on every linear layer of its blocks; B random, so A's gradients are not zero."""
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = transformers.LlamaConfig(vocab_size=64, num_key_value_heads=2, max_position_embeddings=64, **sizes)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    options = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS, **lora}
+    model = peft.get_peft_model(model, peft.LoraConfig(**options))  # type: ignore[arg-type]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    out = model(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_bridge_gives_peft_s_logits_and_gradients_and_keeps_its_state_dict():
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = use_gemmbridge(model)
+    assert len(report.served) == 2 * len(TARGETS) and not report.skipped
+    assert report.served[0] == "base_model.model.model.layers.0.self_attn.q_proj"
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    tokens = torch.randint(0, 64, (2, 12))
+    logits, grads = loss_and_grads(model, tokens)
+    ref_logits, ref_grads = loss_and_grads(ref, tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4 * len(TARGETS)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_bridge_really_runs_the_fused_op(monkeypatch):
+    from gemmbridge.torch import peft as bridge
+
+    calls = []
+    monkeypatch.setattr(bridge, "lora_linear", lambda *args: calls.append(args) or gt.lora_linear(*args))
+    model = tiny_llama()
+    use_gemmbridge(model)
+    model(input_ids=torch.randint(0, 64, (1, 5)))
+    assert len(calls) == 2 * len(TARGETS)
+    assert {args[5] for args in calls} == {2.0}  # scaling = alpha / r
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_bfloat16_model_with_peft_s_float32_adapters_against_float64(device):
+    """PEFT keeps the adapters float32 and runs the LoRA path on a float32 copy of x; the bridge casts the adapters
+    down instead, so its LoRA path rounds to bfloat16: against the float64 model its error is a small multiple of
+    PEFT's (measured 0.7–2.9×, both 1–6 %), and the adapters' gradients are float32."""
+    ref = tiny_llama(torch.bfloat16).to(device)
+    assert ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    model, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
+    use_gemmbridge(model)
+    tokens = torch.randint(0, 64, (2, 12), device=device)
+    (logits, grads), (peft_logits, peft_grads), (logits64, grads64) = (
+        loss_and_grads(m, tokens) for m in (model, ref, exact)
+    )
+    assert logits.dtype == torch.bfloat16
+    assert rel(logits, logits64) < 4 * rel(peft_logits, logits64) < 0.1
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        assert rel(grad, grads64[name]) < max(4 * rel(peft_grads[name], grads64[name]), 1e-2) < 0.2, name
+
+
+def test_dropout_probability_comes_from_peft_and_eval_turns_it_off():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)),
+                                peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=0.3, target_modules=["0"]))  # fmt: skip
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    assert use_gemmbridge(model).served == ["base_model.model.0"]
+    x = torch.randn(5, 16)
+    torch.manual_seed(7)
+    y = model(x)
+    torch.manual_seed(7)
+    mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.7)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = layer.base_layer(x) + 3.0 * ((x * mask / 0.7) @ a.T) @ b.T
+    torch.testing.assert_close(y, want)
+    model.eval()
+    torch.testing.assert_close(model(x), layer.base_layer(x) + 3.0 * (x @ a.T) @ b.T)
+
+
+def test_disabled_merged_and_multiple_adapters_fall_back_to_peft():
+    ref = tiny_llama()
+    model = copy.deepcopy(ref)
+    use_gemmbridge(model)
+    tokens = torch.randint(0, 64, (1, 8))
+    with model.disable_adapter(), ref.disable_adapter():
+        torch.testing.assert_close(model(input_ids=tokens).logits, ref(input_ids=tokens).logits)
+    model.merge_adapter()
+    torch.testing.assert_close(model(input_ids=tokens).logits, ref(input_ids=tokens).logits, rtol=1e-4, atol=1e-4)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(input_ids=tokens).logits, ref(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+    for m in (model, ref):
+        torch.manual_seed(1)  # the same random adapter in both
+        m.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        m.base_model.set_adapter(["default", "other"])
+    torch.testing.assert_close(model(input_ids=tokens).logits, ref(input_ids=tokens).logits)
+
+
+def test_layers_it_cannot_serve_are_left_to_peft_and_listed():
+    dora = tiny_llama(use_dora=True, target_modules=["q_proj", "v_proj"])
+    report = use_gemmbridge(dora)
+    assert not report.served and len(report.skipped) == 4
+    assert all("LoRA variant" in why for why in report.skipped.values())
+    mixed = tiny_llama(target_modules=["q_proj", "embed_tokens"])
+    report = use_gemmbridge(mixed)
+    assert report.served == [f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert list(report.skipped) == ["base_model.model.model.embed_tokens"]
+    assert "not peft's LoRA Linear" in report.skipped["base_model.model.model.embed_tokens"]
+    with_bias = tiny_llama(lora_bias=True, target_modules=["q_proj"])
+    assert all("lora_bias" in why for why in use_gemmbridge(with_bias).skipped.values())
+
+
+def test_undo_gives_peft_s_forward_back():
+    model = tiny_llama(target_modules=["q_proj"])
+    served = use_gemmbridge(model).served
+    assert use_gemmbridge(model).served == served  # twice is once
+    assert undo_gemmbridge(model) == served
+    layer = model.get_submodule(served[0])
+    assert "forward" not in vars(layer)
+    assert undo_gemmbridge(model) == []
+
+
+def test_a_bridged_peft_model_compiles_without_graph_breaks():
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))  # fmt: skip
+    use_gemmbridge(model)
+    x = torch.randn(3, 16, requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops = [str(node.target) for g in explained.graphs for node in g.graph.nodes if node.op == "call_function"]
+    assert any("lora_linear" in op for op in ops), ops
