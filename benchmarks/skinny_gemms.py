@@ -6,8 +6,9 @@ decode steps ``x (M, d_in)·Wᵀ`` for M ∈ {1, 4, 8, 16} and W (d_out, d_in) �
 4096×14336}; bf16 and fp16 (fp32 with ``--fp32``). In one run: the device-to-device copy bandwidth (bytes read
 + written of a 1 GiB copy), then per shape every candidate checked against float64 (output poisoned first),
 then timed two ways: per call (``gemmbridge bench``'s timing: do_bench medians, L2 flushed before each call,
-interleaved, best of ``--rounds``), and in the steady state a training step sees (``steady_us``: 40 calls back
-to back, cycling through input sets that together exceed the L2, CUDA events, median of 5 batches). Per
+interleaved, best of ``--rounds``), and in the steady state a training step sees on the GPU (``steady_us``: 40
+calls captured back to back in a CUDA graph, cycling through input sets that together exceed the L2, the median
+of 5 event-timed replays). Per
 candidate: µs, GB/s of the least bytes the GEMM moves (read A and B, write D; no role reads C), % of the copy
 bandwidth, ratio to torch (its time over the candidate's) — the headline figures from the steady state. The
 target: gemmbridge's default (its own kernels where the measured rule takes them) at ≥ 80 % of the copy bandwidth.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import os
 import statistics
@@ -33,11 +35,12 @@ import numpy as np
 
 import gemmbridge as gb
 from gemmbridge import info
-from gemmbridge.bench import candidates, data, measure, peaks, presets, report, runner
+from gemmbridge.bench import candidates, data, measure, peaks, presets, report, runner, timing
 
 SCHEMA = "gemmbridge.skinny/1"
 KERNELS = hasattr(gb, "set_kernels")  # the process-wide switch of the project's own kernels (auto | on | off)
 STEADY_BYTES = 160 * 2**20  # input sets cycled in the steady-state timing: together over the L2 (50 MiB on an H200)
+STEADY_CALLS = 40
 NO_KERNELS = "own kernels: not available (this gemmbridge has no set_kernels; gemmbridge.matmul is cuBLASLt only)"
 
 
@@ -86,24 +89,12 @@ def shapes(device: str, quick: bool) -> list[presets.Shape]:
     return presets.skinny_shapes(**sizes)
 
 
-def steady_us(calls: list[Callable[[], Any]], batches: int = 5, per_batch: int = 40) -> float:
-    """Median µs per call over ``batches`` of ``per_batch`` calls launched back to back, cycling through ``calls``
-    (one per input set), timed with CUDA events: the GEMM as a training step runs it, launch gaps included."""
-    import torch
-
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(batches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(per_batch):
-            calls[i % len(calls)]()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / per_batch)
-    return statistics.median(samples)
+def steady_us(calls: list[Callable[[], Any]]) -> float:
+    """GPU µs per call of ``STEADY_CALLS`` calls captured back to back in one torch CUDA graph, cycling through
+    ``calls`` (one per input set): the GEMM as a training step runs it on the GPU, with the gaps between kernels
+    and without the host's launch cost, which on the lent H200 exceeds a 32 MiB GEMM's own time."""
+    turn = itertools.count()
+    return timing.gpu_us_per_op(lambda: calls[next(turn) % len(calls)](), "torch", calls=STEADY_CALLS, replays=5)
 
 
 def time_steady(shape: presets.Shape, dtype: data.DType, results: dict[str, Any], rng: np.random.Generator) -> None:
@@ -233,13 +224,15 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(device),
         "own_kernels": {"available": KERNELS, "reason": None if KERNELS else NO_KERNELS},
-        "method": "inputs standard normal, fresh per shape, in the layouts a LoRA layer holds; every candidate "
-        "checked against float64 (output poisoned first) before timing; headline time (us, pct_of_copy, "
-        "ratio_vs_torch) on CUDA: steady state, 40 calls back to back cycling through input sets of 160 MiB in "
-        "all, CUDA events, median of 5 batches; flushed_us: triton.testing.do_bench median with the L2 flushed "
-        f"before each call, candidates interleaved, {args.rounds} round(s), best median kept (the headline on the "
-        "CPU); bytes: the least a GEMM moves (read A and B, write D); % of copy: (bytes / time) over the copy "
-        "bandwidth of the same run; ratio: torch's time over the candidate's",
+        "method": (
+            "inputs standard normal, fresh per shape, in the layouts a LoRA layer holds; every candidate checked "
+            "against float64 (output poisoned first) before timing; headline time (us, pct_of_copy, ratio_vs_torch) "
+            f"on CUDA: steady state, {STEADY_CALLS} calls captured back to back in one CUDA graph cycling through "
+            "input sets of 160 MiB in all, median of 5 event-timed replays; flushed_us: triton.testing.do_bench "
+            f"median with the L2 flushed before each call, candidates interleaved, {args.rounds} round(s), best "
+            "median kept (the headline on the CPU); bytes: the least a GEMM moves (read A and B, write D); % of "
+            "copy: (bytes / time) over the copy bandwidth of the same run; ratio: torch's time over the candidate's"
+        ),
         "settings": {
             "dtypes": [d.label for d in dtypes],
             "sizes": presets.SKINNY[device],

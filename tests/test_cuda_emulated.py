@@ -198,3 +198,34 @@ def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monke
     for t in threads:
         t.join()
     assert destroyed == captured
+
+
+def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkeypatch) -> None:
+    """Five signatures in turn against a table of four graphs: each would be captured again on every call. Once
+    GRAPHS_PER_PLAN graphs were evicted unreplayed, the cache records no more (the calls run eagerly); a cache
+    whose graphs are replayed keeps recording."""
+    from gemmbridge.backends.cuda import graphs
+
+    captured: list[object] = []
+
+    def capture(self, device, enqueue):  # type: ignore[no-untyped-def]
+        captured.append(object())
+        return captured[-1], len(captured)
+
+    monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
+    monkeypatch.setattr(graphs, "_launch", lambda graph, stream: None)
+    monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", lambda graph: None)
+    cycling = graphs.GraphCache()
+    signatures = [(i,) for i in range(graphs.GRAPHS_PER_PLAN + 1)]
+    for _ in range(20):
+        for sig in signatures:
+            if not cycling.replay(sig, 0):
+                cycling.record(sig, 0, 0, lambda stream: None)
+    assert cycling.broken and len(captured) == 2 * graphs.GRAPHS_PER_PLAN  # then none in the 80-odd calls after
+    captured.clear()
+    steady = graphs.GraphCache()
+    for _ in range(20):
+        for sig in signatures[:-1]:
+            if not steady.replay(sig, 0):
+                steady.record(sig, 0, 0, lambda stream: None)
+    assert not steady.broken and len(captured) == graphs.GRAPHS_PER_PLAN

@@ -4,7 +4,8 @@ A candidate says whether it can run at all (``available(device)`` → a reason i
 it takes one shape and dtype (``unsupported``), and turns the run's inputs into a no-argument callable
 (``prepare``): everything that can be done once (views, plans) is done there, outside the timed region.
 A callable with a ``close()`` method is closed when the shape is done. ``graph`` names the framework whose
-CUDA graph captures the callable for GPU µs per op (``timing.gpu_us_per_op``).
+CUDA graph captures the callable for GPU µs per op (``timing.gpu_us_per_op``), None when it is not captured
+(``uncaptured`` says why).
 
 Inputs are numpy arrays on the CPU and torch CUDA tensors on CUDA. The torch CPU candidate sees the numpy
 arrays through ``torch.from_numpy``; CuPy sees the torch tensors through DLPack (zero-copy); nvmath-python
@@ -30,7 +31,8 @@ class Candidate:
     name = ""
     description = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
-    graph = "torch"
+    graph: str | None = "torch"
+    uncaptured = ""  # why, when ``graph`` is None
 
     def available(self, device: str) -> str | None:
         """None when this candidate can run on ``device``, else why not."""
@@ -188,6 +190,10 @@ class Nvmath(Candidate):
     name = "nvmath"
     description = "nvmath-python's stateful nvmath.linalg.advanced.Matmul (cuBLASLt), planned once per shape"
     devices = ("cuda",)
+    graph = None
+    # seen on an H200, nvmath-python 1.0.0, 2026-11-27: after a torch graph captured its execute, Matmul.free()
+    # failed with CUDA_ERROR_INVALID_VALUE and left resources behind
+    uncaptured = "nvmath-python's Matmul cannot be freed after a capture (CUDA_ERROR_INVALID_VALUE)"
 
     def _available(self, device: str) -> str | None:
         try:

@@ -42,6 +42,7 @@ def check_and_time(
     results: dict[str, dict[str, Any]] = {}
     fns: dict[str, Callable[[], Any]] = {}
     graph = {cand.name: cand.graph for cand in candidates}
+    uncaptured = {cand.name: cand.uncaptured for cand in candidates}
     with contextlib.ExitStack() as stack:
         a, b = make_inputs(device, shape, dtype, rng)
         ref = reference(a, b, device)
@@ -87,8 +88,12 @@ def check_and_time(
                 results[name] = {"status": "error", "reason": _error(error), "rel_err": result["rel_err"]}
                 continue
             if device == "cuda":
+                captured_by = graph[name]
+                if captured_by is None:
+                    result["gpu_us_reason"] = f"not captured in a CUDA graph: {uncaptured[name]}"
+                    continue
                 try:
-                    result["gpu_us"] = gpu_us_per_op(fn, graph[name])
+                    result["gpu_us"] = gpu_us_per_op(fn, captured_by)
                 except Exception as error:
                     result["gpu_us_reason"] = f"not captured in a CUDA graph: {_error(error)}"
     return results

@@ -97,14 +97,21 @@ def capture(device: int, enqueue: Callable[[int], None]) -> Any:
 
 
 class GraphCache:
-    """Per-plan table: call signature → instantiated graph, and the signatures seen once."""
+    """Per-plan table: call signature → instantiated graph, and the signatures seen once.
 
-    __slots__ = ("execs", "seen", "broken", "lock")
+    Calls that cycle through more signatures than the table holds would capture a graph on every call
+    (a capture costs far more than the call): once ``GRAPHS_PER_PLAN`` graphs were evicted without a
+    single replay, the plan records no more graphs (``broken``) and its calls are made eagerly.
+    """
+
+    __slots__ = ("execs", "replays", "seen", "broken", "wasted", "lock")
 
     def __init__(self) -> None:
         self.execs: dict[tuple, Any] = {}
+        self.replays: dict[tuple, int] = {}  # replays of each graph since its capture
         self.seen: set[tuple] = set()
         self.broken = False
+        self.wasted = 0  # graphs evicted without a replay
         self.lock = threading.Lock()
 
     def replay(self, signature: tuple, stream: int) -> bool:
@@ -114,6 +121,7 @@ class GraphCache:
             if graph is None:
                 return False
             _launch(graph, stream)
+            self.replays[signature] += 1
         return True
 
     def record(self, signature: tuple, device: int, stream: int, enqueue: Callable[[int], None]) -> bool:
@@ -127,6 +135,7 @@ class GraphCache:
             graph = self.execs.get(signature)  # another thread captured it meanwhile
             if graph is not None:
                 _launch(graph, stream)
+                self.replays[signature] += 1
                 return True
             if self.broken or signature not in self.seen:
                 if len(self.seen) >= 4 * GRAPHS_PER_PLAN:
@@ -139,8 +148,13 @@ class GraphCache:
                 self.broken = True
                 return False
             if len(self.execs) >= GRAPHS_PER_PLAN:
-                driver.cuGraphExecDestroy(self.execs.pop(next(iter(self.execs)))[0])
+                oldest = next(iter(self.execs))
+                driver.cuGraphExecDestroy(self.execs.pop(oldest)[0])
+                if self.replays.pop(oldest) == 0:
+                    self.wasted += 1
+                    self.broken = self.wasted >= GRAPHS_PER_PLAN
             self.execs[signature] = graph
+            self.replays[signature] = 0
             _launch(graph, stream)
         return True
 
@@ -152,6 +166,7 @@ class GraphCache:
         with self.lock:
             _doomed.extend(self.execs.values())
             self.execs.clear()
+            self.replays.clear()
 
     def __del__(self) -> None:
         try:
