@@ -75,20 +75,23 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 def test_bfloat16_model_with_peft_s_float32_adapters_against_float64(device):
     """PEFT keeps the adapters float32 and runs the LoRA path on a float32 copy of x; the bridge casts the adapters
     down instead, so its LoRA path rounds to bfloat16: against the float64 model its error is a small multiple of
-    PEFT's (measured 0.7–2.9×, both 1–6 %), and the adapters' gradients are float32."""
+    PEFT's (measured 0.7–2.9× on the CPU, both 1–6 %), and the adapters' gradients are float32. The bound is 4×
+    PEFT's own error, whatever that is on the card (on an H200 PEFT's error on one adapter gradient was 7 % over
+    2 × 12 tokens, where the gradient's sum over tokens cancels; 2 × 64 tokens here)."""
     ref = tiny_llama(torch.bfloat16).to(device)
     assert ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     model, exact = copy.deepcopy(ref), copy.deepcopy(ref).double()
     use_gemmbridge(model)
-    tokens = torch.randint(0, 64, (2, 12), device=device)
+    tokens = torch.randint(0, 64, (2, 64), device=device)
     (logits, grads), (peft_logits, peft_grads), (logits64, grads64) = (
         loss_and_grads(m, tokens) for m in (model, ref, exact)
     )
     assert logits.dtype == torch.bfloat16
     assert rel(logits, logits64) < 4 * rel(peft_logits, logits64) < 0.1
     for name, grad in grads.items():
-        assert grad.dtype == torch.float32
-        assert rel(grad, grads64[name]) < max(4 * rel(peft_grads[name], grads64[name]), 1e-2) < 0.2, name
+        ours, theirs = rel(grad, grads64[name]), rel(peft_grads[name], grads64[name])
+        assert grad.dtype == torch.float32 and theirs < 0.2, name
+        assert ours < max(4 * theirs, 1e-2), (name, ours, theirs)
 
 
 def test_dropout_probability_comes_from_peft_and_eval_turns_it_off():

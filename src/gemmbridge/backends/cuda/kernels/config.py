@@ -24,6 +24,7 @@ MAX_SPLITS = 8  # the portable cluster size
 MIN_SPLIT_TILES = 4  # each split of K gets at least this many BK slices
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may opt into on sm_90
 AUTO_MAX_STREAMED = 48 * 2**20  # the kernel beat cuBLASLt at 32 MiB streamed and lost at 112 and 128 (H200)
+AUTO_MAX_NARROW = 8  # ... with a result 8 wide (or 8 tall) or less; tied at 16, lost at 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,23 +153,24 @@ def configure(problem: Problem, sms: int) -> Config | None:
     return replace(config, splits=_splits(tiles * problem.batch_count, k, config.bk, sms))
 
 
-def streamed(problem: Problem, config: Config) -> tuple[int, bool]:
-    """Bytes of the operand the kernel streams (the M x K one for a narrow result, else the K x N one), and whether
-    it is K-contiguous."""
+def streamed(problem: Problem, config: Config) -> tuple[int, int]:
+    """Bytes of the operand the kernel streams (the M x K one for a narrow result, else the K x N one), and the
+    result's narrow side (N, else M)."""
     count = problem.batch_count * len(problem.outer_offsets) * problem.itemsize * problem.k
     if config.bn >= problem.n and problem.n <= problem.m:
-        return count * problem.m, config.a_kcontig
-    return count * problem.n, config.b_kcontig
+        return count * problem.m, problem.n
+    return count * problem.n, problem.m
 
 
 def choose(problem: Problem, sms: int) -> Config | None:
-    """The measured rule (H200, ``docs/kernels.md``): the kernel where it beat cuBLASLt, i.e. a K-contiguous streamed
-    operand of at most ``AUTO_MAX_STREAMED`` bytes; None (cuBLASLt) elsewhere, unless the tuner measured otherwise."""
+    """The measured rule (an H200, steady state, ``docs/kernels.md``): the kernel where it beat cuBLASLt — a result
+    at most ``AUTO_MAX_NARROW`` wide (or tall) and a streamed operand of at most ``AUTO_MAX_STREAMED`` bytes
+    (1.02–1.19×); None (cuBLASLt) elsewhere, unless the tuner measured otherwise."""
     config = configure(problem, sms)
     if config is None:
         return None
-    size, k_contiguous = streamed(problem, config)
-    return config if k_contiguous and size <= AUTO_MAX_STREAMED else None
+    size, narrow = streamed(problem, config)
+    return config if narrow <= AUTO_MAX_NARROW and size <= AUTO_MAX_STREAMED else None
 
 
 def candidates(problem: Problem, sms: int) -> list[Config]:
