@@ -14,7 +14,9 @@ Candidates on the same x, W, A, B (bf16 activations and W, d × d, no bias):
 
 Each step sets grads to None, runs the forward and ``backward(dy)`` (x, A and B get gradients; W none). At dropout
 0 every candidate's output and gradients are first checked against a float64 composite. Time: the median of
-``triton.testing.do_bench`` (CUDA events, L2 flushed), candidates interleaved, best of two rounds. Memory: the
+``triton.testing.do_bench`` (CUDA events, L2 flushed), candidates interleaved, best of two rounds; and the GPU's
+own time: five steps captured in one CUDA graph, the median of ten replays (``graph_ms``; on the lent H200 a GEMM
+launch costs the host 17–36 µs, so eager steps at T = 4096 are host-bound). Memory: the
 forward's peak allocation above what was allocated before it (the output included), in MiB and in units of the
 output's size. gemmbridge's cuBLASLt workspace comes from CUDA's own pool, outside torch's statistics.
 
@@ -121,6 +123,39 @@ def step_of(forward: Step, grads_of: list[Tensor], x: Tensor, dy: Tensor) -> Cal
     return step
 
 
+GRAPH_STEPS, GRAPH_REPLAYS = 5, 10
+
+
+def graph_ms(step: Callable[[], None]) -> float | str:
+    """ms per step of ``GRAPH_STEPS`` steps captured in one torch CUDA graph (warmed up on a side stream first),
+    the median of ``GRAPH_REPLAYS`` event-timed replays: the GPU's time without the host's launch cost (what
+    CUDA graphs, e.g. ``torch.compile(mode="reduce-overhead")``, give). A step that cannot be captured: why."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_STEPS):
+                step()
+    except Exception as error:  # reported, not fatal: the eager timing stands
+        torch.cuda.synchronize()
+        return f"not captured: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    times = []
+    for _ in range(GRAPH_REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / GRAPH_STEPS)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 def forward_peak_mib(forward: Step) -> float:
     """The forward's peak allocation above what was allocated before it, output included."""
     torch.cuda.synchronize()
@@ -148,16 +183,23 @@ def config_rows(t: int, d: int, r: int, p: float) -> list[dict[str, Any]]:
         for name, step in steps.items():
             step()
             ms[name] = min(ms[name], triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+    graphed = {name: graph_ms(step) for name, step in steps.items()}
+    floor = graphed["frozen layer"]
     output_mib = t * d * x.element_size() / 2**20
     rows = []
     for name, (fn, _) in cands.items():
         peak = forward_peak_mib(fn)
+        g = graphed[name]
+        g_pct = 100 * (g / floor - 1) if isinstance(g, float) and isinstance(floor, float) else None
         row = {"t": t, "d": d, "r": r, "dropout": p, "candidate": name, "ms": ms[name],
-               "overhead_pct": 100 * (ms[name] / ms["frozen layer"] - 1), "forward_peak_mib": peak,
-               "forward_peak_vs_output": peak / output_mib, "max_rel_err_vs_fp64": errors.get(name)}  # fmt: skip
+               "overhead_pct": 100 * (ms[name] / ms["frozen layer"] - 1), "graph_ms": g if isinstance(g, float)
+               else None, "graph_overhead_pct": g_pct, "graph_reason": None if isinstance(g, float) else g,
+               "forward_peak_mib": peak, "forward_peak_vs_output": peak / output_mib,
+               "max_rel_err_vs_fp64": errors.get(name)}  # fmt: skip
         rows.append(row)
         err = "" if name not in errors else f"  err {errors[name]:.1e}"
-        print(f"T={t:6} r={r:3} p={p:.1f} {name:27} {ms[name]:7.3f} ms {row['overhead_pct']:+7.1f} %  "
+        graph = f"graph {g:6.3f} ms {g_pct:+6.1f} %" if g_pct is not None else "graph -".ljust(25)
+        print(f"T={t:6} r={r:3} p={p:.1f} {name:27} {ms[name]:7.3f} ms {row['overhead_pct']:+7.1f} %  {graph}  "
               f"fwd peak {peak:7.1f} MiB ({row['forward_peak_vs_output']:.2f}× y){err}", flush=True)  # fmt: skip
     return rows
 
@@ -167,8 +209,11 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in dict.fromkeys(row["candidate"] for row in rows):
         mine = [row for row in rows if row["candidate"] == name]
+        graphed = [row["graph_overhead_pct"] for row in mine if row["graph_overhead_pct"] is not None]
         out[name] = {"max_overhead_pct": max(row["overhead_pct"] for row in mine),
                      "min_overhead_pct": min(row["overhead_pct"] for row in mine),
+                     "max_graph_overhead_pct": max(graphed) if graphed else None,
+                     "min_graph_overhead_pct": min(graphed) if graphed else None,
                      "max_forward_peak_vs_output": max(row["forward_peak_vs_output"] for row in mine)}  # fmt: skip
     return out
 
@@ -191,7 +236,9 @@ def main() -> None:
                 rows += config_rows(t, args.d, r, p)
     table = summary(rows)
     for name, s in table.items():
-        print(f"{name:27} overhead {s['min_overhead_pct']:+6.1f} … {s['max_overhead_pct']:+6.1f} %, "
+        graph = (f"graph {s['min_graph_overhead_pct']:+6.1f} … {s['max_graph_overhead_pct']:+6.1f} %"
+                 if s["max_graph_overhead_pct"] is not None else "graph -")  # fmt: skip
+        print(f"{name:27} overhead {s['min_overhead_pct']:+6.1f} … {s['max_overhead_pct']:+6.1f} %, {graph}, "
               f"forward peak ≤ {s['max_forward_peak_vs_output']:.2f}× y")  # fmt: skip
     doc = {
         "schema": "gemmbridge.lora-linear/1",
@@ -205,7 +252,8 @@ def main() -> None:
         },
         "dtype": "bfloat16 activations and W; adapters bf16 or fp32 as the candidate says",
         "method": "fwd + bwd(dy): triton.testing.do_bench median (CUDA events, L2 flushed) over 100 ms after 25 ms "
-        "warm-up, 2 interleaved rounds, best kept; overhead = ms / frozen layer's ms - 1; forward peak = max "
+        "warm-up, 2 interleaved rounds, best kept; overhead = ms / frozen layer's ms - 1; graph_ms: 5 steps "
+        "captured in one CUDA graph, median of 10 replays (the GPU's time, no host launch cost); forward peak = max "
         "allocated during the forward minus allocated before it (output included); correctness at dropout 0 "
         "against a float64 composite",
         "candidates": list(table),
