@@ -2,7 +2,8 @@
 
 The model is a ``transformers`` Llama built from a config (random weights, no downloads) and the data is generated
 here: sequences of sums ``a+b=c;``. LoRA (r = 16, alpha = 32) goes on every linear layer of the blocks (q, k, v, o,
-gate, up, down) and AdamW (gradients clipped to norm 1) trains the adapters. Runs, each from the same weights on the same batches:
+gate, up, down) and AdamW (gradients clipped to norm 1) trains the adapters. Runs, each from the same weights on
+the same batches:
 
 - ``frozen (floor)``: no LoRA, every weight frozen, backward down to the embeddings — what LoRA's cost is measured
   against;
