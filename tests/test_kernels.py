@@ -117,7 +117,7 @@ def test_config_names_are_distinct_and_macros_complete():
     assert len({c.name for c in configs}) == len(configs) > 8
     for c in configs:
         assert set(c.defines()) == {"HALF_BF16", "OUT_F32", "A_KCONTIG", "B_KCONTIG", "BM", "BN",
-                                                       "BK", "WM", "WN", "STAGES", "SPLITS", "MIN_BLOCKS"}  # fmt: skip
+                                                       "BK", "WM", "WN", "STAGES", "SPLITS"}  # fmt: skip
 
 
 def _nvrtc() -> None:

@@ -42,7 +42,6 @@ class Config:
     wn: int
     stages: int
     splits: int
-    min_blocks: int = 1  # blocks per SM the registers must allow (__launch_bounds__)
 
     @property
     def threads(self) -> int:
@@ -80,7 +79,6 @@ class Config:
             "WN": self.wn,
             "STAGES": self.stages,
             "SPLITS": self.splits,
-            "MIN_BLOCKS": self.min_blocks,
         }
 
     @property
@@ -88,7 +86,7 @@ class Config:
         """A short stable name: dtype, operand orders, tile and split (cache keys, benchmark reports)."""
         order = ("k" if self.a_kcontig else "m") + ("k" if self.b_kcontig else "n")
         out = "f32" if self.out_f32 else ""
-        tile = f"{self.bm}x{self.bn}x{self.bk}-w{self.wm}x{self.wn}-s{self.stages}-b{self.min_blocks}"
+        tile = f"{self.bm}x{self.bn}x{self.bk}-w{self.wm}x{self.wn}-s{self.stages}"
         return f"{self.dtype}{out}-{order}-{tile}-k{self.splits}"
 
 

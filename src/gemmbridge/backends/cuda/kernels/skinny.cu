@@ -6,7 +6,6 @@
 //   B_KCONTIG   1: B(k, n) at b[n * ldb + k], 0: at b[k * ldb + n]
 //   BM BN BK    block tile             WM WN   warps along M and N      STAGES   cp.async pipeline depth
 //   SPLITS      blocks of one cluster splitting K; the cluster sums their tiles in distributed shared memory
-//   MIN_BLOCKS  blocks per SM the register allocation must allow
 // No header is included: half types are 16-bit integers, and every tensor-core, copy and cluster operation is
 // written in PTX (mma.sync m16n8k16, ldmatrix, cp.async, mapa / ld.shared::cluster, barrier.cluster).
 // Requirements checked by the dispatcher: 16-byte aligned pointers, leading dimensions and batch strides multiples
@@ -264,7 +263,7 @@ __device__ __forceinline__ void finish8(const Params& p, const out_t* c, out_t* 
   store8(d + gm * p.ldd + gn, v);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(THREADS)
 #if SPLITS > 1
 __cluster_dims__(1, 1, SPLITS)
 #endif
