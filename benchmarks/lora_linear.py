@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 import gemmbridge.torch as gt
 from gemmbridge import info
+from gemmbridge.bench import timing
 from gemmbridge.torch.peft import use_gemmbridge
 
 DTYPE = torch.bfloat16
@@ -127,33 +128,14 @@ GRAPH_STEPS, GRAPH_REPLAYS = 5, 10
 
 
 def graph_ms(step: Callable[[], None]) -> float | str:
-    """ms per step of ``GRAPH_STEPS`` steps captured in one torch CUDA graph (warmed up on a side stream first),
-    the median of ``GRAPH_REPLAYS`` event-timed replays: the GPU's time without the host's launch cost (what
-    CUDA graphs, e.g. ``torch.compile(mode="reduce-overhead")``, give). A step that cannot be captured: why."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    """ms per step of ``GRAPH_STEPS`` steps captured in one torch CUDA graph, the median of ``GRAPH_REPLAYS``
+    event-timed replays (``gemmbridge.bench.timing.gpu_us_per_op``): the GPU's time without the host's launch cost
+    (what CUDA graphs, e.g. ``torch.compile(mode="reduce-overhead")``, give). A step that cannot be captured: why."""
     try:
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_STEPS):
-                step()
+        return timing.gpu_us_per_op(step, "torch", calls=GRAPH_STEPS, replays=GRAPH_REPLAYS) / 1e3
     except Exception as error:  # reported, not fatal: the eager timing stands
         torch.cuda.synchronize()
         return f"not captured: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    times = []
-    for _ in range(GRAPH_REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / GRAPH_STEPS)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def forward_peak_mib(forward: Step) -> float:
