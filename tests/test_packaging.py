@@ -39,7 +39,8 @@ def test_the_sdist_carries_the_tests_docs_and_license(built):
         archive.extractall(built["out"], filter="data")
     tests = {f"tests/{path.name}" for path in (ROOT / "tests").glob("*.py")}
     assert tests <= names and "tests/conftest.py" in names
-    assert {"docs/errors.md", "LICENSE", "README.md", "src/gemmbridge/py.typed"} <= names
+    assert {"docs/errors.md", "LICENSE", "README.md", "src/gemmbridge/py.typed",
+            "src/gemmbridge/backends/cuda/kernels/skinny.cu"} <= names  # fmt: skip
     (unpacked,) = built["out"].iterdir()
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                 "tests/test_cli.py", "tests/test_contract.py"], cwd=unpacked, capture_output=True,
@@ -49,7 +50,12 @@ def test_the_sdist_carries_the_tests_docs_and_license(built):
 
 def test_the_wheel_is_typed_and_licensed_without_the_tests(built):
     names = set(zipfile.ZipFile(built["wheel"]).namelist())
-    assert {"gemmbridge/py.typed", "gemmbridge/__main__.py", "gemmbridge/testing.py"} <= names
+    assert {
+        "gemmbridge/py.typed",
+        "gemmbridge/__main__.py",
+        "gemmbridge/testing.py",
+        "gemmbridge/backends/cuda/kernels/skinny.cu",
+    } <= names  # the kernel's source, compiled at run time
     assert "gemmbridge-0.1.0.dist-info/licenses/LICENSE" in names
     assert not any(name.startswith("tests/") for name in names)
 

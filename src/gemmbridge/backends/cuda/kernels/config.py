@@ -1,15 +1,15 @@
 """Which problems the skinny kernel serves, and with which tile. Pure Python: checked in CI.
 
-A problem is *skinny* when one of M, N, K is at most ``SKINNY`` while the other two are larger: its
-bytes, not its flops, set its time. Three shapes of tile serve the three cases (``choose``; the tiles
-are the fastest of a sweep of every valid configuration on an H200, ``docs/kernels.md``):
+A problem is *skinny* when one side of its result is at most ``SKINNY``: its bytes, not its flops, set its
+time. Two shapes of tile serve it (``configure``; from a sweep of every valid configuration on an H200,
+``docs/kernels.md``):
 
-- ``k`` small (``xa·Bᵀ``, ``dyB·A``: the result is written once, T × d): 128 × 128 tiles, one pass over K;
-- ``n`` small (``x·Aᵀ``, ``dy·B``, ``dyᵀ·xa``): 64 × N (or 128 × N) tiles streaming the big operand, K split
-  over a cluster of up to 8 blocks when the tiles alone would leave SMs idle;
-- ``m`` small (``dyBᵀ·x``, decode ``x·Wᵀ`` with M ≤ 16): M × 128 (or M × 64) tiles, K split the same way.
+- ``n`` small (``x·Aᵀ``, ``dy·B``, ``dyᵀ·xa``): 64 × N tiles streaming the M × K operand in K slices of up to
+  256, K split over a cluster of up to 8 blocks when the tiles alone would leave SMs idle;
+- ``m`` small (``dyBᵀ·x``, decode ``x·Wᵀ``): M × 64 tiles streaming the K × N operand, K split the same way.
 
-The kernel needs 16-byte aligned operands (``eligible``); anything else stays on cuBLASLt.
+A write-bound problem (only K small: ``xa·Bᵀ``) gets no tile. The kernel needs 16-byte aligned operands
+(``eligible``); anything else stays on cuBLASLt. ``choose`` is the measured rule of when the kernel wins.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MAX_SPLITS = 8  # the portable cluster size
 MIN_SPLIT_TILES = 4  # each split of K gets at least this many BK slices
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may opt into on sm_90
 AUTO_MAX_STREAMED = 48 * 2**20  # the kernel beat cuBLASLt at 32 MiB streamed and lost at 112 and 128 (H200)
-AUTO_MAX_NARROW = 8  # ... with a result 8 wide (or 8 tall) or less; tied at 16, lost at 64
+AUTO_MAX_NARROW = 8  # ... with a result 8 wide (or 8 tall) or less; tied or lost at 16, lost at 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +163,7 @@ def streamed(problem: Problem, config: Config) -> tuple[int, int]:
 def choose(problem: Problem, sms: int) -> Config | None:
     """The measured rule (an H200, steady state, ``docs/kernels.md``): the kernel where it beat cuBLASLt — a result
     at most ``AUTO_MAX_NARROW`` wide (or tall) and a streamed operand of at most ``AUTO_MAX_STREAMED`` bytes
-    (1.02–1.19×); None (cuBLASLt) elsewhere, unless the tuner measured otherwise."""
+    (0.98–1.18×); None (cuBLASLt) elsewhere, unless the tuner measured otherwise."""
     config = configure(problem, sms)
     if config is None:
         return None
