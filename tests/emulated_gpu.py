@@ -111,6 +111,7 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     fake.kernels = FakeKernels()
     monkeypatch.setattr(kernels, "_devices", {0: (9, "sm_90", 132)})
     monkeypatch.setattr(kernels, "mode", "on")  # every problem the kernel can serve: its host side checked widely
+    monkeypatch.setattr(kernels, "_broken", set())
     monkeypatch.setattr(kernels.launch, "kernel", fake.kernels.kernel)
     monkeypatch.setattr(kernels.launch, "_launch_v2", fake.kernels.launch)
     monkeypatch.setattr(bindings, "lt", fake)

@@ -48,6 +48,12 @@ class FakeKernels:
         a, b, c, d, bias, lda, ldb, ldc, ldd, sa, sb, sc, sd, m, n, k, kps = (int(x) for x in block[:17])
         alpha, beta = (float(x) for x in block.view(np.float64)[17:19])
         assert gx * config.bn >= n and gy * config.bm >= m and kps % config.bk == 0 and kps * config.splits >= k
+        assert gy <= 65535 and gz <= 65535 and config.valid, "a launch the hardware refuses"
+        out_size = 4 if config.out_f32 else 2
+        assert all(p % 16 == 0 for p in (a, b, c, d, bias)), "the kernel reads 16-byte pieces"
+        assert lda % 8 == ldb % 8 == sa % 8 == sb % 8 == 0 and n % 8 == 0
+        assert (ldc * out_size) % 16 == (ldd * out_size) % 16 == (sc * out_size) % 16 == (sd * out_size) % 16 == 0
+        assert (k if config.a_kcontig else m) % 8 == 0 and (k if config.b_kcontig else n) % 8 == 0
         self.launches.append((config, (gx, gy, gz)))
         half = _HALF[config.dtype]
         out = np.dtype(np.float32) if config.out_f32 else half

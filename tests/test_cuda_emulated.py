@@ -215,6 +215,7 @@ def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkey
     monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: None)
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", lambda graph: None)
+    monkeypatch.setattr(graphs, "_doomed", [])  # these stand-in graphs must never reach the real drain
     cycling = graphs.GraphCache()
     signatures = [(i,) for i in range(graphs.GRAPHS_PER_PLAN + 1)]
     for _ in range(20):
@@ -229,3 +230,5 @@ def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkey
             if not steady.replay(sig, 0):
                 steady.record(sig, 0, 0, lambda stream: None)
     assert not steady.broken and len(captured) == graphs.GRAPHS_PER_PLAN
+    cycling.close()
+    steady.close()

@@ -271,3 +271,61 @@ def test_the_tuner_is_offered_the_kernel_and_its_cached_choice_restores(gpu):
     other = describe(meta((4096, 4096), "float16"), meta((16, 4096), "float16"), transpose_b=True)
     assert source.restore(other, (16, 16, 16, 16), False, payload) is None  # another dtype
     assert source.restore(problem, (16, 16, 16, 16), False, {"backend": "kernel", "config": {"bm": 3}}) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"wm": 0}, {"splits": 0}, {"bk": 0}, {"bm": "64"}, {"stages": 1}, {"splits": 16}, {"dtype": "float32"},
+     {"out_f32": 1}],
+)  # fmt: skip
+def test_a_malformed_cached_kernel_choice_is_ignored_never_an_error(gpu, change):
+    """What a corrupted or hand-edited tuning cache holds for the kernel: never launched, never raised."""
+    from gemmbridge.backends.cuda import autotune
+
+    source = autotune.sources["kernel"]
+    problem = describe(meta((4096, 4096)), meta((16, 4096)), transpose_b=True)
+    payload = source.candidates(problem, (16, 16, 16, 16), False)[0].payload
+    broken = {**payload, "config": {**payload["config"], **change}}
+    assert source.restore(problem, (16, 16, 16, 16), False, broken) is None
+    assert source.restore(problem, (16, 16, 16, 16), False, {**payload, "source": "another kernel"}) is None
+    assert source.restore(problem, (16, 16, 16, 16), False, payload) is not None
+
+
+def test_grids_the_hardware_cannot_launch_stay_on_cublaslt():
+    """gridDim.y holds the M tiles and gridDim.z the batch times the splits of K: at most 65535 each."""
+    batched = describe(meta((70000, 8, 32)), meta((70000, 32, 8)))
+    tall = describe(meta((64, 65536, 4096)), meta((8, 4096)), transpose_b=True)
+    assert configure(batched, SMS) is None and choose(batched, SMS) is None and configure(tall, SMS) is None
+    assert configure(describe(meta((65535 * 64, 64)), meta((8, 64)), transpose_b=True), SMS) is not None
+
+
+def test_a_cached_cubin_the_driver_cannot_load_is_compiled_again(monkeypatch, tmp_path):
+    from cuda.bindings import driver as real
+
+    from gemmbridge.backends.cuda.kernels import launch
+
+    monkeypatch.setenv("GEMMBRIDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: (13, 0))
+    monkeypatch.setattr(compiler, "compile_cubin", lambda config, arch: b"\x7fELF good")
+    config = Config("bfloat16", False, True, True, 64, 16, 64, 4, 1, 4, 1)
+    path = compiler.cache_path(config, "sm_90")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF damaged")
+    loaded: list[bytes] = []
+
+    class Driver:
+        CUresult = real.CUresult
+        CUfunction_attribute = real.CUfunction_attribute
+
+        def cuLibraryLoadData(self, data, *args):  # type: ignore[no-untyped-def]
+            loaded.append(data)
+            return (real.CUresult.CUDA_SUCCESS if data == b"\x7fELF good" else real.CUresult.CUDA_ERROR_INVALID_IMAGE,
+                    "library")  # fmt: skip
+
+        def cuLibraryGetKernel(self, library, name):  # type: ignore[no-untyped-def]
+            return real.CUresult.CUDA_SUCCESS, "kernel"
+
+    monkeypatch.setattr(launch, "driver", Driver())
+    monkeypatch.setattr(launch, "_kernels", {})
+    assert launch.kernel(config, 0, "sm_90") == "kernel"
+    assert loaded == [b"\x7fELF damaged", b"\x7fELF good"] and path.read_bytes() == b"\x7fELF good"

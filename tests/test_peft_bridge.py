@@ -165,3 +165,20 @@ def test_a_bridged_peft_model_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0, explained.break_reasons
     ops = [str(node.target) for g in explained.graphs for node in g.graph.nodes if node.op == "call_function"]
     assert any("lora_linear" in op for op in ops), ops
+
+
+def test_an_adapter_added_after_bridging_is_checked_when_it_runs():
+    """A DoRA adapter added and made active after ``use_gemmbridge`` runs on PEFT's forward, not the fused op."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 32)),
+                                peft.LoraConfig(r=4, target_modules=["0"]))  # fmt: skip
+    assert use_gemmbridge(model).served
+    model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    model.set_adapter("dora")
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["dora"].weight.normal_()
+        layer.lora_magnitude_vector["dora"].weight.mul_(3.0)
+    model.eval()
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(model(x), type(layer).forward(layer, x))

@@ -294,6 +294,7 @@ class KernelSource:
 
 def test_an_extra_source_competes_is_kept_and_is_restored_from_the_cache(gpu, monkeypatch, rng) -> None:
     fake, _ = gpu
+    monkeypatch.setattr(autotune, "sources", {})  # this stand-in replaces the real skinny kernel for this test only
     a, b, ref = operands(rng)
     source = KernelSource(a, b)
     state = {"last": "lt"}
@@ -367,3 +368,41 @@ def test_a_driver_that_cannot_name_the_device_means_no_cache_and_no_failure(gpu,
     a, b, ref = operands(rng)
     np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
     assert tuning_cache._devices == {0: None} and list(tmp_path.glob("*.json")) == []
+
+
+def test_in_process_autotune_times_the_kernel_too_and_the_cache_keeps_its_win(gpu, monkeypatch):
+    """``set_autotune(True)`` offers the registered sources' candidates (the skinny kernel) beside cuBLASLt's: the
+    faster kernel is chosen, stored, and restored by a later plan — not shadowed by an untimed cuBLASLt choice."""
+    fake, _ = gpu
+    ran: list[str] = []
+    kernel_launch, lt_matmul = fake.kernels.launch, fake.matmul
+
+    def kernel(*args):  # type: ignore[no-untyped-def]
+        ran.append("kernel")
+        return kernel_launch(*args)
+
+    def lt(*args):  # type: ignore[no-untyped-def]
+        ran.append("cublaslt")
+        return lt_matmul(*args)
+
+    from gemmbridge.backends.cuda import kernels
+
+    monkeypatch.setattr(kernels, "mode", "auto")  # its rule gives this 16-wide product to cuBLASLt
+    monkeypatch.setattr(kernels.launch, "_launch_v2", kernel)
+    monkeypatch.setattr(fake, "matmul", lt)
+    monkeypatch.setattr(autotune, "driver", Events(lambda: 0.5 if ran[-1] == "kernel" else 1.0, lambda: len(ran)))
+    rng = np.random.default_rng(0)
+    a = aligned(np.asarray(rng.standard_normal((512, 256)), dtype=np.float16))
+    b = aligned(np.asarray(rng.standard_normal((256, 16)), dtype=np.float16))
+    gb.set_autotune(True)
+    try:
+        gb.matmul(a, b)
+    finally:
+        gb.set_autotune(False)
+    assert "kernel" in ran and "cublaslt" in ran  # both timed
+    gb.clear_cache()
+    ran.clear()
+    result = gb.matmul(a, b)  # a new plan: the cache's choice
+    assert ran == ["kernel"]
+    np.testing.assert_allclose(np.asarray(result, np.float64), np.asarray(a, np.float64) @ np.asarray(b, np.float64),
+                               rtol=2e-2, atol=2e-2)  # fmt: skip

@@ -92,13 +92,14 @@ def lora_linear(
     element of ``x``). Adapters of another dtype than the activations (float32 adapters, bfloat16 ``x``)
     are cast to the activations' dtype for the GEMMs; their gradients come back in their own dtype.
     Dropout (probability ``dropout``, only when ``training``) applies to the LoRA path's input, as in PEFT;
-    ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead of drawing one.
+    ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead of drawing one (ignored, like
+    dropout itself, when not ``training``).
     """
     if not 0.0 <= dropout < 1.0:
         raise OptionError(f"gemmbridge.torch.lora_linear: dropout {dropout!r} is not in [0, 1)")
     _check_lora_shapes(x, weight, lora_a, lora_b)
     mask, keep = None, 1.0
-    if dropout_mask is not None or (training and dropout > 0.0):
+    if training and (dropout_mask is not None or dropout > 0.0):
         keep = 1.0 - dropout
         mask = dropout_mask
         if mask is None:

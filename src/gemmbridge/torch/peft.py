@@ -30,15 +30,30 @@ class BridgeReport:
 
 
 def _fused_forward(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """PEFT's LoRA ``Linear.forward`` on the fused op where one plain LoRA adapter is active, else PEFT's own."""
+    """PEFT's LoRA ``Linear.forward`` on the fused op where one plain LoRA adapter is active, else PEFT's own.
+    The active adapter is checked on every call: one added after ``use_gemmbridge`` (DoRA, say) may not be plain."""
     active = [name for name in self.active_adapters if name in self.lora_A]
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or _adapter_why_not(self, active[0]):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     base, dropout = self.base_layer, self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                        float(self.scaling[name]), p, dropout.training)  # fmt: skip
+
+
+def _adapter_why_not(module: Any, name: str) -> str | None:
+    """Why the fused op cannot serve adapter ``name`` of this PEFT layer, or None when it can."""
+    variant = getattr(module, "lora_variant", {}).get(name)
+    if variant is not None or module.use_dora.get(name):
+        return f"adapter {name!r} is a LoRA variant ({type(variant).__name__}: DoRA or another)"
+    if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
+        return f"adapter {name!r} is not a pair of nn.Linear"
+    if module.lora_B[name].bias is not None:
+        return f"adapter {name!r} has lora_bias"
+    if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"adapter {name!r} has dropout {type(module.lora_dropout[name]).__qualname__}"
+    return None
 
 
 def _why_not(module: Any, lora_linear_type: Any) -> str | None:
@@ -51,15 +66,9 @@ def _why_not(module: Any, lora_linear_type: Any) -> str | None:
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out (a Conv1D-style weight)"
     for name in module.lora_A:
-        variant = getattr(module, "lora_variant", {}).get(name)
-        if variant is not None or module.use_dora.get(name):
-            return f"adapter {name!r} is a LoRA variant ({type(variant).__name__}: DoRA or another)"
-        if module.lora_B[name].bias is not None:
-            return f"adapter {name!r} has lora_bias"
-        if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
-            return f"adapter {name!r} is not a pair of nn.Linear"
-        if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
-            return f"adapter {name!r} has dropout {type(module.lora_dropout[name]).__qualname__}"
+        reason = _adapter_why_not(module, name)
+        if reason:
+            return reason
     return None
 
 

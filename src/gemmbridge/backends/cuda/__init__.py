@@ -102,7 +102,7 @@ class PlanState:
         if autotune.exploring:
             tuned = explore.explore(plan, problem, tuned_ptrs, alpha, beta, ws, ctx.stream, explore.budget_s)
         else:
-            tuned = autotune.tune(plan, tuned_ptrs, alpha, beta, ws, ctx.stream)
+            tuned = autotune.tune(plan, tuned_ptrs, alpha, beta, ws, ctx.stream, problem)
         if tuning.enabled:
             tuning_cache.store(plan, self.device, tuned, self.described)
         if autotune.on_tuned is not None:

@@ -212,15 +212,22 @@ class Tuned:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def tune(plan: LtPlan, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> Tuned:
-    """Time the heuristic's candidates and select the one ``pick`` chooses.
+def tune(
+    plan: LtPlan, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int, problem: Problem
+) -> Tuned:
+    """Time the heuristic's candidates and the registered sources' (``add_source``) and select the one ``pick``
+    chooses; a cuBLASLt choice becomes the plan's algorithm.
 
     ``ptrs`` must point the outputs (d, aux in a forward epilogue, bias_grad) at scratch memory.
     """
-    candidates = heuristic_candidates(plan)
+    candidates: list[Candidate] = list(heuristic_candidates(plan))
+    for source in list(sources.values()):
+        candidates += source.candidates(problem, our_alignments(plan), plan.tf32)
     with Timer(ptrs, alpha, beta, workspace, stream, plan.device) as timer:
         times = [timer.time(c) for c in candidates]
     chosen = pick(times)
-    candidates[chosen].apply(plan)
+    picked = candidates[chosen]
+    if isinstance(picked, LtCandidate):
+        picked.apply(plan)
     return Tuned(candidates[chosen], times[0], times[chosen], "heuristic",
                  {c.name: t for c, t in zip(candidates, times)})  # fmt: skip

@@ -100,8 +100,9 @@ class GraphCache:
     """Per-plan table: call signature → instantiated graph, and the signatures seen once.
 
     Calls that cycle through more signatures than the table holds would capture a graph on every call
-    (a capture costs far more than the call): once ``GRAPHS_PER_PLAN`` graphs were evicted without a
-    single replay, the plan records no more graphs (``broken``) and its calls are made eagerly.
+    (a capture costs far more than the call): once ``GRAPHS_PER_PLAN`` graphs in a row were evicted
+    without a single replay (a replay starts the count again), the plan records no more graphs
+    (``broken``) and its calls are made eagerly.
     """
 
     __slots__ = ("execs", "replays", "seen", "broken", "wasted", "lock")
@@ -111,7 +112,7 @@ class GraphCache:
         self.replays: dict[tuple, int] = {}  # replays of each graph since its capture
         self.seen: set[tuple] = set()
         self.broken = False
-        self.wasted = 0  # graphs evicted without a replay
+        self.wasted = 0  # graphs evicted without a replay since the last replay
         self.lock = threading.Lock()
 
     def replay(self, signature: tuple, stream: int) -> bool:
@@ -122,6 +123,7 @@ class GraphCache:
                 return False
             _launch(graph, stream)
             self.replays[signature] += 1
+            self.wasted = 0
         return True
 
     def record(self, signature: tuple, device: int, stream: int, enqueue: Callable[[int], None]) -> bool:

@@ -22,7 +22,8 @@ from ....errors import GemmError, OptionError
 from ....problem import Problem
 from .. import autotune
 from ..graphs import check
-from .config import Config, candidates, choose, configure, eligible
+from . import compiler
+from .config import Config, candidates, choose, configure, eligible, fits_grid
 from .launch import KernelPlan
 
 MODES = ("auto", "on", "off")
@@ -31,7 +32,7 @@ if mode not in MODES:
     raise OptionError(f"GEMMBRIDGE_KERNELS must be one of {MODES}, not {mode!r}")
 
 _devices: dict[int, tuple[int, str, int]] = {}  # device → (compute capability major, architecture, SM count)
-_failed = False  # the kernels could not be built here (no NVRTC, say): cuBLASLt serves every problem
+_broken: set[Config] = set()  # configurations that could not be built or loaded here: cuBLASLt serves them
 
 
 def _device(device: int) -> tuple[int, str, int]:
@@ -52,26 +53,29 @@ def _device(device: int) -> tuple[int, str, int]:
 
 def config_for(problem: Problem, device: int) -> Config | None:
     """The kernel configuration that serves ``problem`` on ``device``, or None (cuBLASLt)."""
-    if mode == "off" or _failed:
+    if mode == "off":
         return None
     major, _, sms = _device(device)
     if major < 9:
         return None
-    return choose(problem, sms) if mode == "auto" else configure(problem, sms)
+    config = choose(problem, sms) if mode == "auto" else configure(problem, sms)
+    return None if config in _broken else config
 
 
 def plan_for(config: Config, problem: Problem, device: int, described: str) -> autotune.Candidate | None:
-    """``config`` on the skinny kernel as a launchable candidate, or None after warning once when the kernel
-    cannot be built here."""
-    global _failed
+    """``config`` on the skinny kernel as a launchable candidate, or None after warning once when that
+    configuration cannot be built or loaded here (no NVRTC, more shared memory than the GPU has, …)."""
+    if config in _broken:
+        return None
     try:
         plan = KernelPlan(problem, config, device, _device(device)[1], described)
     except (GemmError, ImportError, OSError, RuntimeError) as error:
-        _failed = True
-        warnings.warn(f"gemmbridge: the skinny-GEMM kernels are unavailable, cuBLASLt serves every problem: {error}",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        _broken.add(config)
+        warnings.warn(f"gemmbridge: the skinny-GEMM kernel {config.name} is unavailable, cuBLASLt serves its "
+                      f"problems: {error}", RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
-    payload = {"backend": KernelSource.backend, "config": dataclasses.asdict(config)}
+    payload = {"backend": KernelSource.backend, "config": dataclasses.asdict(config),
+               "source": compiler.source_digest()}  # fmt: skip
     return autotune.Candidate(f"kernel {config.name}", payload, plan.launch)
 
 
@@ -88,7 +92,7 @@ class KernelSource:
         self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool
     ) -> list[autotune.Candidate]:
         device = _index(problem)
-        if mode == "off" or _failed or min(alignments) < 16 or _device(device)[0] < 9:
+        if mode == "off" or min(alignments) < 16 or _device(device)[0] < 9:
             return []
         found = (plan_for(c, problem, device, f"{c.name} for {problem.m}x{problem.n}x{problem.k}")
                  for c in candidates(problem, _device(device)[2]))  # fmt: skip
@@ -97,16 +101,18 @@ class KernelSource:
     def restore(
         self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool, payload: dict[str, Any]
     ) -> autotune.Candidate | None:
-        """The cached configuration, if it still fits the problem (its dtypes and operand orders) and pointers."""
+        """The cached configuration, if it was made for this kernel source and still fits the problem (its dtypes,
+        operand orders and grid) and pointers; a malformed payload is ignored, never an error."""
         try:
             config = Config(**payload["config"])
-        except (KeyError, TypeError):
+            a, b = problem.matrices.a, problem.matrices.b
+            fits = (payload.get("source") == compiler.source_digest() and config.valid and eligible(problem)
+                    and config.dtype == problem.dtype and min(alignments) >= 16
+                    and config.out_f32 == (problem.result_dtype == "float32") and config.a_kcontig == a.row_major
+                    and config.b_kcontig == (not b.row_major) and fits_grid(problem, config))  # fmt: skip
+        except Exception:  # whatever a corrupted cache holds
             return None
-        a, b = problem.matrices.a, problem.matrices.b
-        fits = (config.valid and eligible(problem) and config.dtype == problem.dtype and min(alignments) >= 16
-                and config.out_f32 == (problem.result_dtype == "float32") and config.a_kcontig == a.row_major
-                and config.b_kcontig == (not b.row_major))  # fmt: skip
-        if mode == "off" or _failed or not fits:
+        if mode == "off" or not fits:
             return None
         return plan_for(config, problem, _index(problem), f"{config.name} (tuned)")
 

@@ -14,6 +14,8 @@ A cache that cannot be read or written is skipped (the kernel is compiled in mem
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -26,8 +28,15 @@ from .config import Config
 KERNEL_NAME = b"gemmbridge_skinny"
 
 
+@functools.cache
 def source() -> str:
     return resources.files(__package__).joinpath("skinny.cu").read_text()
+
+
+@functools.cache
+def source_digest() -> str:
+    """A short hash of the kernel's source: tuning-cache entries made for another version are ignored."""
+    return hashlib.sha256(source().encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -92,22 +101,27 @@ def cache_path(config: Config, arch: str) -> Path:
 _lock = threading.Lock()
 
 
-def cubin(config: Config, arch: str) -> bytes:
-    """The cubin from the disk cache, or compiled and stored there."""
+def cubin(config: Config, arch: str, fresh: bool = False) -> bytes:
+    """The cubin from the disk cache, or compiled and stored there (``fresh``: compiled again, replacing a cached
+    file the driver could not load)."""
     with _lock:
         path = cache_path(config, arch)
         try:
             data = path.read_bytes()
-            if data[:4] == b"\x7fELF":
+            if data[:4] == b"\x7fELF" and not fresh:
                 return data
         except OSError:
             pass
         data = compile_cubin(config, arch)
+        temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+                temporary = f.name
                 f.write(data)
-            os.replace(f.name, path)
+            os.replace(temporary, path)
         except OSError:
-            pass
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
         return data

@@ -21,6 +21,7 @@ from ....problem import Problem
 SKINNY = 128
 HALF = ("bfloat16", "float16")
 MAX_SPLITS = 8  # the portable cluster size
+MAX_GRID_YZ = 65535  # blocks along a grid's y (M tiles) and z (batch x splits)
 MIN_SPLIT_TILES = 4  # each split of K gets at least this many BK slices
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may opt into on sm_90
 AUTO_MAX_STREAMED = 48 * 2**20  # the kernel beat cuBLASLt at 32 MiB streamed and lost at 112 and 128 (H200)
@@ -57,8 +58,18 @@ class Config:
 
     @property
     def valid(self) -> bool:
-        """The tile divides among the warps in 16 x 16 pieces, each operand's 16-byte pieces among the threads
-        (``skinny.cu``'s ``Loader``), and the shared memory fits."""
+        """Sound values (a cached payload may hold any), the tile divided among the warps in 16 x 16 pieces and
+        each operand's 16-byte pieces among the threads (``skinny.cu``'s ``Loader``), a pipeline of at least two
+        stages, a portable cluster, and shared memory that fits."""
+        ints = (self.bm, self.bn, self.bk, self.wm, self.wn, self.stages, self.splits)
+        if not all(type(v) is int and v > 0 for v in ints) or self.dtype not in HALF:
+            return False
+        if not (
+            isinstance(self.out_f32, bool) and isinstance(self.a_kcontig, bool) and isinstance(self.b_kcontig, bool)
+        ):
+            return False
+        if self.stages < 2 or self.splits > MAX_SPLITS or self.bk < 16:
+            return False
         pieces = [(self.bm, self.bk) if self.a_kcontig else (self.bk, self.bm),
                   (self.bn, self.bk) if self.b_kcontig else (self.bk, self.bn)]  # fmt: skip
         spread = all(rows * cols // 8 <= self.threads or (rows * cols // 8 % self.threads == 0
@@ -148,7 +159,13 @@ def configure(problem: Problem, sms: int) -> Config | None:
         tiles = -(-n // 64)
     if config is None:
         return None
-    return replace(config, splits=_splits(tiles * problem.batch_count, k, config.bk, sms))
+    config = replace(config, splits=_splits(tiles * problem.batch_count, k, config.bk, sms))
+    return config if fits_grid(problem, config) else None
+
+
+def fits_grid(problem: Problem, config: Config) -> bool:
+    """The launch's grid is within the hardware's limits (y: the M tiles; z: the batch times the splits of K)."""
+    return -(-problem.m // config.bm) <= MAX_GRID_YZ and problem.batch_count * config.splits <= MAX_GRID_YZ
 
 
 def streamed(problem: Problem, config: Config) -> tuple[int, int]:

@@ -40,8 +40,11 @@ def kernel(config: Config, device: int, target: str) -> Any:
     with _lock:
         found = _kernels.get((config, target))
         if found is None:
-            library = check(driver.cuLibraryLoadData(compiler.cubin(config, target), None, None, 0, None, None, 0),
-                            "cuLibraryLoadData")  # fmt: skip
+            loaded = driver.cuLibraryLoadData(compiler.cubin(config, target), None, None, 0, None, None, 0)
+            if loaded[0] != driver.CUresult.CUDA_SUCCESS:  # a damaged cached cubin: compiled again, once
+                loaded = driver.cuLibraryLoadData(compiler.cubin(config, target, fresh=True), None, None, 0, None,
+                                                  None, 0)  # fmt: skip
+            library = check(loaded, "cuLibraryLoadData")
             found = _kernels[(config, target)] = check(
                 driver.cuLibraryGetKernel(library, compiler.KERNEL_NAME), "cuLibraryGetKernel"
             )
