@@ -131,6 +131,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
         if args.params:
             torch.save({k.removeprefix("module."): v for k, v in params.items()}, args.params)
     if args.mode != "single":
+        dist.barrier()  # both ranks done (rank 0 writes files) before the group goes: gloo aborted an early one
         dist.destroy_process_group()
 
 
