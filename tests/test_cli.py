@@ -45,7 +45,9 @@ def test_info_reports_cuda_versions_and_cache_locations():
     report = json.loads(run_cli("info", "--json").stdout)
     assert {"cuda_driver", "cuda_runtime", "cublasLt"} <= set(report["cuda"])
     assert {c["name"] for c in report["caches"]} >= {"gemmbridge plans", "gemmbridge tuning", "triton kernels",
-                                                     "cupy kernels"}  # fmt: skip
+                                                     "cupy kernels", "gemmbridge kernels (cubins)"}  # fmt: skip
+    cubins = next(c for c in report["caches"] if c["name"] == "gemmbridge kernels (cubins)")
+    assert cubins["location"] == os.path.join(os.environ["GEMMBRIDGE_CACHE_DIR"], "kernels")
     tuned = next(c for c in report["caches"] if c["name"] == "gemmbridge tuning")
     assert tuned["location"] == os.environ["GEMMBRIDGE_CACHE_DIR"]  # the tests' private one (conftest)
 

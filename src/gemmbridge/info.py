@@ -135,6 +135,10 @@ def cache_locations() -> list[dict[str, Any]]:
         "name": "gemmbridge tuning",
         "location": tuned,
         "exists": os.path.isdir(tuned) if tuning.enabled else None,
+    }, {
+        "name": "gemmbridge kernels (cubins)",
+        "location": os.path.join(tuning.cache_dir(), "kernels"),
+        "exists": os.path.isdir(os.path.join(tuning.cache_dir(), "kernels")),
     }]  # fmt: skip
     for name, path in paths.items():
         exists = os.path.isdir(path) if path else None

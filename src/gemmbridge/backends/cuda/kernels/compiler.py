@@ -23,6 +23,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+from .... import tuning
 from .config import Config
 
 KERNEL_NAME = b"gemmbridge_skinny"
@@ -40,10 +41,8 @@ def source_digest() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GEMMBRIDGE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gemmbridge"
-    )
-    return Path(root) / "kernels"
+    """``kernels/`` in gemmbridge's cache directory (the tuning cache's, ``tuning.cache_dir``)."""
+    return Path(tuning.cache_dir()) / "kernels"
 
 
 def options(config: Config, arch: str) -> list[bytes]:
