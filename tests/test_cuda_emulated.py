@@ -202,8 +202,9 @@ def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monke
 
 def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkeypatch) -> None:
     """Five signatures in turn against a table of four graphs: each would be captured again on every call. Once
-    GRAPHS_PER_PLAN graphs were evicted unreplayed, the cache records no more (the calls run eagerly); a cache
-    whose graphs are replayed keeps recording."""
+    GRAPHS_PER_PLAN graphs in a row were evicted unreplayed, the cache records no more (the calls run eagerly),
+    also when one hot signature is replayed between the churning ones; a cache whose graphs are replayed keeps
+    recording."""
     from gemmbridge.backends.cuda import graphs
 
     captured: list[object] = []
@@ -216,19 +217,28 @@ def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkey
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: None)
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", lambda graph: None)
     monkeypatch.setattr(graphs, "_doomed", [])  # these stand-in graphs must never reach the real drain
-    cycling = graphs.GraphCache()
-    signatures = [(i,) for i in range(graphs.GRAPHS_PER_PLAN + 1)]
-    for _ in range(20):
-        for sig in signatures:
-            if not cycling.replay(sig, 0):
-                cycling.record(sig, 0, 0, lambda stream: None)
-    assert cycling.broken and len(captured) == 2 * graphs.GRAPHS_PER_PLAN  # then none in the 80-odd calls after
-    captured.clear()
-    steady = graphs.GraphCache()
-    for _ in range(20):
-        for sig in signatures[:-1]:
-            if not steady.replay(sig, 0):
-                steady.record(sig, 0, 0, lambda stream: None)
-    assert not steady.broken and len(captured) == graphs.GRAPHS_PER_PLAN
-    cycling.close()
-    steady.close()
+    caches = {name: graphs.GraphCache() for name in ("cycling", "steady", "churning")}
+
+    def call(cache: graphs.GraphCache, sig: tuple) -> None:
+        if not cache.replay(sig, 0):
+            cache.record(sig, 0, 0, lambda stream: None)
+
+    try:
+        signatures = [(i,) for i in range(graphs.GRAPHS_PER_PLAN + 1)]
+        for _ in range(20):
+            for sig in signatures:
+                call(caches["cycling"], sig)
+        assert caches["cycling"].broken and len(captured) == 2 * graphs.GRAPHS_PER_PLAN  # none in the calls after
+        captured.clear()
+        for _ in range(20):
+            for sig in signatures[:-1]:
+                call(caches["steady"], sig)
+        assert not caches["steady"].broken and len(captured) == graphs.GRAPHS_PER_PLAN
+        captured.clear()
+        for i in range(200):
+            call(caches["churning"], ("hot",))
+            call(caches["churning"], signatures[i % len(signatures)])
+        assert caches["churning"].broken and len(captured) <= 2 * graphs.GRAPHS_PER_PLAN + 1
+    finally:
+        for cache in caches.values():
+            cache.close()

@@ -297,6 +297,9 @@ def test_grids_the_hardware_cannot_launch_stay_on_cublaslt():
     tall = describe(meta((64, 65536, 4096)), meta((8, 4096)), transpose_b=True)
     assert configure(batched, SMS) is None and choose(batched, SMS) is None and configure(tall, SMS) is None
     assert configure(describe(meta((65535 * 64, 64)), meta((8, 64)), transpose_b=True), SMS) is not None
+    many = describe(meta((40000, 8, 4096)), meta((40000, 4096, 8)))  # one split fits, two would not
+    assert configure(many, SMS) is not None
+    assert all(c.splits * many.batch_count <= 65535 for c in candidates(many, SMS))
 
 
 def test_a_cached_cubin_the_driver_cannot_load_is_compiled_again(monkeypatch, tmp_path):

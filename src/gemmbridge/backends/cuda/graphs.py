@@ -101,8 +101,8 @@ class GraphCache:
 
     Calls that cycle through more signatures than the table holds would capture a graph on every call
     (a capture costs far more than the call): once ``GRAPHS_PER_PLAN`` graphs in a row were evicted
-    without a single replay (a replay starts the count again), the plan records no more graphs
-    (``broken``) and its calls are made eagerly.
+    without a single replay, the plan records no more graphs (``broken``) and its calls are made
+    eagerly. A replayed graph moves to the back of the eviction order.
     """
 
     __slots__ = ("execs", "replays", "seen", "broken", "wasted", "lock")
@@ -112,7 +112,7 @@ class GraphCache:
         self.replays: dict[tuple, int] = {}  # replays of each graph since its capture
         self.seen: set[tuple] = set()
         self.broken = False
-        self.wasted = 0  # graphs evicted without a replay since the last replay
+        self.wasted = 0  # graphs evicted in a row without a replay
         self.lock = threading.Lock()
 
     def replay(self, signature: tuple, stream: int) -> bool:
@@ -123,7 +123,7 @@ class GraphCache:
                 return False
             _launch(graph, stream)
             self.replays[signature] += 1
-            self.wasted = 0
+            self.execs[signature] = self.execs.pop(signature)  # the last replayed is the last evicted
         return True
 
     def record(self, signature: tuple, device: int, stream: int, enqueue: Callable[[int], None]) -> bool:
@@ -155,6 +155,8 @@ class GraphCache:
                 if self.replays.pop(oldest) == 0:
                     self.wasted += 1
                     self.broken = self.wasted >= GRAPHS_PER_PLAN
+                else:
+                    self.wasted = 0
             self.execs[signature] = graph
             self.replays[signature] = 0
             _launch(graph, stream)

@@ -198,4 +198,4 @@ def candidates(problem: Problem, sms: int) -> list[Config]:
         found.append(replace(config, splits=config.splits // 2))
     if config.splits < MAX_SPLITS and problem.k >= 2 * config.splits * config.bk:
         found.append(replace(config, splits=config.splits * 2))
-    return found
+    return [c for c in found if fits_grid(problem, c)]
