@@ -1,6 +1,6 @@
 """Skinny (bandwidth-bound) GEMMs: torch.matmul, gemmbridge on cuBLASLt only, gemmbridge with its own kernels.
 
-Issue 10's shapes (``gemmbridge.bench.presets.SKINNY``): LoRA's five GEMMs in the layouts a layer holds
+The skinny shapes (``gemmbridge.bench.presets.SKINNY``, docs/kernels.md): LoRA's five GEMMs in the layouts a layer holds
 (``x·Aᵀ``, ``xa·Bᵀ``, ``dy·B``, ``dyᵀ·xa``, ``dyBᵀ·x``) at T ∈ {4096, 16384}, r ∈ {8, 16, 64}, d = 4096, and
 decode steps ``x (M, d_in)·Wᵀ`` for M ∈ {1, 4, 8, 16} and W (d_out, d_in) ∈ {4096×4096, 14336×4096,
 4096×14336}; bf16 and fp16 (fp32 with ``--fp32``). In one run: the device-to-device copy bandwidth (bytes read

@@ -4,8 +4,8 @@ A shape is ``(batch ×) M×N×K``: ``op(a)`` is ``(batch, M, K)`` (or ``(M, K)``
 each is row-major, or a transposed view of a row-major array (``transpose_a`` / ``transpose_b``) where that
 is how the caller holds it (LoRA's adapters, a weight used as ``x @ W.T``). CUDA presets are sized so that
 the default run (bf16, the default presets) finishes in under two minutes on an H100; CPU presets stop at
-1024 so that the default run takes under a minute on two cores. ``skinny`` (issue 10's bandwidth-bound
-shapes, with their ≥ 80 % of copy bandwidth target) runs when named or with ``all``.
+1024 so that the default run takes under a minute on two cores. ``skinny`` (the bandwidth-bound
+shapes of docs/kernels.md, with their ≥ 80 % of copy bandwidth target) runs when named or with ``all``.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _lora(tokens: int, d: int) -> list[Shape]:
     return shapes
 
 
-SKINNY_TARGET_PCT = 80.0  # issue 10: a skinny GEMM moves its bytes at ≥ 80 % of the copy bandwidth
+SKINNY_TARGET_PCT = 80.0  # the target: a skinny GEMM moves its bytes at ≥ 80 % of the copy bandwidth
 
 
 def lora_roles(tokens: int, d: int, r: int) -> list[Shape]:
@@ -124,7 +124,7 @@ def skinny_shapes(
     return [s for t in tokens for r in ranks for s in lora_roles(t, d, r)] + decode_steps(rows, weights)
 
 
-# issue 10's sizes on CUDA (d = 4096; Llama-3-8B's MLP weights for decode); a CPU run's sizes stop at 2816
+# the skinny sizes on CUDA (d = 4096; Llama-3-8B's MLP weights for decode); a CPU run's sizes stop at 2816
 SKINNY: dict[str, dict[str, Any]] = {
     "cuda": {"tokens": (4096, 16384), "d": 4096, "ranks": (8, 16, 64), "rows": DECODE_ROWS,
              "weights": ((4096, 4096), (14336, 4096), (4096, 14336))},
