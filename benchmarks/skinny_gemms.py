@@ -70,8 +70,7 @@ class Kernels(candidates.Gemmbridge):
 
         def run() -> Any:
             if Kernels.current != mode:
-                gb.set_kernels(mode)  # type: ignore[attr-defined]
-                gb.clear_cache()
+                gb.set_kernels(mode)  # type: ignore[attr-defined]  (it drops matmul's cached plans)
                 Kernels.current = mode
             return call()
 

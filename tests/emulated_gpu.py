@@ -20,7 +20,7 @@ from gemmbridge.arrays import BY_TYPE
 from gemmbridge.arrays.numpy import NumpyArrays, numpy_dtype
 from gemmbridge.problem import TensorMeta
 
-EMULATED_DEVICE = {"name": "Emulated GPU", "sms": 4, "capability": "9.0", "driver": "0.0", "cuda_driver": 13000,
+EMULATED_DEVICE = {"name": "Emulated GPU", "sms": 132, "capability": "9.0", "driver": "0.0", "cuda_driver": 13000,
                    "cublasLt": 130100}  # fmt: skip
 
 
@@ -109,7 +109,6 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
 
     fake, view = FakeLt(), EmulatedView()
     fake.kernels = FakeKernels()
-    monkeypatch.setattr(kernels, "_devices", {0: (9, "sm_90", 132)})
     monkeypatch.setattr(kernels, "mode", "on")  # every problem the kernel can serve: its host side checked widely
     monkeypatch.setattr(kernels, "_broken", set())
     monkeypatch.setattr(kernels.launch, "kernel", fake.kernels.kernel)

@@ -16,12 +16,9 @@ import os
 import warnings
 from typing import Any
 
-from cuda.bindings import driver
-
 from ....errors import GemmError, OptionError
 from ....problem import Problem
-from .. import autotune
-from ..graphs import check
+from .. import autotune, tuning_cache
 from . import compiler
 from .config import Config, candidates, choose, configure, eligible, fits_grid
 from .launch import KernelPlan
@@ -31,44 +28,36 @@ mode = os.environ.get("GEMMBRIDGE_KERNELS", "auto")
 if mode not in MODES:
     raise OptionError(f"GEMMBRIDGE_KERNELS must be one of {MODES}, not {mode!r}")
 
-_devices: dict[int, tuple[int, str, int]] = {}  # device → (compute capability major, architecture, SM count)
 _broken: set[Config] = set()  # configurations that could not be built or loaded here: cuBLASLt serves them
 
 
-def _device(device: int) -> tuple[int, str, int]:
-    found = _devices.get(device)
-    if found is None:
-        attr = driver.CUdevice_attribute
-        major, minor, sms = (
-            int(check(driver.cuDeviceGetAttribute(a, device), "cuDeviceGetAttribute"))
-            for a in (
-                attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-                attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-                attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-        )
-        found = _devices[device] = (major, f"sm_{major}{minor}", sms)
-    return found
+def _device(device: int) -> tuple[int, str, int] | None:
+    """(compute capability major, architecture, SM count) from the tuning cache's device query (None when the
+    driver cannot say: then cuBLASLt serves everything)."""
+    key = tuning_cache.device_key(device)
+    if key is None:
+        return None
+    major, minor = key["capability"].split(".")
+    return int(major), f"sm_{major}{minor}", int(key["sms"])
 
 
 def config_for(problem: Problem, device: int) -> Config | None:
     """The kernel configuration that serves ``problem`` on ``device``, or None (cuBLASLt)."""
-    if mode == "off":
+    found = None if mode == "off" else _device(device)
+    if found is None or found[0] < 9:
         return None
-    major, _, sms = _device(device)
-    if major < 9:
-        return None
-    config = choose(problem, sms) if mode == "auto" else configure(problem, sms)
+    config = choose(problem, found[2]) if mode == "auto" else configure(problem, found[2])
     return None if config in _broken else config
 
 
 def plan_for(config: Config, problem: Problem, device: int, described: str) -> autotune.Candidate | None:
     """``config`` on the skinny kernel as a launchable candidate, or None after warning once when that
     configuration cannot be built or loaded here (no NVRTC, more shared memory than the GPU has, …)."""
-    if config in _broken:
+    found = _device(device)
+    if config in _broken or found is None:
         return None
     try:
-        plan = KernelPlan(problem, config, device, _device(device)[1], described)
+        plan = KernelPlan(problem, config, device, found[1], described)
     except (GemmError, ImportError, OSError, RuntimeError) as error:
         _broken.add(config)
         warnings.warn(f"gemmbridge: the skinny-GEMM kernel {config.name} is unavailable, cuBLASLt serves its "
@@ -92,11 +81,12 @@ class KernelSource:
         self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool
     ) -> list[autotune.Candidate]:
         device = _index(problem)
-        if mode == "off" or min(alignments) < 16 or _device(device)[0] < 9:
+        found = None if mode == "off" or min(alignments) < 16 else _device(device)
+        if found is None or found[0] < 9:
             return []
-        found = (plan_for(c, problem, device, f"{c.name} for {problem.m}x{problem.n}x{problem.k}")
-                 for c in candidates(problem, _device(device)[2]))  # fmt: skip
-        return [c for c in found if c is not None]
+        made = (plan_for(c, problem, device, f"{c.name} for {problem.m}x{problem.n}x{problem.k}")
+                for c in candidates(problem, found[2]))  # fmt: skip
+        return [c for c in made if c is not None]
 
     def restore(
         self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool, payload: dict[str, Any]

@@ -61,8 +61,7 @@ class KernelPlan:
     def __init__(self, problem: Problem, config: Config, device: int, target: str, described: str) -> None:
         self.config = config
         self.described = described
-        self.handle = kernel(config, device, target)
-        self.address = int(self.handle)
+        self.address = int(kernel(config, device, target))
         self.function = driver.CUfunction(self.address)
         a, b, c, d = problem.matrices[:4]
         k_per_split = -(-problem.k // config.splits)
@@ -75,8 +74,6 @@ class KernelPlan:
         self.grid = (-(-problem.n // config.bn), -(-problem.m // config.bm), problem.batch_count * config.splits)
         sizes = (problem.itemsize, problem.itemsize, problem.result_itemsize, problem.result_itemsize)
         self.offsets = tuple(tuple(o * s for o, s in zip(offs[:4], sizes)) for offs in problem.outer_offsets)
-        self.candidates = 1
-        self.choice = 0
 
     def launch(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int) -> None:
         """Enqueue the product on ``stream`` (``workspace`` is unused: the cluster reduces in shared memory)."""
@@ -106,6 +103,3 @@ class KernelPlan:
                 if result[0] != driver.CUresult.CUDA_SUCCESS:
                     raise VendorError(f"matmul: launching the skinny kernel failed for {self.described}: "
                                       f"{result[0]!r}", str(result[0]))  # fmt: skip
-
-    def close(self) -> None:
-        """Nothing to free: the loaded kernel is shared by every plan of its configuration."""
