@@ -203,25 +203,25 @@ def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monke
 def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkeypatch) -> None:
     """Five signatures in turn against a table of four graphs: each would be captured again on every call. Once
     GRAPHS_PER_PLAN graphs in a row were evicted unreplayed, the cache records no more (the calls run eagerly),
-    also when one hot signature is replayed between the churning ones; a cache whose graphs are replayed keeps
-    recording."""
+    also when one hot signature is replayed between the churning ones (which is never evicted); a cache whose
+    graphs are replayed keeps recording, also when a one-off signature comes now and then."""
     from gemmbridge.backends.cuda import graphs
 
-    captured: list[object] = []
+    captured: list[tuple] = []  # the signature of each capture
 
     def capture(self, device, enqueue):  # type: ignore[no-untyped-def]
-        captured.append(object())
-        return captured[-1], len(captured)
+        enqueue(0)
+        return object(), len(captured)
 
     monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: None)
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", lambda graph: None)
     monkeypatch.setattr(graphs, "_doomed", [])  # these stand-in graphs must never reach the real drain
-    caches = {name: graphs.GraphCache() for name in ("cycling", "steady", "churning")}
+    caches = {name: graphs.GraphCache() for name in ("cycling", "steady", "churning", "mostly steady")}
 
     def call(cache: graphs.GraphCache, sig: tuple) -> None:
         if not cache.replay(sig, 0):
-            cache.record(sig, 0, 0, lambda stream: None)
+            cache.record(sig, 0, 0, lambda stream: captured.append(sig))
 
     try:
         signatures = [(i,) for i in range(graphs.GRAPHS_PER_PLAN + 1)]
@@ -239,6 +239,14 @@ def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkey
             call(caches["churning"], ("hot",))
             call(caches["churning"], signatures[i % len(signatures)])
         assert caches["churning"].broken and len(captured) <= 2 * graphs.GRAPHS_PER_PLAN + 1
+        assert captured.count(("hot",)) == 1  # replayed, so never the one evicted
+        for episode in range(10):  # a one-off signature now and then among replayed ones: keeps recording
+            for _ in range(5):
+                for sig in signatures[:-1]:
+                    call(caches["mostly steady"], sig)
+            call(caches["mostly steady"], ("one-off", episode))
+            call(caches["mostly steady"], ("one-off", episode))
+        assert not caches["mostly steady"].broken
     finally:
         for cache in caches.values():
             cache.close()

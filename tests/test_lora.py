@@ -79,6 +79,8 @@ def test_eval_mode_and_no_grad_skip_dropout_and_record_nothing(device):
     x, w, b, a, lb = lora_args(device)
     want = plain_lora(x, w, b, a, lb, 2.0)
     torch.testing.assert_close(gt.lora_linear(x, w, b, a, lb, 2.0, 0.5, training=False), want)
+    mask = torch.rand(x.shape, device=x.device) < 0.5  # a fixed mask is ignored outside training too
+    torch.testing.assert_close(gt.lora_linear(x, w, b, a, lb, 2.0, 0.5, training=False, dropout_mask=mask), want)
     with torch.no_grad():
         y = gt.lora_linear(x, w, b, a, lb, 2.0, 0.0)
     assert y.grad_fn is None
