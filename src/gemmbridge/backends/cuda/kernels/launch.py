@@ -72,6 +72,7 @@ class KernelPlan:
             dtype=np.int64,
         )  # fmt: skip
         self.grid = (-(-problem.n // config.bn), -(-problem.m // config.bm), problem.batch_count * config.splits)
+        self.threads, self.smem = config.threads, config.smem_bytes  # read on every launch
         sizes = (problem.itemsize, problem.itemsize, problem.result_itemsize, problem.result_itemsize)
         self.offsets = tuple(tuple(o * s for o, s in zip(offs[:4], sizes)) for offs in problem.outer_offsets)
 
@@ -83,8 +84,9 @@ class KernelPlan:
         scalars[_BETA] = beta
         block[4] = ptrs.bias
         params = np.array([block.ctypes.data], dtype=np.uint64)
+        address = params.ctypes.data
         gx, gy, gz = self.grid
-        config = self.config
+        threads, smem = self.threads, self.smem
         for oa, ob, oc, od in self.offsets:
             block[0] = ptrs.a + oa
             block[1] = ptrs.b + ob
@@ -92,14 +94,13 @@ class KernelPlan:
             block[3] = ptrs.d + od
             if _launch_v2 is not None:
                 try:
-                    _launch_v2(self.address, gx, gy, gz, config.threads, 1, 1, config.smem_bytes, stream,
-                               params.ctypes.data, 0)  # fmt: skip
+                    _launch_v2(self.address, gx, gy, gz, threads, 1, 1, smem, stream, address, 0)
                 except Exception as error:  # the v2 entry points raise on a driver error
                     raise VendorError(f"matmul: launching the skinny kernel failed for {self.described}: {error}",
                                       str(error)) from error  # fmt: skip
             else:
-                result = driver.cuLaunchKernel(self.function, gx, gy, gz, config.threads, 1, 1, config.smem_bytes,
-                                               driver.CUstream(stream), params.ctypes.data, 0)  # fmt: skip
+                result = driver.cuLaunchKernel(self.function, gx, gy, gz, threads, 1, 1, smem, driver.CUstream(stream),
+                                               address, 0)  # fmt: skip
                 if result[0] != driver.CUresult.CUDA_SUCCESS:
                     raise VendorError(f"matmul: launching the skinny kernel failed for {self.described}: "
                                       f"{result[0]!r}", str(result[0]))  # fmt: skip
