@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests, profile, ab, training, lora, finetune, distributed, bench, benchcli,
+# each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune, distributed, bench, benchcli,
 # skinny, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -12,7 +12,7 @@ header() {
 for step in ${STEPS:-tests}; do
   case $step in
     tests) { header "gemmbridge GPU test suite: pytest ${TESTS:-tests}"
-             timeout ${STEP_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short ${TESTS:-tests} 2>&1
+             timeout ${STEP_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short ${PYTEST_ARGS:-} ${TESTS:-tests} 2>&1
              echo "exit status $?"; } | tee "$OUT/gpu-tests.txt" ;;
     ab)
       # host cost of a small call: this tree against the one carried in .ab/old-src, alternating processes
@@ -45,6 +45,10 @@ for step in ${STEPS:-tests}; do
           --plot "$OUT/finetune-lora.png"
         echo "exit status $?"; } 2>&1 | tee "$OUT/finetune-lora.txt" ;;
     profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
+    probe)
+      # host µs of the ways a training op can reach a GEMM: aten, gb.matmul, resolved plans, custom-op registrations
+      { header "scripts/lane_probe.py"; timeout ${STEP_TIMEOUT:-300} python3 scripts/lane_probe.py --json "$OUT/lane-probe.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/lane-probe.txt" ;;
     tune)
       # the tuning tests, then gemmbridge tune on large shapes (first pick vs tuned), into a cache kept under $OUT
       { header "tuning: tests, gemmbridge tune ${TUNE_SHAPES:-4096x4096x4096,8192x8192x8192,16384x4096x4096}"

@@ -164,7 +164,7 @@ def test_a_bridged_peft_model_compiles_without_graph_breaks():
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
     ops = [str(node.target) for g in explained.graphs for node in g.graph.nodes if node.op == "call_function"]
-    assert any("lora_linear" in op for op in ops), ops
+    assert ops.count("autograd_function_apply") == 2, ops  # the two LoRA layers' Function, traced
 
 
 def test_an_adapter_added_after_bridging_is_checked_when_it_runs():

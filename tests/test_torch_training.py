@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch_paths import on_path  # noqa: E402
+
 import gemmbridge as gb  # noqa: E402
 import gemmbridge.torch as gt  # noqa: E402
-from gemmbridge.torch import library  # noqa: E402
 
 F = torch.nn.functional
 ACT = {"none": lambda x: x, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
@@ -20,29 +22,26 @@ def rand(*shape, device="cpu", dtype=torch.float64, grad=True):  # type: ignore[
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
 
-def eager_and_op_paths(activation: str):  # type: ignore[no-untyped-def]
-    """The two ways a training call runs: the eager autograd.Function and the custom op torch.compile traces."""
-    return {
-        "eager": lambda x, w, b: gt.linear(x, w, b, activation),
-        "op": lambda x, w, b: library.linear_op(x, w, b, activation, None, True)[0],
-    }
+def eager_and_traced_paths(activation: str):  # type: ignore[no-untyped-def]
+    linear = lambda x, w, b: gt.linear(x, w, b, activation)  # noqa: E731
+    return {"eager": linear, "traced": on_path("traced", linear)}
 
 
 # -- gradients in float64 ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("path", ["eager", "traced"])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_linear_gradcheck(device, path, activation, with_bias):
     x, w = rand(2, 3, 5, device=device), rand(4, 5, device=device)
     b = rand(4, device=device) if with_bias else None
-    fn = eager_and_op_paths(activation)[path]
+    fn = eager_and_traced_paths(activation)[path]
     assert torch.autograd.gradcheck(lambda *t: fn(t[0], t[1], t[2] if with_bias else None),
                                     (x, w, b if with_bias else rand(1, device=device)))  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("path", ["eager", "traced"])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_mlp_gradcheck(device, path, activation):
     x = rand(6, 5, device=device)
@@ -52,11 +51,7 @@ def test_mlp_gradcheck(device, path, activation):
         rand(3, 7, device=device),
         rand(3, device=device),
     )
-    if path == "eager":
-        fn = lambda *t: gt.mlp(*t, activation)  # noqa: E731
-    else:
-        fn = lambda *t: library.mlp_op(*t, activation, None, True)[0]  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2))
+    assert torch.autograd.gradcheck(on_path(path, lambda *t: gt.mlp(*t, activation)), (x, w1, b1, w2, b2))
 
 
 MATMUL_CASES = [
@@ -73,7 +68,7 @@ MATMUL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("path", ["eager", "traced"])
 @pytest.mark.parametrize("sa, sb, options", MATMUL_CASES)
 def test_matmul_gradcheck(device, path, sa, sb, options):
     """gemmbridge.matmul on tensors that require grad is differentiable in a, b, c and bias."""
@@ -83,13 +78,9 @@ def test_matmul_gradcheck(device, path, sa, sb, options):
     names = list(extras)
 
     def fn(a, b, *rest):  # type: ignore[no-untyped-def]
-        kwargs = {**scalars, **dict(zip(names, rest))}
-        if path == "eager":
-            return gb.matmul(a, b, **kwargs)
-        with_compile = pytest.MonkeyPatch.context()
-        with with_compile as m:  # the path torch.compile takes
-            m.setattr(gt.functional, "_is_compiling", lambda: True)
-            return gt.matmul(a, b, **kwargs)
+        return gt.matmul(a, b, **scalars, **dict(zip(names, rest)))
+
+    fn = on_path(path, fn)
 
     assert fn(a, b, *extras.values()).grad_fn is not None
     assert torch.autograd.gradcheck(fn, (a, b, *extras.values()))
@@ -119,7 +110,7 @@ def test_only_the_inputs_that_require_grad_get_one(device):
 )
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 def test_layers_train_on_vectors_and_empty_sizes_as_nn_linear_does(device, shape, hidden, out, activation):
-    """Values and gradients equal torch's; the ops pass opcheck there, also with a compute dtype of their own."""
+    """Values and gradients equal torch's, on the eager and the traced path."""
     x, w1, b1 = rand(*shape, device=device), rand(hidden, shape[-1], device=device), rand(hidden, device=device)
     layers = {"linear": ((x, w1, b1), lambda x, w, b: ACT[activation](F.linear(x, w, b)))}
     if activation != "none":
@@ -128,15 +119,15 @@ def test_layers_train_on_vectors_and_empty_sizes_as_nn_linear_does(device, shape
             lambda x, w1, b1, w2, b2: F.linear(ACT[activation](F.linear(x, w1, b1)), w2, b2),
         )
     for name, (args, reference) in layers.items():
-        mine = getattr(gt, name)(*args, activation)
         want = reference(*args)
-        torch.testing.assert_close(mine, want)
         seed = torch.randn_like(want)
-        for got, expected in zip(torch.autograd.grad(mine, args, seed), torch.autograd.grad(want, args, seed)):
-            torch.testing.assert_close(got, expected)
-        op = getattr(torch.ops.gemmbridge, name).default
-        for compute_dtype in (None, torch.float32):
-            torch.library.opcheck(op, (*args, activation, compute_dtype, True))
+        expected = torch.autograd.grad(want, args, seed)
+        for path in ("eager", "traced"):
+            mine = on_path(path, getattr(gt, name))(*args, activation)
+            torch.testing.assert_close(mine, want)
+            got = on_path(path, torch.autograd.grad)(mine, args, seed)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -145,30 +136,23 @@ def test_an_mlp_with_one_output_never_asks_for_a_derivative_epilogue_with_k_1(ac
     from gemmbridge.torch import functions
 
     x, w1, b1, w2, b2 = rand(5, 4), rand(6, 4), rand(6), rand(1, 6), rand(1)
-    y, h, aux = functions.mlp_forward(x, w1, b1, w2, b2, activation, None, True)
+    with torch.no_grad():  # as inside the op's Function
+        y, h, aux = functions.mlp_forward(x, w1, b1, w2, b2, activation, None, True)
     epilogues_asked = []
+    gemm = functions.gemm
 
-    def gemm(*args):  # type: ignore[no-untyped-def]
+    def recording(*args):  # type: ignore[no-untyped-def]
         epilogues_asked.append(args[9])
-        return functions.direct_gemm(*args)
+        return gemm(*args)
 
-    with torch.no_grad():  # as autograd runs a backward
-        grads = functions.mlp_backward(gemm, torch.ones_like(y), x, w1, b1, w2, b2, h, aux, activation, None,
-                                       (True,) * 5)  # fmt: skip
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:  # as autograd runs a backward
+        m.setattr(functions, "gemm", recording)
+        grads = functions.mlp_backward(torch.ones_like(y), x, w1, b1, w2, b2, h, aux, activation, None, (True,) * 5)
     assert not {f"d{activation}", f"d{activation}_bgrad"} & set(epilogues_asked)
     x2, w1_, b1_, w2_, b2_ = (t.detach().clone().requires_grad_() for t in (x, w1, b1, w2, b2))
     F.linear(ACT[activation](F.linear(x2, w1_, b1_)), w2_, b2_).sum().backward()
     for got, want in zip(grads, (x2.grad, w1_.grad, b1_.grad, w2_.grad, b2_.grad)):
         torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("op", ["linear", "mlp"])
-def test_a_backward_through_an_op_that_saved_nothing_is_refused_clearly(op):
-    x, w1, b1, w2, b2 = rand(3, 4), rand(5, 4), rand(5), rand(2, 5), rand(2)
-    args = (x, w1, b1, "gelu") if op == "linear" else (x, w1, b1, w2, b2, "gelu")
-    y = getattr(torch.ops.gemmbridge, op)(*args, None, False)[0]
-    with pytest.raises(RuntimeError, match="save=False"):
-        y.sum().backward()
 
 
 def test_double_backward_is_refused_clearly(device):
@@ -294,34 +278,53 @@ def test_autocast_casts_as_f_linear_and_keeps_float32_weight_gradients(device, d
 # -- custom ops and torch.compile ------------------------------------------------------------------------
 
 
-def opcheck_args(device: str) -> list:
-    x, w, b = rand(6, 5, device=device), rand(4, 5, device=device), rand(4, device=device)
-    w1, b1, w2, b2 = (
-        rand(7, 5, device=device),
-        rand(7, device=device),
-        rand(3, 7, device=device),
-        rand(3, device=device),
-    )
-    a, bb, c = rand(2, 4, 5, device=device), rand(5, 3, device=device), rand(4, 3, device=device)
-    xd, wd, bd = x.detach(), w.detach(), b.detach()  # gemm is the backward formulas' building block: no autograd
-    return [
-        (torch.ops.gemmbridge.gemm.default, (xd, wd, None, bd, None, False, True, 1.0, 0.0, "gelu_aux", None)),
-        (
-            torch.ops.gemmbridge.gemm.default,
-            (torch.randn_like(xd[:, :4]), xd, None, None, None, True, False, 1.0, 0.0, "bgrad_a", None),
+def gemm_op_cases(device: str) -> dict:
+    """gemmbridge::gemm over every epilogue kind the backward formulas use, and the shapes its fake must follow."""
+    x, w = rand(6, 5, device=device, grad=False), rand(4, 5, device=device, grad=False)
+    b, dy = rand(4, device=device, grad=False), rand(6, 4, device=device, grad=False)
+    with torch.no_grad():
+        aux = gb.matmul(x, w, transpose_b=True, bias=b, epilogue="gelu_aux")[1]
+    return {
+        "gelu_aux": (x, w, None, b, None, False, True, 1.0, 0.0, "gelu_aux", None),
+        "relu_aux": (x, w, None, b, None, False, True, 1.0, 0.0, "relu_aux", None),
+        "dgelu": (dy, w, None, None, aux, False, False, 1.0, 0.0, "dgelu", None),
+        "bgrad_a": (dy, x, None, None, None, True, False, 1.0, 0.0, "bgrad_a", None),
+        "c-alpha-beta": (x, w, torch.randn_like(dy), None, None, False, True, 1.5, 0.5, "none", None),
+        "batched-a-gelu_aux": (x.view(2, 3, 5), w, None, b, None, False, True, 1.0, 0.0, "gelu_aux", None),
+        "1-d-a": (x[0], w, None, None, None, False, True, 1.0, 0.0, "none", None),
+        "half-to-float32": (
+            x.bfloat16(),
+            w.bfloat16(),
+            None,
+            b.float(),
+            None,
+            False,
+            True,
+            1.0,
+            0.0,
+            "none",
+            torch.float32,
         ),  # fmt: skip
-        (torch.ops.gemmbridge.matmul.default, (a, bb, c, None, False, False, 1.5, 0.5, "gelu", None, True, None)),
-        (torch.ops.gemmbridge.linear.default, (x, w, b, "gelu", None, True)),
-        (torch.ops.gemmbridge.linear.default, (x, w, None, "relu", None, True)),
-        (torch.ops.gemmbridge.mlp.default, (x, w1, b1, w2, b2, "gelu", None, True)),
-        (torch.ops.gemmbridge.mlp.default, (x, w1, b1, w2, b2, "relu", None, True)),
-    ]
+        "float32-allow_tf32": (x.float(), w.float(), None, None, None, False, True, 1.0, 0.0, "none", None, True),
+    }
 
 
-@pytest.mark.parametrize("case", range(7))
-def test_opcheck(device, case):
-    op, args = opcheck_args(device)[case]
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("case", list(gemm_op_cases("cpu")))
+def test_gemm_op_passes_opcheck_and_its_fake_has_the_real_shapes(device, case):
+    args = gemm_op_cases(device)[case]
+    torch.library.opcheck(torch.ops.gemmbridge.gemm.default, args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = torch.ops.gemmbridge.gemm(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+    real = torch.ops.gemmbridge.gemm(*args)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+def test_gemm_op_refuses_inputs_that_require_grad_clearly():
+    x, w = rand(3, 5), rand(4, 5, grad=False)
+    with pytest.raises(gb.OptionError, match="gemmbridge::gemm is not differentiable"):
+        torch.ops.gemmbridge.gemm(x, w, None, None, None, False, True, 1.0, 0.0, "none", None)
+    with torch.no_grad():
+        torch.ops.gemmbridge.gemm(x, w, None, None, None, False, True, 1.0, 0.0, "none", None)
 
 
 class Block(torch.nn.Module):
@@ -485,3 +488,125 @@ def test_compile_matches_eager_over_training_steps(kind, mode):
             opt.step()
             losses.append(loss.detach().clone())
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5, msg=f"step {step}")
+
+
+# -- compile in training and inference, outputs that are tensors of their own, what torch.func can do ---------
+
+COMPILED = {
+    "linear": lambda device: (lambda x: gt.linear(x, W[device], B[device], "gelu")),
+    "mlp": lambda device: gt.MLP(8, 16, device=device),
+    "lora_linear": lambda device: gt.LoRALinear(8, 6, r=2, dropout=0.1, device=device),
+    "Linear": lambda device: gt.Linear(8, 6, activation="relu", device=device),
+    "convert_linears": lambda device: _converted(device),
+    "apply_lora": lambda device: _lora_model(device),
+    "gb.matmul": lambda device: (lambda x: gb.matmul(x, W[device], transpose_b=True, bias=B[device], epilogue="gelu")),
+}
+W = {d: torch.randn(6, 8, device=d) for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available()}
+B = {d: torch.randn(6, device=d) for d in W}
+
+
+def _converted(device: str) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6)).to(device)
+    gt.convert_linears(model)
+    return model
+
+
+def _lora_model(device: str) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6)).to(device)
+    gt.apply_lora(model, "*", r=2)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["training", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("kind", COMPILED)
+def test_every_op_and_module_compiles_fullgraph_without_breaks_in_training_and_inference(device, kind, mode):
+    """One graph, no break, eager's values — also under no_grad and inference_mode, where the forward alone runs."""
+    torch.manual_seed(0)
+    fn = COMPILED[kind](device)
+    if isinstance(fn, torch.nn.Module):
+        fn.eval()  # dropout off: compiled and eager draw different masks
+    x = torch.randn(3, 8, device=device, requires_grad=mode == "training")
+    context = {"training": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    torch._dynamo.reset()
+    with context[mode]():
+        explained = torch._dynamo.explain(fn)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        y = torch.compile(fn, fullgraph=True)(x)
+        want = fn(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    if mode == "training":
+        (g,) = torch.autograd.grad(y.sum(), x)
+        (g_want,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear-1d", "lora", "mlp"])
+def test_outputs_are_tensors_of_their_own_that_in_place_ops_may_modify(device, kind):
+    """As after F.linear: an in-place op on the output (nn.ReLU(inplace=True), ``result += …``) records fine."""
+    x = torch.randn(10, device=device, requires_grad=True) if kind == "linear-1d" else rand(2, 3, 10, device=device)
+    if kind == "linear-1d":
+        model = torch.nn.Sequential(gt.Linear(10, 20, device=device), torch.nn.ReLU(inplace=True))
+        y = model(x)
+    elif kind == "lora":
+        w, a, lb = rand(4, 10, device=device, grad=False), rand(2, 10, device=device), rand(4, 2, device=device)
+        y = gt.lora_linear(x, w, None, a, lb, 2.0)
+        assert y._base is None
+        y.add_(1)
+    else:
+        y = gt.MLP(10, 12, device=device, dtype=torch.float64)(x)
+        y += 1
+    assert y._base is None
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_autocast_leaves_float64_alone_as_f_linear_does(device):
+    x, w, b = rand(4, 8, device=device), rand(3, 8, device=device), rand(3, device=device)
+    dtype = torch.bfloat16
+    with torch.autocast(device, dtype=dtype):
+        want = F.linear(x, w, b)
+        got = {
+            "linear": gt.linear(x, w, b),
+            "mlp": gt.mlp(x, rand(5, 8, device=device), None, rand(3, 5, device=device), None, "relu"),
+            "lora": gt.lora_linear(x, w, b, rand(2, 8, device=device), rand(3, 2, device=device)),
+        }
+    assert want.dtype == torch.float64
+    for name, y in got.items():
+        assert y.dtype == torch.float64, name
+    torch.testing.assert_close(got["linear"], want)
+
+
+def test_bad_operands_are_refused_with_gemmbridge_errors():
+    x, w = torch.randn(3, 5), torch.randn(4, 5)
+    with pytest.raises(gb.ShapeError, match=r"weight \(2, 5, 4\)"):
+        gt.linear(x, torch.randn(2, 5, 4))
+    with pytest.raises(gb.ShapeError, match=r"bias \(3,\)"):
+        gt.linear(x, w, torch.randn(3))
+    with pytest.raises(gb.OperandTypeError, match="x is a numpy.ndarray, not a torch.Tensor"):
+        gt.linear(x.numpy(), w)
+    with pytest.raises(gb.OperandTypeError, match="a is a numpy.ndarray"):
+        gt.matmul(x.numpy(), w)
+    with pytest.raises(gb.OperandTypeError, match="x is a numpy.ndarray"):
+        gt.lora_linear(x.numpy(), w, None, torch.randn(2, 5), torch.randn(4, 2))
+    with pytest.raises(gb.OptionError, match="transpose_a needs a matrix, a is 1-D"):
+        gt.matmul(torch.randn(5), torch.randn(1, 3), transpose_a=True)
+    with pytest.raises(gb.OptionError, match="alpha"):
+        gt.matmul(x, w.mT, alpha=10**400)
+    with pytest.raises(gb.OptionError, match="dropout '0.1' is not in"):
+        gt.lora_linear(x, w, None, torch.randn(2, 5), torch.randn(4, 2), dropout="0.1")
+    with pytest.raises(gb.ShapeError, match=r"w2 \(3, 7\)"):
+        gt.mlp(x, torch.randn(6, 5), None, torch.randn(3, 7), None)
+
+
+def test_torch_func_grad_works_and_vmap_is_refused_clearly():
+    x, w, b = rand(3, 5, grad=False), rand(4, 5, grad=False), rand(4, grad=False)
+    got = torch.func.grad(lambda w: gt.linear(x, w, b, "gelu").sum())(w)
+    want = torch.func.grad(lambda w: F.gelu(F.linear(x, w, b), approximate="tanh").sum())(w)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(gb.OptionError, match="vmap"):
+        torch.func.vmap(lambda x: gt.linear(x, w, b))(x)
+    with pytest.raises(gb.OptionError, match="vmap"):
+        torch.func.jacrev(lambda w: gt.linear(x, w, b))(w)
+    with pytest.raises(gb.OptionError, match="vmap"):
+        y = gt.linear(x, w.requires_grad_(), b)
+        torch.autograd.grad(y, w, torch.randn(2, *y.shape), is_grads_batched=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .arrays import BY_TYPE, view_for
-from .plan import PLAN_CACHE_SIZE, PLANS, Plan, call_key, check_flag, check_scalar, check_tf32, same_framework
+from .plan import PLAN_CACHE_SIZE, PLANS, call, check_flag, check_scalar, check_tf32, same_framework
 
 __all__ = ["PLAN_CACHE_SIZE", "cache_size", "clear_cache", "matmul"]
 
@@ -62,6 +62,11 @@ def matmul(
         or bias_grad is not None
     ):
         same_framework(view, a, b, c=c, bias=bias, out=out, aux=aux, bias_grad=bias_grad)
+    layer = view.layer
+    if layer is not None and layer.takes(a, b, c, bias):  # autograd must record it, or torch.compile traces it
+        return layer(a, b, transpose_a=transpose_a, transpose_b=transpose_b, c=c, alpha=alpha, beta=beta, bias=bias,
+                     epilogue=epilogue, out_dtype=out_dtype, allow_tf32=allow_tf32, out=out, aux=aux,
+                     bias_grad=bias_grad)  # fmt: skip
     if type(transpose_a) is not bool:
         transpose_a = check_flag(view, a, b, "transpose_a", transpose_a)
     if type(transpose_b) is not bool:
@@ -72,35 +77,5 @@ def matmul(
         beta = check_scalar(view, a, b, "beta", beta)
     if allow_tf32 is not None and type(allow_tf32) is not bool:
         allow_tf32 = check_tf32(view, a, b, allow_tf32)
-    options = (transpose_a, transpose_b, epilogue, out_dtype)
-    try:
-        key = call_key(view, a, b, c, bias, out, aux, bias_grad, options)
-        plan = PLANS.plans.get(key)
-    except (TypeError, RuntimeError):  # an unhashable option, or an operand without strides: described below
-        key, plan = (), None
-    if plan is None:
-        plan = Plan.for_call(view, key, a, b, c, bias, out, aux, bias_grad, options)
-        if key:
-            plan = PLANS.add(key, plan)
-    else:
-        plan.used = True
-    if view.autograd is not None and view.autograd(a, b, c, bias):
-        from .torch.functional import matmul as differentiable
-
-        return differentiable(
-            a,
-            b,
-            transpose_a=transpose_a,
-            transpose_b=transpose_b,
-            c=c,
-            alpha=alpha,
-            beta=beta,
-            bias=bias,
-            epilogue=epilogue,
-            out_dtype=out_dtype,
-            allow_tf32=allow_tf32,
-            out=out,
-            aux=aux,
-            bias_grad=bias_grad,
-        )
-    return plan.execute(a, b, c, alpha, beta, bias, out, aux, bias_grad, allow_tf32)
+    return call(view, a, b, c, bias, out, aux, bias_grad, (transpose_a, transpose_b, epilogue, out_dtype), alpha, beta,
+                allow_tf32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -386,19 +387,15 @@ class Plan:
         allow_tf32: bool | None,
     ) -> Any:  # fmt: skip
         """An empty result, or K = 0: the product is zero; K = 1 on zeros applies c, bias and the epilogue."""
-        from .ops import matmul
-
         problem, ctx = self.problem, self.view.context(self.device, a)
         if problem.empty:
             return out if out is not None else ctx.empty(problem.out_shape, problem.result_dtype)
         sa, sb = tuple(self.metas.a.shape), tuple(self.metas.b.shape)
         sa = (1,) if len(sa) == 1 else sa[:-2] + (1, sa[-1]) if problem.transpose_a else sa[:-1] + (1,)
         sb = (1,) if len(sb) == 1 else sb[:-1] + (1,) if problem.transpose_b else sb[:-2] + (1, sb[-1])
-        return matmul(
-            ctx.zeros(sa, problem.dtype), ctx.zeros(sb, problem.dtype), transpose_a=problem.transpose_a,
-            transpose_b=problem.transpose_b, c=c, alpha=alpha, beta=beta, bias=bias, epilogue=problem.epilogue,
-            out=out, aux=aux, out_dtype=problem.result_dtype, allow_tf32=allow_tf32,
-        )  # fmt: skip
+        options = (problem.transpose_a, problem.transpose_b, problem.epilogue, problem.result_dtype)
+        return call(self.view, ctx.zeros(sa, problem.dtype), ctx.zeros(sb, problem.dtype), c, bias, out, aux, None,
+                    options, alpha, beta, allow_tf32)  # fmt: skip
 
     def _flipped(
         self, a: Any, b: Any, c: Any, alpha: float, beta: float, bias: Any, out: Any, aux: Any, bias_grad: Any,
@@ -406,19 +403,14 @@ class Plan:
     ) -> Any:  # fmt: skip
         """The call with the operands in ``self.flip`` copied transposed and their transpose flags flipped:
         the same product, in the orientation the vendor reads (``layouts.transposed_copies``)."""
-        from .ops import matmul
-
         problem, ctx = self.problem, self.view.context(self.device, a)
         transpose_a, transpose_b = problem.transpose_a, problem.transpose_b
         if "a" in self.flip:
             a, transpose_a = ctx.transposed(a), not transpose_a
         if "b" in self.flip:
             b, transpose_b = ctx.transposed(b), not transpose_b
-        return matmul(
-            a, b, transpose_a=transpose_a, transpose_b=transpose_b, c=c, alpha=alpha, beta=beta, bias=bias,
-            epilogue=problem.epilogue, out=out, aux=aux, bias_grad=bias_grad, out_dtype=problem.result_dtype,
-            allow_tf32=allow_tf32,
-        )  # fmt: skip
+        options = (transpose_a, transpose_b, problem.epilogue, problem.result_dtype)
+        return call(self.view, a, b, c, bias, out, aux, bias_grad, options, alpha, beta, allow_tf32)
 
     def _run_cpu(
         self, a: Any, b: Any, c: Any, alpha: float, beta: float, bias: Any, out: Any, aux: Any, bias_grad: Any
@@ -499,6 +491,25 @@ def check_scalar(view: TensorView, a: Any, b: Any, name: str, value: Any) -> flo
     return float(value)
 
 
+def call(
+    view: TensorView, a: Any, b: Any, c: Any, bias: Any, out: Any, aux: Any, bias_grad: Any, options: tuple,
+    alpha: float, beta: float, allow_tf32: bool | None,
+) -> Any:  # fmt: skip
+    """A checked call through the process-wide plan cache: its plan found (or made and kept), then run."""
+    try:
+        key = call_key(view, a, b, c, bias, out, aux, bias_grad, options)
+        plan = PLANS.plans.get(key)
+    except (TypeError, RuntimeError):  # an unhashable option, or an operand without strides: described below
+        key, plan = (), None
+    if plan is None:
+        plan = Plan.for_call(view, key, a, b, c, bias, out, aux, bias_grad, options)
+        if key:
+            plan = PLANS.add(key, plan)
+    else:
+        plan.used = True
+    return plan.execute(a, b, c, alpha, beta, bias, out, aux, bias_grad, allow_tf32)
+
+
 class PlanCache:
     """Plans by call key, shared by every thread; bounded (second-chance eviction, a hit costs a flag).
 
@@ -510,6 +521,7 @@ class PlanCache:
         self.size = size
         self.plans: dict[tuple, Plan] = {}
         self.lock = threading.Lock()
+        self.on_clear: list[Callable[[], None]] = []  # caches above the core that hold plans (the torch lane)
 
     def add(self, key: tuple, plan: Plan) -> Plan:
         with self.lock:
@@ -535,6 +547,8 @@ class PlanCache:
     def clear(self) -> None:
         with self.lock:
             self.plans.clear()
+        for forget in self.on_clear:
+            forget()
         if _cuda_backend is not None:
             _cuda_backend.drain()
 

@@ -52,6 +52,9 @@ class TensorView(Protocol):
     mutable: bool  # False for frameworks whose arrays cannot be written (JAX)
     # None, or autograd(a, b, c, bias) -> True when the framework's autograd must record the call
     autograd: Callable[..., bool] | None
+    # None, or the framework's own layer above gemmbridge: layer.takes(a, b, c, bias) says whether a matmul call
+    # belongs to it (autograd, a compiler tracing), and layer(a, b, **options) computes it there
+    layer: Any
     # None, or a callable told of each output written through a pointer (version counters)
     written: Callable[[Any], None] | None
 

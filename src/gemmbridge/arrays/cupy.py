@@ -61,6 +61,7 @@ class CupyArrays:
     name = "cupy"
     mutable = True
     autograd = None
+    layer = None
     written = None
 
     def accepts(self, x: Any) -> bool:

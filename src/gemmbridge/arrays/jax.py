@@ -92,6 +92,7 @@ class JaxArrays:
     name = "jax"
     mutable = False
     autograd = None
+    layer = None
     written = None
 
     def accepts(self, x: Any) -> bool:

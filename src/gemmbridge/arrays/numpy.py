@@ -73,6 +73,7 @@ class NumpyArrays:
     name = "numpy"
     mutable = True
     autograd = None
+    layer = None
     written = None
 
     def accepts(self, x: Any) -> bool:

@@ -9,6 +9,8 @@ backward instead of giving wrong gradients.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -32,6 +34,37 @@ _is_grad_enabled = torch.is_grad_enabled
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 _increment_version = torch._C._increment_version  # type: ignore[attr-defined]
+_is_compiling = torch.compiler.is_compiling
+
+
+def records(a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> bool:
+    """True when autograd must record a call on these operands: grad mode is on and an input requires grad."""
+    return _is_grad_enabled() and (
+        a.requires_grad
+        or b.requires_grad
+        or (c is not None and c.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+class TorchLayer:
+    """The calls of ``gemmbridge.matmul`` that belong to the PyTorch layer (``gemmbridge.torch``): those autograd must
+    record, and every call ``torch.compile`` traces. The layer registers its entry point (``entry``) when it is
+    imported; the first such call imports it."""
+
+    entry: Callable[..., Any] | None = None
+
+    def takes(self, a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> bool:
+        return records(a, b, c, bias) or _is_compiling()
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, **options: Any) -> Any:
+        if self.entry is None:
+            importlib.import_module("gemmbridge.torch")  # registers the entry
+        assert self.entry is not None
+        return self.entry(a, b, **options)
+
+
+LAYER = TorchLayer()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -151,6 +184,7 @@ class TorchCall:
 class TorchArrays:
     name = "torch"
     mutable = True
+    layer = LAYER
 
     def accepts(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
@@ -181,14 +215,7 @@ class TorchArrays:
             return "it is an inference tensor, written outside torch.inference_mode()"
         return None
 
-    def autograd(self, a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> bool:
-        """True when autograd must record the call: grad mode is on and an input requires grad."""
-        return _is_grad_enabled() and (
-            a.requires_grad
-            or b.requires_grad
-            or (c is not None and c.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        )
+    autograd = staticmethod(records)
 
     def written(self, x: torch.Tensor) -> None:
         _increment_version((x,))

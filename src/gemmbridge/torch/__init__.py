@@ -1,13 +1,20 @@
 """gemmbridge for PyTorch training: differentiable ops, ``Linear``, ``MLP``, ``LoRALinear`` and their helpers.
 
-Importing this module registers the ``gemmbridge::gemm``, ``::matmul``, ``::linear``, ``::mlp`` and
-``::lora_linear`` custom ops (``torch.ops.gemmbridge``), which ``torch.compile`` traces without graph breaks.
+Importing this module registers the ``gemmbridge::gemm`` custom op (``torch.ops.gemmbridge.gemm``) and hands
+``gemmbridge.matmul`` the calls that need autograd or that ``torch.compile`` traces; every op here traces into
+one graph without breaks, in training and inference.
 The PEFT bridge is ``gemmbridge.torch.peft`` (it needs the optional ``peft`` package).
 """
 
+from ..arrays.torch import LAYER
+from ..plan import PLANS
+from . import lane
 from .functional import linear, lora_linear, matmul, mlp
 from .lora import LoRALinear, apply_lora, load_adapters, save_adapters
 from .modules import MLP, Linear, convert_linears
+
+LAYER.entry = matmul  # gemmbridge.matmul's calls that autograd records or torch.compile traces come here
+PLANS.on_clear.append(lane.clear)  # clear_cache and set_kernels forget the lane's resolved GEMMs too
 
 __all__ = [
     "MLP",

@@ -1,10 +1,12 @@
 """Differentiable functions on torch tensors: ``matmul``, ``linear``, ``mlp``, ``lora_linear``.
 
-Each picks its path once per call: no autograd needed (grad mode off, or no input requires grad)
-→ the forward alone; ``torch.compile`` tracing → the ``gemmbridge::*`` custom op; otherwise the
-eager ``autograd.Function``. Under ``torch.autocast``, ``linear``, ``mlp`` and ``lora_linear`` cast their inputs to the
-autocast dtype as ``F.linear`` does, and gradients come back in each input's own dtype; ``matmul``
-casts nothing (gemmbridge never casts silently: pass ``out_dtype`` or cast the inputs).
+Each checks its operands, then picks its path once per call: no autograd needed (grad mode off, or no input
+requires grad) → the forward alone; otherwise the op's ``autograd.Function`` — in eager mode and under
+``torch.compile`` alike (dynamo traces the Function; its GEMMs become aten's ops or ``gemmbridge::gemm``, so
+``fullgraph=True`` holds in training, ``no_grad`` and ``inference_mode``). Under ``torch.autocast``, ``linear``,
+``mlp`` and ``lora_linear`` cast their inputs to the autocast dtype as ``F.linear`` does (float64 stays float64, as
+autocast leaves it), and gradients come back in each input's own dtype; ``matmul`` casts nothing (gemmbridge never
+casts silently: pass ``out_dtype`` or cast the inputs).
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import OptionError, ShapeError
+from ..arrays.torch import DTYPES, TorchArrays
+from ..errors import OperandTypeError, OptionError, ShapeError
+from ..plan import check_scalar
+from ..problem import dtype_name
 from . import functions as f
 from . import library
 
 ACTIVATIONS = ("none", "relu", "gelu")
-_is_compiling = torch.compiler.is_compiling
+_VIEW: Any = TorchArrays()
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The autocast dtype in force for ``x``'s device type, or None."""
+    """The autocast dtype in force for ``x``'s device type, or None (also for float64 ``x``, which autocast
+    leaves alone)."""
     kind = x.device.type
-    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(kind)
     return None
 
@@ -35,42 +41,76 @@ def _check_activation(activation: str, allowed: tuple[str, ...] = ACTIVATIONS) -
         raise OptionError(f"gemmbridge.torch: activation {activation!r} is not one of {', '.join(allowed)}")
 
 
+def _check_tensors(op: str, **tensors: Any) -> None:
+    """OperandTypeError for an operand that is not a torch tensor (None allowed where the op takes none)."""
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, Tensor):
+            kind = type(t)
+            raise OperandTypeError(
+                f"gemmbridge.torch.{op}: {name} is a {kind.__module__}.{kind.__qualname__}, not a torch.Tensor "
+                "(gemmbridge.matmul takes NumPy, CuPy and JAX arrays)"
+            )
+
+
+def _shapes(**tensors: Any) -> str:
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
+
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, name: str = "weight") -> None:
+    """``weight`` ``(out, in)`` with ``in`` x's last dim, ``bias`` ``(out,)``, or a ``ShapeError`` naming them."""
+    if (
+        weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]
+        or (bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]))
+    ):  # fmt: skip
+        raise ShapeError(
+            f"gemmbridge.torch.{op}: {_shapes(x=x, **{name: weight}, bias=bias)} — expected {name} (out, in) with "
+            "in = x's last dim" + (", bias (out,)" if bias is not None else "")
+        )
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none") -> Tensor:
     """``y = act(x · Wᵀ + b)``; ``weight`` is ``(out, in)`` as in ``nn.Linear``; act is none, relu or gelu.
 
     GELU is the tanh approximation (what cuBLASLt computes), i.e. ``nn.GELU(approximate="tanh")``.
     """
     _check_activation(activation)
+    _check_tensors("linear", x=x, weight=weight, bias=bias)
+    _check_linear("linear", x, weight, bias)
     compute = autocast_dtype(x)
     if not f.requires_grad(x, weight, bias):
         return f.linear_forward(x, weight, bias, activation, compute, False)[0]
-    if _is_compiling():
-        return library.linear_op(x, weight, bias, activation, compute, True)[0]
+    if activation == "gelu":
+        return library._GeluLinear.apply(x, weight, bias, activation, compute)[0]
     return library._Linear.apply(x, weight, bias, activation, compute)
 
 
 def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str = "gelu") -> Tensor:
     """``y = act(x · W1ᵀ + b1) · W2ᵀ + b2``: forward in two GEMMs, backward in four (``functions.mlp_backward``)."""
     _check_activation(activation, ("relu", "gelu"))
+    _check_tensors("mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    _check_linear("mlp", x, w1, b1, "w1")
+    if w2.dim() != 2 or w2.shape[1] != w1.shape[0] or (b2 is not None and tuple(b2.shape) != (w2.shape[0],)):
+        raise ShapeError(f"gemmbridge.torch.mlp: {_shapes(w1=w1, w2=w2, b2=b2)} — expected w2 (out, hidden) with "
+                         "hidden = w1's rows, b2 (out,)")  # fmt: skip
     compute = autocast_dtype(x)
     if not f.requires_grad(x, w1, b1, w2, b2):
         return f.mlp_forward(x, w1, b1, w2, b2, activation, compute, False)[0]
-    if _is_compiling():
-        return library.mlp_op(x, w1, b1, w2, b2, activation, compute, True)[0]
-    return library._MLP.apply(x, w1, b1, w2, b2, activation, compute)
+    return library._MLP.apply(x, w1, b1, w2, b2, activation, compute)[0]
 
 
-def _check_lora_shapes(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
+def _check_lora_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> None:
     """W ``(out, in)``, A ``(r, in)``, B ``(out, r)`` with ``in`` x's last dim, or a ``ShapeError`` naming all four."""
     if (
         weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2 or x.dim() < 1
         or weight.shape[1] != x.shape[-1] or lora_a.shape[1] != x.shape[-1]
         or lora_b.shape[0] != weight.shape[0] or lora_b.shape[1] != lora_a.shape[0]
+        or (bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]))
     ):  # fmt: skip
         raise ShapeError(
             f"gemmbridge.torch.lora_linear: x is {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a "
-            f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} — expected weight (out, in), lora_a (r, in), "
-            "lora_b (out, r) with in = x's last dim"
+            f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+            + ("" if bias is None else f", bias {tuple(bias.shape)}")
+            + " — expected weight (out, in), lora_a (r, in), lora_b (out, r) with in = x's last dim, bias (out,)"
         )
 
 
@@ -95,9 +135,12 @@ def lora_linear(
     ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead of drawing one (ignored, like
     dropout itself, when not ``training``).
     """
-    if not 0.0 <= dropout < 1.0:
+    _check_tensors("lora_linear", x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, mask=dropout_mask)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise OptionError(f"gemmbridge.torch.lora_linear: dropout {dropout!r} is not in [0, 1)")
-    _check_lora_shapes(x, weight, lora_a, lora_b)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -1e30 < scale < 1e30:
+        raise OptionError(f"gemmbridge.torch.lora_linear: scale {scale!r} is not a finite number")
+    _check_lora_shapes(x, weight, bias, lora_a, lora_b)
     mask, keep = None, 1.0
     if training and (dropout_mask is not None or dropout > 0.0):
         keep = 1.0 - dropout
@@ -109,13 +152,10 @@ def lora_linear(
                 f"gemmbridge.torch.lora_linear: dropout_mask is {tuple(mask.shape)} {mask.dtype} on {mask.device}; "
                 f"it must be torch.bool of x's shape {tuple(x.shape)} on {x.device}"
             )
-    compute = autocast_dtype(x)
-    args = (x, weight, bias, lora_a, lora_b, mask, float(scale), keep, compute)
+    args = (x, weight, bias, lora_a, lora_b, mask, float(scale), keep, autocast_dtype(x))
     if not f.requires_grad(x, weight, bias, lora_a, lora_b):
         return f.lora_forward(*args)[0]
-    if _is_compiling():
-        return library.lora_linear_op(*args)[0]
-    return library._LoRALinear.apply(*args)
+    return library._LoRALinear.apply(*args)[0]
 
 
 def matmul(
@@ -138,13 +178,12 @@ def matmul(
     ``epilogue`` is none, relu or gelu; outputs written in place (``out``, ``aux``, ``bias_grad``)
     cannot be recorded and are refused, as ``torch.mm(out=...)`` refuses them.
     """
+    _check_tensors("matmul", a=a, b=b, c=c, bias=bias)
     given = [name for name, value in outputs.items() if value is not None]
     if given or epilogue not in ACTIVATIONS:
-        from ..arrays import view_for
         from ..problem import names
 
-        view = view_for(a, "a")
-        operands = names(view.meta(a), view.meta(b))
+        operands = names(_VIEW.meta(a), _VIEW.meta(b))
         if given:
             raise OptionError(
                 f"{operands} — {', '.join(given)} given while inputs require grad: autograd cannot record a write "
@@ -154,10 +193,13 @@ def matmul(
             f"{operands} — epilogue {epilogue!r} with inputs that require grad: autograd records none, relu and "
             "gelu; the training epilogues are the building blocks of backward passes: call them under torch.no_grad()"
         )
+    for name, flag, x in (("transpose_a", transpose_a, a), ("transpose_b", transpose_b, b)):
+        if flag and x.dim() == 1:  # as gemmbridge.matmul refuses it: a 1-D operand has nothing to transpose
+            raise OptionError(f"matmul: a is {tuple(a.shape)}, b is {tuple(b.shape)} — {name} needs a matrix, "
+                              f"{name[-1]} is 1-D")  # fmt: skip
+    alpha = alpha if type(alpha) is float else check_scalar(_VIEW, a, b, "alpha", alpha)
+    beta = beta if type(beta) is float else check_scalar(_VIEW, a, b, "beta", beta)
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        from ..arrays.torch import DTYPES
-        from ..problem import dtype_name
-
         out_dtype = DTYPES.get(dtype_name(out_dtype), out_dtype)
     a2 = a.unsqueeze(0) if a.dim() == 1 else a
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b
@@ -165,12 +207,11 @@ def matmul(
     if c is not None and (a.dim() == 1 or b.dim() == 1):  # c has the squeezed result's shape: put the dims back
         c2 = c.unsqueeze(-1) if b.dim() == 1 else c
         c2 = c2.unsqueeze(-2) if a.dim() == 1 else c2
-    if _is_compiling():
-        d = library.matmul_op(a2, b2, c2, bias, transpose_a, transpose_b, float(alpha), float(beta), epilogue,
-                              out_dtype, True, allow_tf32)[0]  # fmt: skip
+    args = (a2, b2, c2, bias, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype)
+    if f.requires_grad(a, b, c, bias):
+        d = library._Matmul.apply(*args, allow_tf32)[0]
     else:
-        d = library._Matmul.apply(a2, b2, c2, bias, transpose_a, transpose_b, float(alpha), float(beta), epilogue,
-                                  out_dtype, allow_tf32)  # fmt: skip
+        d = f.matmul_forward(*args, False, allow_tf32)[0]
     if b.dim() == 1:
         d = d.squeeze(-1)
     if a.dim() == 1:

@@ -217,6 +217,14 @@ def run(
     return d, aux, bias_grad
 
 
+def prefers_own_launch(problem: Problem, device: int) -> bool:
+    """True when gemmbridge may launch something else than the framework's own GEMM would for ``problem``: the
+    project's kernel serves it, tuning is on, or the tuning cache holds choices for this device."""
+    if autotune.enabled or kernels.config_for(problem, device) is not None:
+        return True
+    return tuning.enabled and tuning_cache.has_entries(device)
+
+
 def release(state: PlanState) -> None:
     """Free a plan's vendor objects; graph executables wait for ``graphs.drain``."""
     state.close()

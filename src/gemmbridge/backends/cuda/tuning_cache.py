@@ -93,6 +93,12 @@ def _file(device: int) -> tuning.TuningFile | None:
     return None if key is None else tuning.file_for(key)
 
 
+def has_entries(device: int) -> bool:
+    """True when the tuning cache holds any choice for ``device``."""
+    file = _file(device)
+    return file is not None and bool(file.entries())
+
+
 def restore(plan: LtPlan, problem: Problem, device: int) -> Any:
     """The launch of the cached choice for ``plan`` (selecting it when it is cuBLASLt's), or None."""
     file = _file(device)

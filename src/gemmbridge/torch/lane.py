@@ -1,0 +1,251 @@
+"""The training ops' launch lane: each GEMM of a forward or backward resolved once per layout, then launched.
+
+``gemm(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype, out)`` computes
+``D = epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` (``gemmbridge.epilogues``) and returns
+``(D, extra)``: the epilogue's aux or bias gradient, else None. ``out`` (a tensor the op made, or ``c``
+itself to accumulate in place) receives ``D``. The first call of a layout (shapes, strides, dtypes, device,
+options) resolves it to one launcher, kept in a table; later calls build the key and launch. Nothing of the
+public ``gemmbridge.matmul`` runs per call: no framework detection, option checks, plan cache or output checks
+(the ops made every tensor they hand over).
+
+Launchers (docs/architecture.md, "The launch lane"):
+
+- aten's GEMM (``torch.mm``, ``addmm``, ``addmm_`` accumulating with beta = 1, ``F.linear``) with aten's
+  activation functions for the epilogues: on the CPU always; on CUDA for the products aten makes with the very
+  same cuBLAS(Lt) call (plain epilogue, one dtype), where its host path is as short as any and
+  ``torch.compile`` sees the same GEMM. A tuned or own-kernel choice (``gemmbridge tune``, ``set_kernels``,
+  ``set_autotune``) moves a layout to gemmbridge's launch instead.
+- gemmbridge's CUDA backend with the plan resolved once (``backends.cuda.run``): what aten lacks — fused bias
+  and activation with the pre-activation saved (``gelu_aux``), the activation's derivative (``dgelu``,
+  ``drelu``), the bias gradient reduced inside the weight-gradient GEMM (``bgrad_a``), float32 results from half
+  inputs, bias together with ``c``, the project's own kernels.
+- the full ``Plan`` for what the backend's hot path does not take (empty products, K = 0, layouts copied first).
+
+Under ``torch.compile`` the same choice is made from the fake tensors: aten's ops, or the ``gemmbridge::gemm``
+custom op for what aten lacks; the compiled graph holds no gemmbridge Python.
+
+In aten's form ``relu_aux``'s aux is the ReLU output itself and ``gelu_aux``'s the unpadded pre-activation:
+``drelu`` / ``dgelu`` read either form (the backward always meets the form its own forward made).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import epilogues, plan
+from ..arrays.torch import TorchArrays, TorchCall
+from ..problem import describe
+
+Launcher = Callable[..., tuple[Tensor, Any]]
+HALF = (torch.float16, torch.bfloat16)
+_is_compiling = torch.compiler.is_compiling
+_gelu: Any = torch._C._nn.gelu
+_gelu_backward = torch.ops.aten.gelu_backward.default
+_threshold_backward = torch.ops.aten.threshold_backward.default
+_VIEW: Any = TorchArrays()
+
+MAX_LAUNCHERS = 1024  # layouts kept; the oldest is forgotten first (shapes that vary every step stay bounded)
+_launchers: dict[tuple, Launcher] = {}
+_zeros: dict[tuple, Tensor] = {}  # a 0-d zero per (dtype, device): addmm's ignored input when beta = 0
+
+
+def gemm(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, transpose_a: bool,
+    transpose_b: bool, alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Any]:  # fmt: skip
+    """``(D, extra)`` for ``D = epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` (module doc)."""
+    if _is_compiling():
+        return traced(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype, out)
+    key = (
+        a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device,
+        None if c is None else (c.shape, c.stride(), c.dtype, c is out),
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype),
+        None if aux is None else (aux.shape, aux.stride(), aux.dtype),
+        None if out is None else (out.shape, out.stride(), out.dtype),
+        transpose_a, transpose_b, epilogue, out_dtype,
+    )  # fmt: skip
+    launch = _launchers.get(key)
+    if launch is None:
+        launch = _resolve(a, b, c, bias, aux, transpose_a, transpose_b, epilogue, out_dtype, out)
+        if len(_launchers) >= MAX_LAUNCHERS:
+            _launchers.pop(next(iter(_launchers)), None)
+        _launchers[key] = launch
+    return launch(a, b, c, bias, aux, alpha, beta, out)
+
+
+def clear() -> None:
+    """Forget every resolved launcher (``gemmbridge.set_kernels`` and ``clear_cache`` call it)."""
+    _launchers.clear()
+
+
+def _aten_serves(dtype: torch.dtype, epilogue: str, out_dtype: torch.dtype | None, c: Any, bias: Any) -> bool:
+    """True when aten's GEMM is the same cuBLAS(Lt) call as gemmbridge's: a plain product in one dtype."""
+    return epilogue == "none" and (out_dtype is None or out_dtype == dtype) and (c is None or bias is None)
+
+
+def _resolve(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, ta: bool, tb: bool,
+    epilogue: str, out_dtype: torch.dtype | None, out: Tensor | None,
+) -> Launcher:  # fmt: skip
+    """The launcher of one layout (module doc); the problem is validated here, once."""
+    if a.device.type != "cuda":  # the product validated as gemmbridge.matmul would (aten's aux has its own form)
+        meta = _VIEW.meta
+        metas: list[Any] = [None if x is None else meta(x) for x in (a, b, c, out, bias)]
+        reads_aux = epilogues.TABLE[epilogue].aux_in != "none"
+        describe(metas[0], metas[1], c=metas[2], out=metas[3], bias=metas[4], transpose_a=ta, transpose_b=tb,
+                 epilogue="none" if reads_aux else epilogue, out_dtype=out_dtype)  # fmt: skip
+        return _aten(ta, tb, epilogue, out_dtype)
+    whole = plan.Plan.for_call(_VIEW, (), a, b, c, bias, out, aux, None, (ta, tb, epilogue, out_dtype))
+    device, backend, problem = whole.device, plan.cuda(), whole.problem
+    if _aten_serves(a.dtype, epilogue, out_dtype, c, bias) and not backend.prefers_own_launch(problem, device):
+        return _aten(ta, tb, epilogue, out_dtype)
+    if not whole.plain or problem.out_via_temp:
+        return _planned(whole)
+    return _backend_launch(backend, whole.state, device)
+
+
+def _backend_launch(backend: Any, state: Any, device: int) -> Launcher:
+    """The CUDA backend's hot path on a plan resolved once: allocate, read pointers and stream, launch."""
+    run, view, returns = backend.run, _VIEW, state.problem.aux_shape is not None or state.problem.bias_grad_length
+
+    def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+        if torch._C._cuda_getDevice() != device:  # type: ignore[attr-defined]
+            with torch.cuda.device(device):
+                return launch(a, b, c, bias, aux, alpha, beta, out)
+        d, aux, bias_grad = run(state, view, TorchCall(device, a), a, b, c, out, bias, aux, None, None, alpha, beta,
+                                None)  # fmt: skip
+        return d, (aux if aux is not None else bias_grad) if returns else None
+
+    return launch
+
+
+def _planned(whole: plan.Plan) -> Launcher:
+    """The whole plan's ``execute``: empty products, K = 0, operands copied first."""
+    extra = whole.returns != "d"
+
+    def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+        result = whole.execute(a, b, c, alpha, beta, bias, out, aux, None, None)
+        return result if extra else (result, None)
+
+    return launch
+
+
+def _zero(like: Tensor) -> Tensor:
+    key = (like.dtype, like.device)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
+
+
+def _product(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, ta: bool, tb: bool, alpha: float, beta: float,
+    out_dtype: torch.dtype | None, out: Tensor | None, traced_: bool,
+) -> Tensor:  # fmt: skip
+    """``alpha · op(a) @ op(b) + beta · c + bias`` with aten's GEMM (into ``out`` when given)."""
+    if out_dtype is not None and out_dtype != a.dtype:  # aten has no half → float32 GEMM on the CPU
+        a, b = a.to(out_dtype), b.to(out_dtype)
+    if a.dim() != 2 or b.dim() != 2:  # batches: the differentiable gemmbridge.matmul's general shapes
+        p = torch.matmul(a.mT if ta else a, b.mT if tb else b)
+        if alpha != 1.0:
+            p = p * alpha
+        if c is not None:
+            p = p + c * beta if beta != 1.0 else p + c
+        if bias is not None:
+            p = p + bias
+        if out is None:
+            return p
+        out.copy_(p)
+        return out
+    if not ta and tb and alpha == 1.0 and c is None:
+        if out is None:
+            return torch.nn.functional.linear(a, b, bias)
+    am, bm = (a.t() if ta else a), (b.t() if tb else b)
+    if c is None:
+        if bias is not None:
+            return (
+                torch.addmm(bias, am, bm, alpha=alpha, out=out)
+                if out is not None
+                else torch.addmm(bias, am, bm, alpha=alpha)
+            )
+        if alpha == 1.0:
+            return torch.mm(am, bm) if out is None else torch.mm(am, bm, out=out)
+        if traced_:  # no cached tensor in a traced graph
+            return torch.mm(am, bm) * alpha if out is None else torch.mm(am, bm, out=out).mul_(alpha)
+        zero = _zero(am)
+        return torch.addmm(zero, am, bm, beta=0, alpha=alpha) if out is None else torch.addmm(
+            zero, am, bm, beta=0, alpha=alpha, out=out)  # fmt: skip
+    if out is c:
+        p = c.addmm_(am, bm, beta=beta, alpha=alpha)
+    elif out is not None:
+        p = torch.addmm(c, am, bm, beta=beta, alpha=alpha, out=out)
+    else:
+        p = torch.addmm(c, am, bm, beta=beta, alpha=alpha)
+    return p if bias is None else p.add_(bias)
+
+
+def _formula(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, ta: bool, tb: bool,
+    alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None, out: Tensor | None, traced_: bool,
+) -> tuple[Tensor, Any]:  # fmt: skip
+    """The epilogue's formula over aten's GEMM (``gemmbridge.epilogues``)."""
+    if epilogue == "none":
+        return _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, out, traced_), None
+    if epilogue in ("relu", "relu_aux"):
+        d = _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, out, traced_).relu_()
+        return d, d if epilogue == "relu_aux" else None
+    if epilogue in ("gelu", "gelu_aux"):
+        pre = _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, None if epilogue == "gelu_aux" else out,
+                       traced_)  # fmt: skip
+        if epilogue == "gelu":
+            return (_gelu(pre, approximate="tanh", out=pre) if out is None else
+                    _gelu(pre, approximate="tanh", out=out)), None  # fmt: skip
+        d = _gelu(pre, approximate="tanh") if out is None else _gelu(pre, approximate="tanh", out=out)
+        return d, pre
+    p = _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, None, traced_)
+    kind = epilogues.TABLE[epilogue]
+    if kind.aux_in != "none":
+        assert aux is not None
+        n = p.shape[-1]
+        d = (_threshold_backward(p, aux[..., :n], 0) if kind.aux == "relu" else
+             _gelu_backward(p, aux[..., :n], approximate="tanh"))  # fmt: skip
+    else:
+        d = p
+    if out is not None:
+        d = out.copy_(d)
+    if kind.bias_grad == "none":
+        return d, None
+    wide = torch.float32 if d.dtype in HALF else None
+    if kind.bias_grad == "a":  # Σ_k op(a)
+        reduced = (a.t() if ta else a).sum(-1, dtype=wide)
+    elif epilogue == "bgrad_b":  # Σ_k op(b)
+        reduced = (b.t() if tb else b).sum(0, dtype=wide)
+    else:  # the d*_bgrad forms: Σ_m D
+        reduced = d.sum(0, dtype=wide)
+    return d, reduced.to(d.dtype)
+
+
+def _aten(ta: bool, tb: bool, epilogue: str, out_dtype: torch.dtype | None) -> Launcher:
+    def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+        return _formula(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, out, False)
+
+    return launch
+
+
+def traced(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, ta: bool, tb: bool,
+    alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None, out: Tensor | None,
+    allow_tf32: bool | None = None,
+) -> tuple[Tensor, Any]:  # fmt: skip
+    """``gemm`` where ``torch.compile`` traces: aten's ops where they serve, else the ``gemmbridge::gemm`` op
+    (``allow_tf32`` given for float32: the op, which honours it)."""
+    if a.device.type != "cuda" or (_aten_serves(a.dtype, epilogue, out_dtype, c, bias)
+                                   and (allow_tf32 is None or a.dtype != torch.float32)):  # fmt: skip
+        return _formula(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, out, True)
+    d, extra = torch.ops.gemmbridge.gemm(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, allow_tf32)
+    return (d if out is None else out.copy_(d)), extra
