@@ -77,5 +77,5 @@ def matmul(
         beta = check_scalar(view, a, b, "beta", beta)
     if allow_tf32 is not None and type(allow_tf32) is not bool:
         allow_tf32 = check_tf32(view, a, b, allow_tf32)
-    return call(view, a, b, c, bias, out, aux, bias_grad, (transpose_a, transpose_b, epilogue, out_dtype), alpha, beta,
-                allow_tf32)
+    options = (transpose_a, transpose_b, epilogue, out_dtype)
+    return call(view, a, b, c, bias, out, aux, bias_grad, options, alpha, beta, allow_tf32)

@@ -85,7 +85,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 
 
 def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str = "gelu") -> Tensor:
-    """``y = act(x · W1ᵀ + b1) · W2ᵀ + b2``: forward in two GEMMs, backward in four (``functions.mlp_backward``)."""
+    """``y = act(x · W1ᵀ + b1) · W2ᵀ + b2``: forward in two GEMMs, backward in four (``functions``' MLP notes)."""
     _check_activation(activation, ("relu", "gelu"))
     _check_tensors("mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     _check_linear("mlp", x, w1, b1, "w1")
@@ -94,8 +94,9 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
                          "hidden = w1's rows, b2 (out,)")  # fmt: skip
     compute = autocast_dtype(x)
     if not f.requires_grad(x, w1, b1, w2, b2):
-        return f.mlp_forward(x, w1, b1, w2, b2, activation, compute, False)[0]
-    return library._MLP.apply(x, w1, b1, w2, b2, activation, compute)[0]
+        return f.mlp_forward(x, w1, b1, w2, b2, activation, compute)
+    h, aux = library._MLPUp.apply(x, w1, b1, activation, compute)
+    return library._MLPDown.apply(h, aux, w2, b2, tuple(x.shape[:-1]), activation, compute)
 
 
 def _check_lora_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> None:

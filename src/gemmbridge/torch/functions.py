@@ -158,58 +158,88 @@ def linear_backward(
 
 
 # -- MLP: y = act(x · W1ᵀ + b1) · W2ᵀ + b2 -------------------------------------------------------------------
+#
+# Two autograd nodes, as two nn.Linear make: fc1 ("up") and fc2 ("down"). The down node's backward reads dy once
+# for fc2's weight gradient and, through the activation's derivative fused into the GEMM, hands the up node the
+# gradient of fc1's pre-activation (in h's slot: h is the MLP's own intermediate). dy, h and aux are freed when
+# the down node is done, as eager frees them, so the backward peaks no higher than two nn.Linear's.
 
 
-def mlp_forward(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str,
-    compute_dtype: torch.dtype | None, save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(y, h, aux): fc1 saves what its activation's derivative needs in aux when ``save`` — its ``*_aux`` epilogue's
-    on CUDA; on the CPU gelu's pre-activation, and for relu nothing (an empty tensor: the backward reads h)."""
+def mlp_up(
+    x: Tensor, w1: Tensor, b1: Tensor | None, activation: str, compute_dtype: torch.dtype | None, save: bool
+) -> tuple[Tensor, Tensor]:
+    """(h, aux): ``h = act(x · W1ᵀ + b1)`` as a rows × hidden matrix, and what the activation's derivative reads
+    when ``save`` — the ``*_aux`` epilogue's on CUDA; on the CPU gelu's pre-activation, and for relu nothing (an
+    empty tensor: the backward reads h)."""
     w1c, b1c = _cast(w1, compute_dtype), _cast_bias(b1, compute_dtype)
-    w2c, b2c = _cast(w2, compute_dtype), _cast_bias(b2, compute_dtype)
     xc = _matrix(_cast(x, compute_dtype))
     fused = save and (activation == "gelu" or x.device.type == "cuda")
     h, aux = _activated(xc, w1c, b1c, activation, fused)
     if aux is None:  # no epilogue ran (or relu on the CPU): gelu's derivative reads an unwritten one of h's shape
         aux = h.new_empty(h.shape if activation == "gelu" and save else (0,))
-    y, y2 = _result(x, w2.shape[0], h.dtype)
-    gemm(h, w2c, None, b2c, None, False, True, 1.0, 0.0, "none", None, y2)
-    return y, h, aux
+    return h, aux
 
 
-def mlp_backward(
-    dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, h: Tensor,
-    aux: Tensor, activation: str, compute_dtype: torch.dtype | None, needs: tuple[bool, ...],
-) -> tuple[Tensor | None, ...]:  # fmt: skip
-    """Gradients of x, w1, b1, w2, b2 in four GEMMs: fc2's weight gradient with its bias gradient (``bgrad_a``);
-    fc2's input gradient with the activation's derivative (``dgelu`` / ``drelu``), fc1's bias gradient summed
-    from it; fc1's weight and input gradients."""
+def mlp_down(
+    h: Tensor, w2: Tensor, b2: Tensor | None, lead: tuple[int, ...], compute_dtype: torch.dtype | None
+) -> Tensor:
+    """``y = h · W2ᵀ + b2`` in the input's leading shape ``lead``."""
+    y = h.new_empty((*lead, w2.shape[0]))
+    gemm(h, _cast(w2, compute_dtype), None, _cast_bias(b2, compute_dtype), None, False, True, 1.0, 0.0, "none", None,
+         y.view(h.shape[0], w2.shape[0]))  # fmt: skip
+    return y
+
+
+def mlp_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str,
+    compute_dtype: torch.dtype | None,
+) -> Tensor:  # fmt: skip
+    """``act(x · W1ᵀ + b1) · W2ᵀ + b2`` where nothing is kept for a backward."""
+    h = mlp_up(x, w1, b1, activation, compute_dtype, False)[0]
+    return mlp_down(h, w2, b2, tuple(x.shape[:-1]), compute_dtype)
+
+
+def mlp_down_backward(
+    dy: Tensor, h: Tensor, aux: Tensor, w2: Tensor, b2: Tensor | None, activation: str,
+    compute_dtype: torch.dtype | None, needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """(gradient of fc1's pre-activation, dW2, db2): fc2's weight gradient with its bias gradient (``bgrad_a``),
+    and fc2's input gradient with the activation's derivative fused (``dgelu`` / ``drelu``)."""
+    no_double_backward()
+    dy2 = dy.reshape(h.shape[0], w2.shape[0]).to(h.dtype)
+    hidden = h.shape[1]
+    grad_w2, grad_b2 = _weight_grads(dy2, h, w2, b2, needs[1], needs[2] and b2 is not None)
+    if not needs[0]:
+        return None, grad_w2, grad_b2
+    w2c = _cast(w2, compute_dtype)
+    # the derivative fused, fc1's bias gradient a separate sum: cuBLASLt's DGELU_BGRAD took 2.41 ms where DGELU
+    # and a sum took 1.86 (H200, T = 8192, d = 4096, h = 16384, bf16; benchmarks/epilogue_costs.py)
+    if min(*dy2.shape, hidden) > 0 and w2.shape[0] >= 2 and aux.numel() > 0:  # the d* epilogues need K ≥ 2
+        dp1 = gemm(dy2, w2c, None, None, aux, False, False, 1.0, 0.0, f"d{activation}", None)[0]
+    else:  # the derivative as its own op
+        dh = gemm(dy2, w2c, None, None, None, False, False, 1.0, 0.0, "none", None)[0]
+        dp1 = (_gelu_backward(dh, aux[:, :hidden], approximate="tanh") if activation == "gelu"
+               else _threshold_backward(dh, h, 0))  # fmt: skip
+    return dp1, grad_w2, grad_b2
+
+
+def mlp_up_backward(
+    dp1: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, compute_dtype: torch.dtype | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """(dx, dW1, db1) from the gradient of fc1's pre-activation: ``db1 = Σ_rows dp1``, ``dW1 = dp1ᵀ · x``,
+    ``dx = dp1 · W1``."""
     no_double_backward()
     xc = _matrix(_cast(x, compute_dtype))
-    w2c = _cast(w2, compute_dtype)
-    dy2 = dy.reshape(h.shape[0], w2.shape[0]).to(h.dtype)
-    compute, hidden = h.dtype, h.shape[1]
-    grads: list[Tensor | None] = [None] * 5
-    grads[3], grads[4] = _weight_grads(dy2, h, w2, b2, needs[3], needs[4] and b2 is not None)
-    if needs[0] or needs[1] or needs[2]:
-        # the derivative fused, the bias gradient a separate sum: cuBLASLt's DGELU_BGRAD took 2.41 ms where DGELU
-        # and a sum took 1.86 (H200, T = 8192, d = 4096, h = 16384, bf16; benchmarks/epilogue_costs.py)
-        fused = min(*dy2.shape, hidden) > 0 and w2.shape[0] >= 2 and aux.numel() > 0
-        if fused:  # the d* epilogues need M, N ≥ 1 and K ≥ 2
-            dp1 = gemm(dy2, w2c, None, None, aux, False, False, 1.0, 0.0, f"d{activation}", None)[0]
-        else:  # the derivative as its own op
-            dh = gemm(dy2, w2c, None, None, None, False, False, 1.0, 0.0, "none", None)[0]
-            dp1 = (_gelu_backward(dh, aux[:, :hidden], approximate="tanh") if activation == "gelu"
-                   else _threshold_backward(dh, h, 0))  # fmt: skip
-        if needs[2] and b1 is not None:
-            grads[2] = _as(dp1.sum(0, dtype=torch.float32 if compute in HALF else None), b1)
-        if needs[1]:
-            dw1 = gemm(dp1, xc, None, None, None, True, False, 1.0, 0.0, "none", _grad_dtype(w1, compute))[0]
-            grads[1] = _as(dw1, w1)
-        if needs[0]:
-            grads[0] = _input_grad(dp1, w1, x, compute_dtype)
-    return tuple(grads)
+    compute = dp1.dtype
+    grad_b1 = None
+    if needs[2] and b1 is not None:
+        grad_b1 = _as(dp1.sum(0, dtype=torch.float32 if compute in HALF else None), b1)
+    grad_w1 = None
+    if needs[1]:
+        grad_w1 = _as(gemm(dp1, xc, None, None, None, True, False, 1.0, 0.0, "none", _grad_dtype(w1, compute))[0], w1)
+    grad_x = _input_grad(dp1, w1, x, compute_dtype) if needs[0] else None
+    return grad_x, grad_w1, grad_b1
 
 
 # -- LoRA linear: y = x · Wᵀ + b + s · (drop(x) · Aᵀ) · Bᵀ, W frozen -------------------------------------------

@@ -8,11 +8,11 @@
   GEMMs aten has no form of (fused activations saving their pre-activation, activation derivatives, bias
   gradients reduced in the GEMM, float32 results from half inputs); every other GEMM is aten's own op there. It
   is not differentiable: called on inputs that require grad with grad mode on, it refuses.
-- ``_Linear``, ``_GeluLinear``, ``_MLP``, ``_LoRALinear``, ``_Matmul``: the ``autograd.Function`` of each
-  differentiable op (forward and backward in ``functions.py``), run as they are in eager mode and traced by
-  ``torch.compile`` (autograd stays outside any op). They use ``setup_context``, so ``torch.func.grad`` and
-  ``torch.func.vjp`` work through them; ``vmap`` (and what builds on it: ``jacrev``, batched gradients) is
-  refused with an ``OptionError`` — the GEMMs are launched on concrete tensors.
+- ``_Linear``, ``_GeluLinear``, ``_MLPUp`` + ``_MLPDown``, ``_LoRALinear``, ``_Matmul``: the
+  ``autograd.Function`` of each differentiable op (forward and backward in ``functions.py``), run as they are in
+  eager mode and traced by ``torch.compile`` (autograd stays outside any op). They use ``setup_context``, so
+  ``torch.func.grad`` and ``torch.func.vjp`` work through them; ``vmap`` (and what builds on it: ``jacrev``,
+  batched gradients) is refused with an ``OptionError`` — the GEMMs are launched on concrete tensors.
 
 Outputs never alias inputs; work goes on torch's current stream, results come from torch's caching allocator,
 nothing synchronizes.
@@ -155,25 +155,45 @@ class _GeluLinear(_Function):
         return (*grads, None, None)
 
 
-class _MLP(_Function):
-    """``act(x · W1ᵀ + b1) · W2ᵀ + b2``; the hidden activation and fc1's aux are outputs kept for the backward."""
+class _MLPUp(_Function):
+    """fc1 of the MLP: ``h = act(x · W1ᵀ + b1)``, with aux (non-differentiable) for the down node's backward. Its
+    backward receives, in h's slot, the gradient of the pre-activation (``functions`` MLP notes)."""
 
     @staticmethod
-    def forward(x: Tensor, w1: Tensor, b1: Any, w2: Tensor, b2: Any, activation: str, compute_dtype: Any) -> Any:
-        return f.mlp_forward(x, w1, b1, w2, b2, activation, compute_dtype, True)
+    def forward(x: Tensor, w1: Tensor, b1: Any, activation: str, compute_dtype: Any) -> tuple[Tensor, Tensor]:
+        return f.mlp_up(x, w1, b1, activation, compute_dtype, True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, w1, b1, w2, b2, ctx.activation, ctx.compute_dtype = inputs
-        ctx.save_for_backward(x, w1, b1, w2, b2, output[1], output[2])
-        ctx.mark_non_differentiable(output[1], output[2])
+        x, w1, b1, _, ctx.compute_dtype = inputs
+        ctx.save_for_backward(x, w1, b1)
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, _h: Any, _aux: Any) -> tuple:
-        x, w1, b1, w2, b2, h, aux = ctx.saved_tensors
-        grads = f.mlp_backward(dy, x, w1, b1, w2, b2, h, aux, ctx.activation, ctx.compute_dtype,
-                               ctx.needs_input_grad[:5])  # fmt: skip
-        return (*grads, None, None)
+    def backward(ctx: Any, dp1: Tensor, _aux: Any) -> tuple:
+        x, w1, b1 = ctx.saved_tensors
+        return (*f.mlp_up_backward(dp1, x, w1, b1, ctx.compute_dtype, ctx.needs_input_grad[:3]), None, None)
+
+
+class _MLPDown(_Function):
+    """fc2 of the MLP: ``y = h · W2ᵀ + b2``; its backward applies the activation's derivative (from aux)."""
+
+    @staticmethod
+    def forward(h: Tensor, aux: Tensor, w2: Tensor, b2: Any, lead: tuple, activation: str,
+                compute_dtype: Any) -> Tensor:  # fmt: skip
+        return f.mlp_down(h, w2, b2, lead, compute_dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        h, aux, w2, b2, _, ctx.activation, ctx.compute_dtype = inputs
+        ctx.save_for_backward(h, aux, w2, b2)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple:
+        h, aux, w2, b2 = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        dp1, grad_w2, grad_b2 = f.mlp_down_backward(dy, h, aux, w2, b2, ctx.activation, ctx.compute_dtype, needs)
+        return dp1, None, grad_w2, grad_b2, None, None, None
 
 
 class _LoRALinear(_Function):
