@@ -73,19 +73,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
 
     GELU is the tanh approximation (what cuBLASLt computes), i.e. ``nn.GELU(approximate="tanh")``.
     """
+    f.no_transforms("linear")
     _check_activation(activation)
     _check_tensors("linear", x=x, weight=weight, bias=bias)
     _check_linear("linear", x, weight, bias)
     compute = autocast_dtype(x)
     if not f.requires_grad(x, weight, bias):
         return f.linear_forward(x, weight, bias, activation, compute, False)[0]
-    if activation == "gelu":
-        return library._GeluLinear.apply(x, weight, bias, activation, compute)[0]
     return library._Linear.apply(x, weight, bias, activation, compute)
 
 
 def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str = "gelu") -> Tensor:
     """``y = act(x · W1ᵀ + b1) · W2ᵀ + b2``: forward in two GEMMs, backward in four (``functions``' MLP notes)."""
+    f.no_transforms("mlp")
     _check_activation(activation, ("relu", "gelu"))
     _check_tensors("mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     _check_linear("mlp", x, w1, b1, "w1")
@@ -136,6 +136,7 @@ def lora_linear(
     ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead of drawing one (ignored, like
     dropout itself, when not ``training``).
     """
+    f.no_transforms("lora_linear")
     _check_tensors("lora_linear", x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, mask=dropout_mask)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise OptionError(f"gemmbridge.torch.lora_linear: dropout {dropout!r} is not in [0, 1)")
@@ -156,7 +157,7 @@ def lora_linear(
     args = (x, weight, bias, lora_a, lora_b, mask, float(scale), keep, autocast_dtype(x))
     if not f.requires_grad(x, weight, bias, lora_a, lora_b):
         return f.lora_forward(*args)[0]
-    return library._LoRALinear.apply(*args)[0]
+    return library._LoRALinear.apply(*args)
 
 
 def matmul(
@@ -179,6 +180,7 @@ def matmul(
     ``epilogue`` is none, relu or gelu; outputs written in place (``out``, ``aux``, ``bias_grad``)
     cannot be recorded and are refused, as ``torch.mm(out=...)`` refuses them.
     """
+    f.no_transforms("matmul")
     _check_tensors("matmul", a=a, b=b, c=c, bias=bias)
     given = [name for name, value in outputs.items() if value is not None]
     if given or epilogue not in ACTIVATIONS:
@@ -210,7 +212,7 @@ def matmul(
         c2 = c2.unsqueeze(-2) if a.dim() == 1 else c2
     args = (a2, b2, c2, bias, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype)
     if f.requires_grad(a, b, c, bias):
-        d = library._Matmul.apply(*args, allow_tf32)[0]
+        d = library._Matmul.apply(*args, allow_tf32)
     else:
         d = f.matmul_forward(*args, False, allow_tf32)[0]
     if b.dim() == 1:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import OptionError
 from ..ops import matmul
 from .lane import gemm, traced
 
@@ -24,6 +25,8 @@ HALF = (torch.float16, torch.bfloat16)
 _gelu_backward = torch.ops.aten.gelu_backward
 _threshold_backward = torch.ops.aten.threshold_backward
 _is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+_is_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def direct_gemm(
@@ -43,12 +46,34 @@ def direct_gemm(
     return result if isinstance(result, tuple) else (result, None)
 
 
-def no_double_backward() -> None:
+def no_transforms(op: str) -> None:
+    """OptionError under a functorch transform (``torch.func.grad``, ``vmap``, ``jacrev``, batched gradients): the
+    ops launch their GEMMs on concrete tensors, and their Functions skip ``setup_context`` (each ``apply`` would
+    bind its arguments through ``inspect.signature``: tens of µs)."""
+    if _transforms_active():
+        raise _transform_error(op)
+
+
+def _transform_error(op: str) -> OptionError:
+    return OptionError(
+        f"gemmbridge.torch.{op}: torch.func transforms (grad, vjp, vmap, jacrev, jacfwd, and batched gradients "
+        "such as autograd.grad(is_grads_batched=True) or gradcheck(check_batched_grad=True)) are not supported "
+        "by gemmbridge's ops, which launch their GEMMs on concrete tensors; use torch.nn.functional.linear / "
+        "torch.matmul there, or torch.autograd.grad for gradients"
+    )
+
+
+def no_double_backward(dy: Tensor) -> None:
+    """The checks of every backward: no double backward (create_graph=True), no functorch transform or batched
+    gradients (``autograd.grad(is_grads_batched=True)``) over it."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "gemmbridge: double backward (create_graph=True) is not supported by gemmbridge's ops; "
             "use torch.nn.functional.linear / torch.matmul where second derivatives are needed"
         )
+    if _is_batched(dy):
+        raise _transform_error("backward")
+    no_transforms("backward")
 
 
 def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -143,7 +168,7 @@ def linear_backward(
     activation: str, compute_dtype: torch.dtype | None, needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """Gradients of x, weight, bias. The bias gradient is reduced inside the weight-gradient GEMM."""
-    no_double_backward()
+    no_double_backward(dy)
     out = weight.shape[0]
     xc = _matrix(_cast(x, compute_dtype))
     dp = dy.reshape(xc.shape[0], out)
@@ -205,7 +230,7 @@ def mlp_down_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """(gradient of fc1's pre-activation, dW2, db2): fc2's weight gradient with its bias gradient (``bgrad_a``),
     and fc2's input gradient with the activation's derivative fused (``dgelu`` / ``drelu``)."""
-    no_double_backward()
+    no_double_backward(dy)
     dy2 = dy.reshape(h.shape[0], w2.shape[0]).to(h.dtype)
     hidden = h.shape[1]
     grad_w2, grad_b2 = _weight_grads(dy2, h, w2, b2, needs[1], needs[2] and b2 is not None)
@@ -229,7 +254,7 @@ def mlp_up_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """(dx, dW1, db1) from the gradient of fc1's pre-activation: ``db1 = Σ_rows dp1``, ``dW1 = dp1ᵀ · x``,
     ``dx = dp1 · W1``."""
-    no_double_backward()
+    no_double_backward(dp1)
     xc = _matrix(_cast(x, compute_dtype))
     compute = dp1.dtype
     grad_b1 = None
@@ -280,7 +305,7 @@ def lora_backward(
     ``dx = (gs · A / keep) ⊙ m + dy · W`` (the last GEMM accumulates with beta = 1). W and b get gradients only
     when they require them (``dW = dyᵀ · x``, ``db = Σ_rows dy``, one GEMM). dA, dB come out of the GEMM in the
     adapters' dtype (``out_dtype`` float32 for float32 adapters fed half activations)."""
-    no_double_backward()
+    no_double_backward(dy)
     xr = _matrix(_cast(x, compute_dtype))
     dyc = dy.reshape(xr.shape[0], weight.shape[0])
     a, lb = _as(lora_a, xr), _as(lora_b, xr)
@@ -330,7 +355,7 @@ def matmul_backward(
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:  # fmt: skip
     """Gradients of a, b, c, bias: GEMMs with transpose flags, batch dims a or b broadcast summed away."""
-    no_double_backward()
+    no_double_backward(dd)
     dp = dd
     if activation == "gelu":
         dp = _gelu_backward(dp, saved[..., : d.shape[-1]], approximate="tanh")

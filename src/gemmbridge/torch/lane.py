@@ -99,11 +99,11 @@ def _resolve(
         reads_aux = epilogues.TABLE[epilogue].aux_in != "none"
         describe(metas[0], metas[1], c=metas[2], out=metas[3], bias=metas[4], transpose_a=ta, transpose_b=tb,
                  epilogue="none" if reads_aux else epilogue, out_dtype=out_dtype)  # fmt: skip
-        return _aten(ta, tb, epilogue, out_dtype)
+        return _aten(a, b, ta, tb, epilogue, out_dtype)
     whole = plan.Plan.for_call(_VIEW, (), a, b, c, bias, out, aux, None, (ta, tb, epilogue, out_dtype))
     device, backend, problem = whole.device, plan.cuda(), whole.problem
     if _aten_serves(a.dtype, epilogue, out_dtype, c, bias) and not backend.prefers_own_launch(problem, device):
-        return _aten(ta, tb, epilogue, out_dtype)
+        return _aten(a, b, ta, tb, epilogue, out_dtype)
     if not whole.plain or problem.out_via_temp:
         return _planned(whole)
     return _backend_launch(backend, whole.state, device)
@@ -136,6 +136,7 @@ def _planned(whole: plan.Plan) -> Launcher:
 
 
 def _zero(like: Tensor) -> Tensor:
+    """A 0-d zero of ``like``'s dtype and device (made once): addmm's ignored input when beta = 0."""
     key = (like.dtype, like.device)
     zero = _zeros.get(key)
     if zero is None:
@@ -143,43 +144,30 @@ def _zero(like: Tensor) -> Tensor:
     return zero
 
 
-def _product(
+def _matrix_product(
     a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, ta: bool, tb: bool, alpha: float, beta: float,
-    out_dtype: torch.dtype | None, out: Tensor | None, traced_: bool,
+    out: Tensor | None, zero: Tensor | None,
 ) -> Tensor:  # fmt: skip
-    """``alpha · op(a) @ op(b) + beta · c + bias`` with aten's GEMM (into ``out`` when given)."""
-    if out_dtype is not None and out_dtype != a.dtype:  # aten has no half → float32 GEMM on the CPU
-        a, b = a.to(out_dtype), b.to(out_dtype)
-    if a.dim() != 2 or b.dim() != 2:  # batches: the differentiable gemmbridge.matmul's general shapes
-        p = torch.matmul(a.mT if ta else a, b.mT if tb else b)
-        if alpha != 1.0:
-            p = p * alpha
-        if c is not None:
-            p = p + c * beta if beta != 1.0 else p + c
-        if bias is not None:
-            p = p + bias
-        if out is None:
-            return p
-        out.copy_(p)
-        return out
-    if not ta and tb and alpha == 1.0 and c is None:
-        if out is None:
-            return torch.nn.functional.linear(a, b, bias)
-    am, bm = (a.t() if ta else a), (b.t() if tb else b)
+    """``alpha · op(a) @ op(b) + beta · c + bias`` of matrices with one aten GEMM (into ``out`` when given); ``zero``:
+    the 0-d zero that stands for an absent input to ``addmm`` (None where ``torch.compile`` traces: ``mm · alpha``)."""
     if c is None:
-        if bias is not None:
-            return (
-                torch.addmm(bias, am, bm, alpha=alpha, out=out)
-                if out is not None
-                else torch.addmm(bias, am, bm, alpha=alpha)
-            )
         if alpha == 1.0:
+            if not ta and tb and out is None:
+                return torch.nn.functional.linear(a, b, bias)
+            am, bm = (a.t() if ta else a), (b.t() if tb else b)
+            if bias is not None:
+                return torch.addmm(bias, am, bm) if out is None else torch.addmm(bias, am, bm, out=out)
             return torch.mm(am, bm) if out is None else torch.mm(am, bm, out=out)
-        if traced_:  # no cached tensor in a traced graph
+        am, bm = (a.t() if ta else a), (b.t() if tb else b)
+        if bias is not None:
+            return torch.addmm(bias, am, bm, alpha=alpha) if out is None else torch.addmm(bias, am, bm, alpha=alpha,
+                                                                                          out=out)  # fmt: skip
+        if zero is None:
             return torch.mm(am, bm) * alpha if out is None else torch.mm(am, bm, out=out).mul_(alpha)
-        zero = _zero(am)
-        return torch.addmm(zero, am, bm, beta=0, alpha=alpha) if out is None else torch.addmm(
-            zero, am, bm, beta=0, alpha=alpha, out=out)  # fmt: skip
+        if out is None:
+            return torch.addmm(zero, am, bm, beta=0, alpha=alpha)
+        return torch.addmm(zero, am, bm, beta=0, alpha=alpha, out=out)
+    am, bm = (a.t() if ta else a), (b.t() if tb else b)
     if out is c:
         p = c.addmm_(am, bm, beta=beta, alpha=alpha)
     elif out is not None:
@@ -187,6 +175,28 @@ def _product(
     else:
         p = torch.addmm(c, am, bm, beta=beta, alpha=alpha)
     return p if bias is None else p.add_(bias)
+
+
+def _product(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, ta: bool, tb: bool, alpha: float, beta: float,
+    out_dtype: torch.dtype | None, out: Tensor | None, traced_: bool,
+) -> Tensor:  # fmt: skip
+    """``alpha · op(a) @ op(b) + beta · c + bias`` with aten's ops (into ``out`` when given), any shapes and dtypes."""
+    if out_dtype is not None and out_dtype != a.dtype:  # aten has no half → float32 GEMM on the CPU
+        a, b = a.to(out_dtype), b.to(out_dtype)
+    if a.dim() == 2 and b.dim() == 2:
+        return _matrix_product(a, b, c, bias, ta, tb, alpha, beta, out, None if traced_ else _zero(a))
+    p = torch.matmul(a.mT if ta else a, b.mT if tb else b)  # batches: the differentiable gemmbridge.matmul's shapes
+    if alpha != 1.0:
+        p = p * alpha
+    if c is not None:
+        p = p + c * beta if beta != 1.0 else p + c
+    if bias is not None:
+        p = p + bias
+    if out is None:
+        return p
+    out.copy_(p)
+    return out
 
 
 def _formula(
@@ -230,7 +240,16 @@ def _formula(
     return d, reduced.to(d.dtype)
 
 
-def _aten(ta: bool, tb: bool, epilogue: str, out_dtype: torch.dtype | None) -> Launcher:
+def _aten(a: Tensor, b: Tensor, ta: bool, tb: bool, epilogue: str, out_dtype: torch.dtype | None) -> Launcher:
+    """aten's form of one layout: a plain product of matrices goes straight to its GEMM, the rest by formula."""
+    if epilogue == "none" and (out_dtype is None or out_dtype == a.dtype) and a.dim() == 2 and b.dim() == 2:
+        zero = _zero(a)
+
+        def product(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+            return _matrix_product(a, b, c, bias, ta, tb, alpha, beta, out, zero), None
+
+        return product
+
     def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
         return _formula(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, out, False)
 

@@ -8,11 +8,9 @@
   GEMMs aten has no form of (fused activations saving their pre-activation, activation derivatives, bias
   gradients reduced in the GEMM, float32 results from half inputs); every other GEMM is aten's own op there. It
   is not differentiable: called on inputs that require grad with grad mode on, it refuses.
-- ``_Linear``, ``_GeluLinear``, ``_MLPUp`` + ``_MLPDown``, ``_LoRALinear``, ``_Matmul``: the
-  ``autograd.Function`` of each differentiable op (forward and backward in ``functions.py``), run as they are in
-  eager mode and traced by ``torch.compile`` (autograd stays outside any op). They use ``setup_context``, so
-  ``torch.func.grad`` and ``torch.func.vjp`` work through them; ``vmap`` (and what builds on it: ``jacrev``,
-  batched gradients) is refused with an ``OptionError`` — the GEMMs are launched on concrete tensors.
+- ``_Linear``, ``_MLPUp`` + ``_MLPDown``, ``_LoRALinear``, ``_Matmul``: the ``autograd.Function`` of each
+  differentiable op (forward and backward in ``functions.py``), run as they are in eager mode and traced by
+  ``torch.compile`` (autograd stays outside any op).
 
 Outputs never alias inputs; work goes on torch's current stream, results come from torch's caching allocator,
 nothing synchronizes.
@@ -100,58 +98,27 @@ def _gemm_fake(
 # -- autograd Functions ----------------------------------------------------------------------------------------
 
 
-def _no_vmap(info: Any, in_dims: Any, *args: Any) -> Any:
-    raise OptionError(
-        "gemmbridge.torch: torch.func.vmap (and jacrev, jacfwd, batched gradients such as "
-        "autograd.grad(is_grads_batched=True) or gradcheck(check_batched_grad=True)) is not supported by gemmbridge's "
-        "ops: their GEMMs are launched on concrete tensors. Use torch.nn.functional.linear / torch.matmul under vmap"
-    )
-
-
 class _Function(torch.autograd.Function):
-    """What every op's Function shares: ``vmap`` refused."""
-
-    vmap = staticmethod(_no_vmap)
+    """What every op's Function shares. Written with ``ctx`` in ``forward`` (no ``setup_context``): a Function with
+    ``setup_context`` binds its arguments through ``inspect.signature`` on every ``apply``, tens to hundreds of µs
+    of host time. functorch transforms are refused before ``apply`` (``functional.no_transforms``)."""
 
 
 class _Linear(_Function):
-    """``act(x · Wᵀ + b)`` for act none or relu (relu's derivative reads the output)."""
+    """``act(x · Wᵀ + b)``: relu's derivative reads the output, gelu's the pre-activation its GEMM saved."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Any, activation: str, compute_dtype: Any) -> Tensor:
-        return f.linear_forward(x, weight, bias, activation, compute_dtype, False)[0]
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, ctx.activation, ctx.compute_dtype = inputs
-        ctx.save_for_backward(x, weight, bias, output if ctx.activation == "relu" else None)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Any, activation: str, compute_dtype: Any) -> Tensor:
+        y, saved = f.linear_forward(x, weight, bias, activation, compute_dtype, activation == "gelu")
+        ctx.activation, ctx.compute_dtype = activation, compute_dtype
+        ctx.save_for_backward(x, weight, bias, y if activation == "relu" else None, saved)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple:
-        x, weight, bias, y = ctx.saved_tensors
-        grads = f.linear_backward(dy, x, weight, bias, y, None, ctx.activation, ctx.compute_dtype,
+        x, weight, bias, y, saved = ctx.saved_tensors
+        grads = f.linear_backward(dy, x, weight, bias, y, saved, ctx.activation, ctx.compute_dtype,
                                   ctx.needs_input_grad[:3])  # fmt: skip
-        return (*grads, None, None)
-
-
-class _GeluLinear(_Function):
-    """``gelu(x · Wᵀ + b)``, the pre-activation saved by the GEMM itself (a second, non-differentiable output)."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Any, activation: str, compute_dtype: Any) -> tuple[Tensor, Any]:
-        return f.linear_forward(x, weight, bias, activation, compute_dtype, True)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, weight, bias, _, ctx.compute_dtype = inputs
-        ctx.save_for_backward(x, weight, bias, output[1])
-        if output[1] is not None:
-            ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor, _saved: Any) -> tuple:
-        x, weight, bias, saved = ctx.saved_tensors
-        grads = f.linear_backward(dy, x, weight, bias, None, saved, "gelu", ctx.compute_dtype, ctx.needs_input_grad[:3])
         return (*grads, None, None)
 
 
@@ -160,14 +127,12 @@ class _MLPUp(_Function):
     backward receives, in h's slot, the gradient of the pre-activation (``functions`` MLP notes)."""
 
     @staticmethod
-    def forward(x: Tensor, w1: Tensor, b1: Any, activation: str, compute_dtype: Any) -> tuple[Tensor, Tensor]:
-        return f.mlp_up(x, w1, b1, activation, compute_dtype, True)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, w1, b1, _, ctx.compute_dtype = inputs
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Any, activation: str, compute_dtype: Any) -> tuple:
+        h, aux = f.mlp_up(x, w1, b1, activation, compute_dtype, True)
+        ctx.compute_dtype = compute_dtype
         ctx.save_for_backward(x, w1, b1)
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(aux)
+        return h, aux
 
     @staticmethod
     def backward(ctx: Any, dp1: Tensor, _aux: Any) -> tuple:
@@ -179,14 +144,11 @@ class _MLPDown(_Function):
     """fc2 of the MLP: ``y = h · W2ᵀ + b2``; its backward applies the activation's derivative (from aux)."""
 
     @staticmethod
-    def forward(h: Tensor, aux: Tensor, w2: Tensor, b2: Any, lead: tuple, activation: str,
+    def forward(ctx: Any, h: Tensor, aux: Tensor, w2: Tensor, b2: Any, lead: tuple, activation: str,
                 compute_dtype: Any) -> Tensor:  # fmt: skip
-        return f.mlp_down(h, w2, b2, lead, compute_dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        h, aux, w2, b2, _, ctx.activation, ctx.compute_dtype = inputs
+        ctx.activation, ctx.compute_dtype = activation, compute_dtype
         ctx.save_for_backward(h, aux, w2, b2)
+        return f.mlp_down(h, w2, b2, lead, compute_dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple:
@@ -200,18 +162,15 @@ class _LoRALinear(_Function):
     """``x · Wᵀ + b + s · ((x ⊙ m) · Aᵀ / keep) · Bᵀ``; ``xs = (s / keep) · (x ⊙ m) · Aᵀ`` kept for the backward."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Any, lora_a: Tensor, lora_b: Tensor, mask: Any, scale: float,
-                keep: float, compute_dtype: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
-        return f.lora_forward(x, weight, bias, lora_a, lora_b, mask, scale, keep, compute_dtype)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Any, lora_a: Tensor, lora_b: Tensor, mask: Any,
+                scale: float, keep: float, compute_dtype: Any) -> Tensor:  # fmt: skip
+        y, xs = f.lora_forward(x, weight, bias, lora_a, lora_b, mask, scale, keep, compute_dtype)
+        ctx.scale, ctx.keep, ctx.compute_dtype = scale, keep, compute_dtype
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, mask, xs)
+        return y
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, weight, bias, lora_a, lora_b, mask, ctx.scale, ctx.keep, ctx.compute_dtype = inputs
-        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, mask, output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor, _xs: Any) -> tuple:
+    def backward(ctx: Any, dy: Tensor) -> tuple:
         x, weight, bias, lora_a, lora_b, mask, xs = ctx.saved_tensors
         grads = f.lora_backward(dy, x, weight, bias, lora_a, lora_b, mask, xs, ctx.scale, ctx.keep, ctx.compute_dtype,
                                 ctx.needs_input_grad[:5])  # fmt: skip
@@ -222,18 +181,16 @@ class _Matmul(_Function):
     """``act(alpha · op(a) @ op(b) + beta · c + bias)``, differentiable in every tensor; gelu's pre-activation kept."""
 
     @staticmethod
-    def forward(a: Tensor, b: Tensor, c: Any, bias: Any, ta: bool, tb: bool, alpha: float, beta: float,
-                activation: str, out_dtype: Any, tf32: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
-        return f.matmul_forward(a, b, c, bias, ta, tb, alpha, beta, activation, out_dtype, True, tf32)
+    def forward(ctx: Any, a: Tensor, b: Tensor, c: Any, bias: Any, ta: bool, tb: bool, alpha: float, beta: float,
+                activation: str, out_dtype: Any, tf32: Any) -> Tensor:  # fmt: skip
+        d, saved = f.matmul_forward(a, b, c, bias, ta, tb, alpha, beta, activation, out_dtype, True, tf32)
+        ctx.transpose_a, ctx.transpose_b, ctx.alpha, ctx.beta, ctx.activation = ta, tb, alpha, beta, activation
+        ctx.tf32 = tf32
+        ctx.save_for_backward(a, b, c, bias, d, saved)
+        return d
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        a, b, c, bias, ctx.transpose_a, ctx.transpose_b, ctx.alpha, ctx.beta, ctx.activation, _, ctx.tf32 = inputs
-        ctx.save_for_backward(a, b, c, bias, output[0], output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx: Any, dd: Tensor, _saved: Any) -> tuple:
+    def backward(ctx: Any, dd: Tensor) -> tuple:
         a, b, c, bias, d, saved = ctx.saved_tensors
         grads = f.matmul_backward(dd, a, b, c, bias, d, saved, ctx.transpose_a, ctx.transpose_b, ctx.alpha, ctx.beta,
                                   ctx.activation, ctx.tf32, ctx.needs_input_grad[:4])  # fmt: skip
