@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
 # each writing its log under $OUT. Steps: tests, profile, ab, training, lora, finetune, distributed, bench, benchcli,
-# skinny, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
+# skinny, dropout, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -58,6 +58,20 @@ for step in ${STEPS:-tests}; do
       { header "benchmarks/skinny_gemms.py ${SKINNY_ARGS:-}"
         timeout ${STEP_TIMEOUT:-480} python3 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} --json "$OUT/skinny.json"
         echo "exit status $?"; } 2>&1 | tee "$OUT/skinny.txt" ;;
+    dropout)
+      # dropout inside the skinny kernel: its tests, memcheck of the masked kernels on small shapes (the caching
+      # allocator off, so that an access outside a tensor is seen), then each masked role timed (about 3 minutes)
+      { header "dropout: tests/test_dropout*.py, compute-sanitizer memcheck, benchmarks/dropout_gemms.py"
+        timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short tests/test_dropout_cuda.py \
+          tests/test_dropout.py; echo "exit status $?"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool memcheck \
+          --error-exitcode 9 --print-limit 20 --report-api-errors no python3 -m pytest -v -p no:cacheprovider \
+          tests/test_dropout_cuda.py -k "edges or (bit_for_bit and 37)" > /tmp/dropout-memcheck.log 2>&1
+        echo "memcheck exit status $?"
+        grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit)|passed|failed" /tmp/dropout-memcheck.log | head -20
+        head -c 4000000 /tmp/dropout-memcheck.log > "$OUT/dropout-memcheck.log"
+        timeout ${STEP_TIMEOUT:-240} python3 benchmarks/dropout_gemms.py --json "$OUT/dropout-gemms.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/dropout.txt" ;;
     bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
     benchcli)
       for d in ${BENCH_DTYPES:-bf16}; do

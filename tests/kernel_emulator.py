@@ -7,7 +7,11 @@ the backend passes, exactly as the kernel does, and computes on host memory what
 - per batch ``z // splits`` of the grid, ``D = alpha·A·B + beta·C + bias`` with D row-major ``m × n``;
 - A(m, k) at ``a[m·lda + k]`` when the config's A is K-contiguous, else at ``a[k·lda + m]``; B(k, n) at
   ``b[n·ldb + k]`` when K-contiguous, else at ``b[k·ldb + n]``;
-- K in ``splits`` ranges of ``k_per_split`` (each a multiple of BK) summed in float32, C unread when beta is 0.
+- K in ``splits`` ranges of ``k_per_split`` (each a multiple of BK) summed in float32, C unread when beta is 0;
+- dropout (``config.mask``, the seed read at the block's seed address, ``threshold / 2¹⁶`` the keep probability):
+  "a" zeroes A's dropped elements (A as the M × K matrix it is), "b" B's (K × N), "d" the product's before alpha
+  and beta, with ``dropout.mask`` (the same Philox; its own tests check it against Random123's known answers);
+- ``mask.cu``'s fill: the mask of ``count`` elements as bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from cublaslt_emulator import raw
+
+from gemmbridge.backends.cuda.kernels import dropout
 
 _HALF = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
@@ -43,10 +49,17 @@ class FakeKernels:
     def launch(self, f: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, smem: int, stream: int,
                params: int, extra: int) -> None:  # fmt: skip
         config = self.configs[f]
+        if config.kernel_name == dropout.FILL.kernel_name:
+            self._fill(gx, gy, gz, bx, smem, params)
+            return
         assert bx == config.threads and smem == config.smem_bytes and gz % config.splits == 0
-        block = raw(int(raw(params, np.uint64, 1)[0]), np.int64, 19).copy()
+        block = raw(int(raw(params, np.uint64, 1)[0]), np.int64, 21).copy()
         a, b, c, d, bias, lda, ldb, ldc, ldd, sa, sb, sc, sd, m, n, k, kps = (int(x) for x in block[:17])
         alpha, beta = (float(x) for x in block.view(np.float64)[17:19])
+        seed, threshold = int(block[19]), int(block[20])
+        if config.mask:
+            assert seed % 8 == 0 and 0 < threshold <= 1 << 16 and gz == config.splits, "a masked launch: one matrix"
+            seed = int(raw(seed, np.uint64, 1)[0])
         assert gx * config.bn >= n and gy * config.bm >= m and kps % config.bk == 0 and kps * config.splits >= k
         assert gy <= 65535 and gz <= 65535 and config.valid, "a launch the hardware refuses"
         out_size = 4 if config.out_f32 else 2
@@ -60,14 +73,28 @@ class FakeKernels:
         for z in range(gz // config.splits):
             A = _matrix(a + z * sa * half.itemsize, half, m, k, *((lda, 1) if config.a_kcontig else (1, lda)))
             B = _matrix(b + z * sb * half.itemsize, half, k, n, *((1, ldb) if config.b_kcontig else (ldb, 1)))
+            if config.mask == "a":
+                A = np.where(dropout.mask(seed, m, k, threshold / (1 << 16)), A, np.zeros((), half))
+            elif config.mask == "b":
+                B = np.where(dropout.mask(seed, k, n, threshold / (1 << 16)), B, np.zeros((), half))
             acc = np.zeros((m, n), np.float32)
             for s in range(config.splits):
                 lo, hi = s * kps, min(k, (s + 1) * kps)
                 if hi > lo:
                     acc += A[:, lo:hi].astype(np.float32) @ B[lo:hi].astype(np.float32)
+            if config.mask == "d":
+                acc = np.where(dropout.mask(seed, m, n, threshold / (1 << 16)), acc, np.float32(0))
             acc *= np.float32(alpha)
             if beta != 0:
                 acc += np.float32(beta) * _matrix(c + z * sc * out.itemsize, out, m, n, ldc, 1).astype(np.float32)
             if bias:
                 acc += raw(bias, out, n).astype(np.float32)
             _matrix(d + z * sd * out.itemsize, out, m, n, ldd, 1)[...] = acc.astype(out)
+
+    def _fill(self, gx: int, gy: int, gz: int, bx: int, smem: int, params: int) -> None:
+        seed_at, out, count, threshold = (int(x) for x in raw(int(raw(params, np.uint64, 1)[0]), np.int64, 4))
+        assert gy == gz == 1 and bx == dropout.FILL.threads and smem == 0 and 1 <= gx <= -(-count // (8 * bx))
+        assert seed_at % 8 == 0 and 0 < threshold <= 1 << 16
+        self.launches.append((dropout.FILL, (gx, gy, gz)))
+        seed = int(raw(seed_at, np.uint64, 1)[0])
+        raw(out, np.uint8, count)[...] = dropout.mask(seed, 1, count, threshold / (1 << 16)).reshape(-1)

@@ -6,13 +6,17 @@
 //   B_KCONTIG   1: B(k, n) at b[n * ldb + k], 0: at b[k * ldb + n]
 //   BM BN BK    block tile             WM WN   warps along M and N      STAGES   cp.async pipeline depth
 //   SPLITS      blocks of one cluster splitting K; the cluster sums their tiles in distributed shared memory
+//   MASK        dropout (philox.cuh; the seed read from device memory at p.seed, p.threshold = ceil(keep * 65536)):
+//               0 none; 1 on A as it is loaded (x = A, M x K, K-contiguous); 2 on B as it is loaded (x = B, K x N,
+//               N-contiguous); 3 on the product: D = alpha * (A @ B) (.) m + beta * C + bias, m the mask of M x N
 // No header is included: half types are 16-bit integers, and every tensor-core, copy and cluster operation is
 // written in PTX (mma.sync m16n8k16, ldmatrix, cp.async, mapa / ld.shared::cluster, barrier.cluster).
 // Requirements checked by the dispatcher: 16-byte aligned pointers, leading dimensions and batch strides multiples
 // of 8 elements, the contiguous extent of each operand (and N) a multiple of 8.
 
+#include "philox.cuh"
+
 typedef unsigned short half_t;
-typedef unsigned long long u64;
 #if OUT_F32
 typedef float out_t;
 #else
@@ -25,6 +29,8 @@ struct Params {
   long long batch_a, batch_b, batch_c, batch_d;
   long long m, n, k, k_per_split;
   double alpha, beta;
+  u64 seed;             // MASK: address of the 64-bit seed
+  long long threshold;  // MASK: ceil(keep * 65536)
 };
 
 #define THREADS (WM * WN * 32)
@@ -42,7 +48,7 @@ struct Params {
 #else
 #define B_STAGE (BK * (BN + 8))
 #endif
-#define CS_LD (BN + 4)  // floats per row of the fp32 tile the cluster reduces
+#define CS_LD (BN + 4)  // floats per row of the fp32 tile the cluster reduces (or the mask of the product drops)
 #define TS_LD (BN + 8)  // elements per row of the staged output tile
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -141,22 +147,30 @@ struct Loader {
          ROW_STEP = THREADS / PER_ROW, LD = COLS + 8 };
   const half_t* src;
   long long stride, mn_left;
+  u64 first;  // dropout: the row-major index of the thread's first piece of tile 0 in the operand (row i, column j)
   unsigned dst;
   int row, col;
 
   __device__ __forceinline__ Loader(const half_t* base, long long ld, long long mn0, long long mn_limit,
-                                    long long k_begin, unsigned smem) {
+                                    long long k_begin, long long cols, unsigned smem) {
     row = threadIdx.x / PER_ROW;
     col = (threadIdx.x % PER_ROW) * 8;
     stride = ld;
     if (K_COLS) {
       src = base + (mn0 + row) * ld + k_begin + col;
       mn_left = mn_limit - mn0 - row;
+      first = (u64)((mn0 + row) * cols + k_begin + col);
     } else {
       src = base + (k_begin + row) * ld + mn0 + col;
       mn_left = mn_limit - mn0 - col;
+      first = (u64)((k_begin + row) * cols + mn0 + col);
     }
     dst = smem + (unsigned)((row * LD + col) * 2);
+  }
+
+  // the piece r rows below the thread's first, in the tile at K offset k0, lies inside the matrix and the split
+  __device__ __forceinline__ bool inside(int r, long long k0, long long k_len) const {
+    return K_COLS ? r < mn_left && k0 + col < k_len : mn_left > 0 && k0 + row + r < k_len;
   }
 
   // tile t of the split: K offsets [t * BK, t * BK + BK) of the k_len the split covers
@@ -166,16 +180,29 @@ struct Loader {
     for (int i = 0; i < PASSES; ++i) {
       if (CHUNKS % THREADS != 0 && threadIdx.x + i * THREADS >= CHUNKS) break;
       const int r = i * ROW_STEP;
-      bool ok;
-      const half_t* from;
-      if (K_COLS) {
-        ok = r < mn_left && k0 + col < k_len;
-        from = src + r * stride + k0;
-      } else {
-        ok = mn_left > 0 && k0 + row + r < k_len;
-        from = src + (k0 + r) * stride;
-      }
+      const bool ok = inside(r, k0, k_len);
+      const half_t* from = K_COLS ? src + r * stride + k0 : src + (k0 + r) * stride;
       copy16(dst + stage + (unsigned)(r * LD * 2), ok ? from : src, ok);
+    }
+  }
+
+  // dropout: zero the dropped elements of the thread's own pieces of tile t once they have landed in the stage
+  // (cp.async.wait_group makes a thread's copies visible to itself; the block's barrier follows). `cols`: the
+  // operand's columns (K when K_COLS, else N), so that the piece at (row i, column j) has index i * cols + j.
+  __device__ __forceinline__ void drop(unsigned stage, int t, long long k_len, long long cols, u64 seed,
+                                       unsigned threshold) const {
+    const long long k0 = (long long)t * BK;
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) {
+      if (CHUNKS % THREADS != 0 && threadIdx.x + i * THREADS >= CHUNKS) break;
+      const int r = i * ROW_STEP;
+      if (!inside(r, k0, k_len)) continue;  // zero-filled
+      const uint4 k = kept8(seed, first + (u64)(K_COLS ? r * cols + k0 : (k0 + r) * cols), threshold);
+      const unsigned at = dst + stage + (unsigned)(r * LD * 2);
+      unsigned x, y, z, w;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(x), "=r"(y), "=r"(z), "=r"(w) : "r"(at));
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(at), "r"(x & k.x), "r"(y & k.y), "r"(z & k.z),
+                   "r"(w & k.w) : "memory");
     }
   }
 };
@@ -280,14 +307,18 @@ gemmbridge_skinny(const Params p) {
   const long long k_len = (k_begin + p.k_per_split < p.k ? k_begin + p.k_per_split : p.k) - k_begin;
   const int tiles = k_len > 0 ? (int)((k_len + BK - 1) / BK) : 0;
 #if A_KCONTIG
-  const Loader<BM, BK, true> load_a(a, p.lda, m0, p.m, k_begin, a_smem);
+  const Loader<BM, BK, true> load_a(a, p.lda, m0, p.m, k_begin, p.k, a_smem);
 #else
-  const Loader<BK, BM, false> load_a(a, p.lda, m0, p.m, k_begin, a_smem);
+  const Loader<BK, BM, false> load_a(a, p.lda, m0, p.m, k_begin, p.m, a_smem);
 #endif
 #if B_KCONTIG
-  const Loader<BN, BK, true> load_b(b, p.ldb, n0, p.n, k_begin, b_smem);
+  const Loader<BN, BK, true> load_b(b, p.ldb, n0, p.n, k_begin, p.k, b_smem);
 #else
-  const Loader<BK, BN, false> load_b(b, p.ldb, n0, p.n, k_begin, b_smem);
+  const Loader<BK, BN, false> load_b(b, p.ldb, n0, p.n, k_begin, p.n, b_smem);
+#endif
+#if MASK
+  const u64 seed = *reinterpret_cast<const u64*>(p.seed);
+  const unsigned threshold = (unsigned)p.threshold;
 #endif
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -310,6 +341,11 @@ gemmbridge_skinny(const Params p) {
   }
   for (int t = 0; t < tiles; ++t) {
     wait_groups<STAGES - 2>();
+#if MASK == 1
+    load_a.drop((t % STAGES) * A_STAGE * 2, t, k_len, p.k, seed, threshold);
+#elif MASK == 2
+    load_b.drop((t % STAGES) * B_STAGE * 2, t, k_len, p.n, seed, threshold);
+#endif
     __syncthreads();
     const int next = t + STAGES - 1;
     if (next < tiles) {
@@ -328,8 +364,10 @@ gemmbridge_skinny(const Params p) {
   out_t* d = reinterpret_cast<out_t*>(p.d) + batch * p.batch_d;
   const out_t* bias = reinterpret_cast<const out_t*>(p.bias);
   const float alpha = (float)p.alpha, beta = (float)p.beta;
-#if SPLITS > 1
-  // every block of the cluster holds a partial fp32 tile; block `split` sums rows [split * R, split * R + R) of all
+#if SPLITS > 1 || MASK == 3
+  // the fp32 tile in shared memory. With a split of K every block of the cluster holds a partial one and block
+  // `split` sums rows [split * R, split * R + R) of all; with dropout on the product the mask applies to the sum,
+  // 8 columns of a row (one Philox call) at a time, before alpha and beta.
   float* cs = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -339,7 +377,11 @@ gemmbridge_skinny(const Params p) {
       *reinterpret_cast<float2*>(cs + row * CS_LD + col) = make_float2(acc[i][t][0], acc[i][t][1]);
       *reinterpret_cast<float2*>(cs + (row + 8) * CS_LD + col) = make_float2(acc[i][t][2], acc[i][t][3]);
     }
+#if SPLITS > 1
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __syncthreads();
+#endif
   const int R = (BM + SPLITS - 1) / SPLITS;
   const int row_begin = split * R;
   const unsigned local = smem_addr(cs);
@@ -352,6 +394,7 @@ gemmbridge_skinny(const Params p) {
     const unsigned offset = local + (unsigned)((row * CS_LD + col) * 4);
 #pragma unroll
     for (int r = 0; r < SPLITS; ++r) {
+#if SPLITS > 1
       unsigned remote;
       float4 x, y;
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(offset), "r"(r));
@@ -359,12 +402,23 @@ gemmbridge_skinny(const Params p) {
                    : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w) : "r"(remote));
       asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
                    : "=f"(y.x), "=f"(y.y), "=f"(y.z), "=f"(y.w) : "r"(remote + 16));
+#else
+      const float4 x = *reinterpret_cast<const float4*>(cs + row * CS_LD + col);
+      const float4 y = *reinterpret_cast<const float4*>(cs + row * CS_LD + col + 4);
+#endif
       v[0] += x.x; v[1] += x.y; v[2] += x.z; v[3] += x.w; v[4] += y.x; v[5] += y.y; v[6] += y.z; v[7] += y.w;
     }
+#if MASK == 3
+    const uint4 kept = kept8(seed, (u64)(gm * p.n + gn), threshold);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = is_kept(kept, i) ? v[i] : 0.0f;
+#endif
     finish8(p, c, d, bias, gm, gn, v, alpha, beta);
   }
+#if SPLITS > 1
   // no block leaves while another may still read its shared memory
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 #else
   // the finished tile, rounded to the output type, staged in shared memory, then written in 16-byte pieces
   out_t* ts = reinterpret_cast<out_t*>(smem);
