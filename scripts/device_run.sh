@@ -59,19 +59,20 @@ for step in ${STEPS:-tests}; do
         timeout ${STEP_TIMEOUT:-480} python3 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} --json "$OUT/skinny.json"
         echo "exit status $?"; } 2>&1 | tee "$OUT/skinny.txt" ;;
     dropout)
-      # dropout inside the skinny kernel: its tests, memcheck of the masked kernels on small shapes (the caching
-      # allocator off, so that an access outside a tensor is seen), then each masked role timed (about 3 minutes)
-      { header "dropout: tests/test_dropout*.py, compute-sanitizer memcheck, benchmarks/dropout_gemms.py"
+      # the LoRA kernels (dropout inside the skinny kernel, dy read once): their tests, memcheck on small shapes (the
+      # caching allocator off, so that an access outside a tensor is seen), then each timed (about 3 minutes)
+      { header "LoRA kernels: tests/test_dropout*.py tests/test_dy_once*.py, memcheck, benchmarks/lora_kernels.py"
         timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short tests/test_dropout_cuda.py \
-          tests/test_dropout.py; echo "exit status $?"
+          tests/test_dy_once_cuda.py tests/test_dropout.py tests/test_dy_once.py; echo "exit status $?"
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool memcheck \
           --error-exitcode 9 --print-limit 20 --report-api-errors no python3 -m pytest -v -p no:cacheprovider \
-          tests/test_dropout_cuda.py -k "edges or (bit_for_bit and 37)" > /tmp/dropout-memcheck.log 2>&1
+          tests/test_dropout_cuda.py tests/test_dy_once_cuda.py -k "edges or (bit_for_bit and 37) or small_odd" \
+          > /tmp/lora-kernels-memcheck.log 2>&1
         echo "memcheck exit status $?"
-        grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit)|passed|failed" /tmp/dropout-memcheck.log | head -20
-        head -c 4000000 /tmp/dropout-memcheck.log > "$OUT/dropout-memcheck.log"
-        timeout ${STEP_TIMEOUT:-240} python3 benchmarks/dropout_gemms.py --json "$OUT/dropout-gemms.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/dropout.txt" ;;
+        grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit)|passed|failed" /tmp/lora-kernels-memcheck.log | head -20
+        head -c 4000000 /tmp/lora-kernels-memcheck.log > "$OUT/lora-kernels-memcheck.log"
+        timeout ${STEP_TIMEOUT:-240} python3 benchmarks/lora_kernels.py --json "$OUT/lora-kernels.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/lora-kernels.txt" ;;
     bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
     benchcli)
       for d in ${BENCH_DTYPES:-bf16}; do

@@ -11,7 +11,9 @@ the backend passes, exactly as the kernel does, and computes on host memory what
 - dropout (``config.mask``, the seed read at the block's seed address, ``threshold / 2¹⁶`` the keep probability):
   "a" zeroes A's dropped elements (A as the M × K matrix it is), "b" B's (K × N), "d" the product's before alpha
   and beta, with ``dropout.mask`` (the same Philox; its own tests check it against Random123's known answers);
-- ``mask.cu``'s fill: the mask of ``count`` elements as bytes.
+- ``mask.cu``'s fill: the mask of ``count`` elements as bytes;
+- ``dyonce.cu``: ``g = alpha_g·dy·B`` and, per cluster c of the grid's P, the float32 partial ``dyᵀ·xa`` over row
+  tiles c, c + P, … of 128 rows into the workspace; then its reduction ``dB = alpha·Σ_c partial_c + beta·C``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ class FakeKernels:
         config = self.configs[f]
         if config.kernel_name == dropout.FILL.kernel_name:
             self._fill(gx, gy, gz, bx, smem, params)
+            return
+        if config.kernel_name.startswith(b"gemmbridge_dyonce"):
+            assert bx == config.threads and smem == config.smem_bytes and config.valid
+            self.launches.append((config, (gx, gy, gz)))
+            block = raw(int(raw(params, np.uint64, 1)[0]), np.int64, 13 if not config.reduce else 9).copy()
+            (self._dyonce_reduce if config.reduce else self._dyonce)(config, (gx, gy, gz), block)
             return
         assert bx == config.threads and smem == config.smem_bytes and gz % config.splits == 0
         block = raw(int(raw(params, np.uint64, 1)[0]), np.int64, 21).copy()
@@ -98,3 +106,30 @@ class FakeKernels:
         self.launches.append((dropout.FILL, (gx, gy, gz)))
         seed = int(raw(seed_at, np.uint64, 1)[0])
         raw(out, np.uint8, count)[...] = dropout.mask(seed, 1, count, threshold / (1 << 16)).reshape(-1)
+
+    def _dyonce(self, config: Any, grid: tuple[int, int, int], block: np.ndarray) -> None:
+        dy, b, xa, g, ws, ld_dy, ld_b, ld_xa, ld_g, t, o, clusters = (int(x) for x in block[:12])
+        alpha = float(block.view(np.float64)[12])
+        r, half = config.rank, _HALF[config.dtype]
+        assert grid == (8, clusters, 1) and 8 * config.slices * 128 >= o > 8 * (config.slices - 1) * 128 and o % 8 == 0
+        assert 1 <= clusters <= -(-t // 128), "a cluster without a row tile"
+        assert all(p % 16 == 0 for p in (dy, b, xa, g, ws)) and ld_dy % 8 == ld_b % 8 == ld_xa % 8 == ld_g % 8 == 0
+        DY, B, XA = (_matrix(p, half, rows, cols, ld, 1).astype(np.float32)
+                     for p, rows, cols, ld in ((dy, t, o, ld_dy), (b, o, r, ld_b), (xa, t, r, ld_xa)))  # fmt: skip
+        _matrix(g, half, t, r, ld_g, 1)[...] = (np.float32(alpha) * (DY @ B)).astype(half)
+        partials = raw(ws, np.float32, clusters * o * r).reshape(clusters, o, r)
+        rows = np.arange(t) // 128 % clusters  # the cluster that walks each row's tile
+        for c in range(clusters):
+            partials[c] = DY[rows == c].T @ XA[rows == c]
+
+    def _dyonce_reduce(self, config: Any, grid: tuple[int, int, int], block: np.ndarray) -> None:
+        ws, c, db, ld_c, ld_db, o, clusters = (int(x) for x in block[:7])
+        alpha, beta = (float(x) for x in block.view(np.float64)[7:9])
+        r = config.rank
+        out = np.dtype(np.float32) if config.out_f32 else _HALF[config.dtype]
+        assert grid[1] == grid[2] == 1 and grid[0] >= 1 and all(p % 16 == 0 for p in (ws, c, db))
+        total = raw(ws, np.float32, clusters * o * r).reshape(clusters, o, r).sum(axis=0, dtype=np.float32)
+        result = np.float32(alpha) * total
+        if beta != 0:
+            result += np.float32(beta) * _matrix(c, out, o, r, ld_c, 1).astype(np.float32)
+        _matrix(db, out, o, r, ld_db, 1)[...] = result.astype(out)

@@ -127,16 +127,21 @@ def test_every_masked_kind_and_the_mask_fill_compile_for_hopper(dtype):
     assert compiler.compile_cubin(dropout.FILL, "sm_90")[:4] == b"\x7fELF"
 
 
-def test_the_sources_hand_nvrtc_the_philox_header_and_a_cached_cubin_depends_on_it(monkeypatch, tmp_path):
+def test_the_sources_hand_nvrtc_their_headers_and_a_cached_cubin_depends_on_each(monkeypatch, tmp_path):
     monkeypatch.setenv("GEMMBRIDGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(compiler, "nvrtc_version", lambda: (13, 0))
-    assert '#include "philox.cuh"' in compiler.source("skinny.cu") and '#include "philox.cuh"' in compiler.source(
-        "mask.cu")  # fmt: skip
+    includes = {"skinny.cu": "pipeline.cuh", "dyonce.cu": "pipeline.cuh", "pipeline.cuh": "philox.cuh",
+                "mask.cu": "philox.cuh"}  # fmt: skip
+    assert all(f'#include "{header}"' in compiler.source(file) for file, header in includes.items())
+    assert set(includes.values()) == set(compiler.HEADERS)
     config = Config("bfloat16", False, True, True, 64, 16, 64, 4, 1, 4, 1, "a")
     before = compiler.cache_path(config, "sm_90")
     real = compiler.source
-    monkeypatch.setattr(compiler, "source", lambda file="skinny.cu": real(file) + "//" * (file == "philox.cuh"))
-    assert compiler.cache_path(config, "sm_90") != before
+    for header in compiler.HEADERS:
+        with monkeypatch.context() as patch:
+            patch.setattr(compiler, "source", lambda file="skinny.cu", h=header: real(file) + "//" * (file == h))
+            assert compiler.cache_path(config, "sm_90") != before, header
+    assert compiler.cache_path(config, "sm_90") == before
     assert compiler.cache_path(dropout.FILL, "sm_90").name.startswith("fill-mask-sm_90-")
 
 

@@ -5,8 +5,8 @@ Why NVRTC (through cuda-bindings) and not Triton: the kernel must launch from an
 (torch, CuPy, JAX) at the host cost of a ``cublasLtMatmul`` call or less. A compiled CUDA library
 is launched with one ``cuLaunchKernel`` and a packed parameter block (``launch.py``), needs no
 framework and is captured into CUDA graphs like any kernel; Triton's Python launcher costs tens of
-µs per call and needs torch. The sources include no header but ``philox.cuh`` (handed to NVRTC by name), so only
-``libnvrtc`` is needed. What is compiled is a ``Build``: a source file, its kernel's name and its macros
+µs per call and needs torch. The sources include no header but their own (``HEADERS``, handed to NVRTC by name), so
+only ``libnvrtc`` is needed. What is compiled is a ``Build``: a source file, its kernel's name and its macros
 (``config.Config`` for the skinny GEMM).
 
 Cubins are kept under ``$GEMMBRIDGE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/gemmbridge``, else
@@ -29,7 +29,7 @@ from typing import Protocol
 
 from .... import tuning
 
-HEADER = "philox.cuh"  # the one header the sources include
+HEADERS = ("pipeline.cuh", "philox.cuh")  # the headers the sources include, handed to NVRTC by name
 
 
 class Build(Protocol):
@@ -54,9 +54,9 @@ def source(file: str = "skinny.cu") -> str:
 
 @functools.cache
 def source_digest() -> str:
-    """A short hash of the skinny kernel's source and header: tuning-cache entries made for another version are
+    """A short hash of the skinny kernel's source and headers: tuning-cache entries made for another version are
     ignored."""
-    return hashlib.sha256((source() + source(HEADER)).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(map(source, ("skinny.cu", *HEADERS))).encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -90,8 +90,9 @@ def compile_cubin(build: Build, arch: str) -> bytes:
     """NVRTC's cubin of ``build`` for ``arch`` (e.g. ``sm_90``); no disk cache."""
     from cuda.bindings import nvrtc
 
-    status, program = nvrtc.nvrtcCreateProgram(source(build.source_file).encode(), build.source_file.encode(), 1,
-                                               [source(HEADER).encode()], [HEADER.encode()])  # fmt: skip
+    headers = [source(name).encode() for name in HEADERS]
+    status, program = nvrtc.nvrtcCreateProgram(source(build.source_file).encode(), build.source_file.encode(),
+                                               len(HEADERS), headers, [name.encode() for name in HEADERS])  # fmt: skip
     _check(status, "nvrtcCreateProgram")
     try:
         opts = options(build, arch)
@@ -112,7 +113,7 @@ def compile_cubin(build: Build, arch: str) -> bytes:
 
 def cache_path(build: Build, arch: str) -> Path:
     digest = hashlib.sha256()
-    sources = (source(build.source_file).encode(), source(HEADER).encode())
+    sources = [source(name).encode() for name in (build.source_file, *HEADERS)]
     for part in (*sources, *options(build, arch), repr(nvrtc_version()).encode()):
         digest.update(part + b"\0")
     return cache_dir() / f"{build.name}-{arch}-{digest.hexdigest()[:16]}.cubin"

@@ -1,5 +1,6 @@
-"""The LoRA layer's GEMMs with dropout inside the skinny kernel, against the kernel without the mask and against
-cuBLASLt on a materialized ``x ⊙ m`` plus its mask pass (docs/kernels.md, "Dropout").
+"""The LoRA layer's fused kernels (docs/kernels.md, "Dropout" and "dy read once"): the GEMMs with dropout inside the
+skinny kernel, against the kernel without the mask and against cuBLASLt on a materialized ``x ⊙ m`` plus its mask
+pass; and the dy-once kernels against two skinny kernels and two cuBLASLt GEMMs.
 
 Per T ∈ {4096, 16384}, r ∈ {16, 64}, d = 4096, bf16, keep 0.9, the three masked roles (``dropout.MaskedGemm``):
 
@@ -7,16 +8,19 @@ Per T ∈ {4096, 16384}, r ∈ {16, 64}, d = 4096, bf16, keep 0.9, the three mas
   unfused op (``bernoulli_`` into a bool mask, ``x ⊙ m`` written);
 - ``b``: ``dA = (s/keep)·gᵀ·(x ⊙ m)`` (float32) — against the unmasked kernel, and ``x ⊙ m`` rebuilt then cuBLASLt;
 - ``d``: ``t = (s/keep)·(g·A) ⊙ m`` alone (beta 0) and accumulated onto dx (beta 1) — against the write-bound tile
-  without the mask, and cuBLASLt's ``g·A`` then ``t ⊙= m``.
+  without the mask, and cuBLASLt's ``g·A`` then ``t ⊙= m``;
 
-Each masked candidate (the tile ``MaskedGemm`` picks, and neighbouring tiles) is first checked against cuBLASLt on
-``x ⊙ m`` with the device's own mask (``fill_mask``). Timing: the steady state of a training step, ``CALLS`` calls
+and ``dy``: ``g = dy·B`` with ``dB = s·dyᵀ·xa`` (float32) from one read of dy (``lora.DyOnce``; ranks it does not
+serve are listed with the reason).
+
+Each fused candidate (the tile the library picks, and neighbouring tiles) is first checked against float64 with the
+device's own mask (``fill_mask``). Timing: the steady state of a training step, ``CALLS`` calls
 captured in one CUDA graph cycling through input sets of at least 160 MiB, the median of 5 replays; ``ROUNDS``
 rounds after a warm-up to the power cap, candidates in a rotated order each round, the median kept. % of copy: the
 least bytes the fused role moves over its time, against the copy bandwidth of the same run (the same floor for
 every candidate of a role, so the unfused paths show what their extra passes cost).
 
-    python benchmarks/dropout_gemms.py --json out.json        # about a minute on an H200
+    python benchmarks/lora_kernels.py --json out.json        # about two minutes on an H200
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ import torch
 import gemmbridge as gb
 from gemmbridge import info
 from gemmbridge.backends.cuda.kernels import config as tiles
-from gemmbridge.backends.cuda.kernels import device_info, dropout, launch
+from gemmbridge.backends.cuda.kernels import device_info, dropout, launch, lora
 from gemmbridge.bench import peaks, report, runner, timing
 from gemmbridge.problem import Operands, TensorMeta, describe
 
-SCHEMA = "gemmbridge.dropout-gemms/1"
+SCHEMA = "gemmbridge.lora-kernels/1"
 D, KEEP, SCALE = 4096, 0.9, 2.0
 STEADY_BYTES = 160 * 2**20
 CALLS, REPLAYS, ROUNDS = 20, 5, 3
@@ -66,17 +70,18 @@ def clock_mhz() -> str:
 
 
 class Sets:
-    """Input sets of one (T, r): x, A, g, dx, a seed each, and the outputs every candidate writes."""
+    """Input sets of one (T, r): x, A, g, dx, dy, B, a seed each, and the outputs every candidate writes."""
 
     def __init__(self, t: int, r: int) -> None:
         count = max(2, -(-STEADY_BYTES // (t * D * 2)))
         self.t, self.r = t, r
         self.sets = []
-        shapes = {"x": (t, D), "A": (r, D), "g": (t, r), "dx": (t, D), "xa": (t, r), "t": (t, D), "xm": (t, D)}
+        shapes = {"x": (t, D), "A": (r, D), "g": (t, r), "dx": (t, D), "xa": (t, r), "t": (t, D), "xm": (t, D),
+                  "dy": (t, D), "B": (D, r)}  # fmt: skip
         for _ in range(count):
             found = {name: torch.randn(*shape, device="cuda").bfloat16() for name, shape in shapes.items()}
             found["seed"] = torch.randint(-(2**62), 2**62, (1,), device="cuda")
-            found["dA"] = torch.randn(r, D, device="cuda")
+            found["dA"], found["dB"] = torch.randn(r, D, device="cuda"), torch.randn(D, r, device="cuda")
             found["mask"] = torch.empty(t, D, dtype=torch.bool, device="cuda")
             self.sets.append(found)
 
@@ -94,9 +99,13 @@ def _kernel(problem: Any, config: tiles.Config, alpha: float, beta: float, opera
     return lambda i: plan.launch(operands(i), alpha, beta, 0, stream(), sets[i]["seed"].data_ptr() if seeded else 0)
 
 
-def candidates(role: str, sets: Sets) -> tuple[dict[str, Run], dict[str, str], Callable[[int], torch.Tensor], str]:
-    """(name → run, name of each masked candidate → the output it writes, the reference output of set i, the name of
-    the tile ``MaskedGemm`` chose)."""
+Written = dict[str, tuple[str, ...]]  # the outputs each fused candidate writes
+Candidates = tuple[dict[str, Run], Written, Callable[[int], dict[str, torch.Tensor]], str]
+
+
+def candidates(role: str, sets: Sets) -> Candidates:
+    """(name → run, name of each fused candidate → the outputs it writes, the reference outputs of set i, the name of
+    the tile ``MaskedGemm`` chose); "fused" first."""
     s0, t = sets[0], sets.t
     sms = GPU[2]
     ptr = {name: sets.pointer(name) for name in s0}
@@ -115,8 +124,8 @@ def candidates(role: str, sets: Sets) -> tuple[dict[str, Run], dict[str, str], C
         ops = lambda i: Operands(ptr["g"](i), ptr["A"](i), 0, ptr["t"](i), 0)  # noqa: E731
         output = "t"
     chosen = dropout.MaskedGemm(problem, 0, role, KEEP)
-    runs["masked"] = lambda i: chosen.launch(ops(i), alpha, beta, sets[i]["seed"].data_ptr(), stream())
-    written = {"masked": output}
+    runs["fused"] = lambda i: chosen.launch(ops(i), alpha, beta, sets[i]["seed"].data_ptr(), stream())
+    written: Written = {"fused": (output,)}
     base = chosen.config
     if role in "ab":
         neighbours = [replace(base, splits=base.splits * 2), replace(base, splits=max(1, base.splits // 2))]
@@ -126,7 +135,7 @@ def candidates(role: str, sets: Sets) -> tuple[dict[str, Run], dict[str, str], C
     for config in neighbours:
         if config != base and config.valid and tiles.fits_grid(problem, config):
             runs[f"masked {config.name}"] = _kernel(problem, config, alpha, beta, ops, True, sets)
-            written[f"masked {config.name}"] = output
+            written[f"masked {config.name}"] = (output,)
     if role == "d":
         dx_problem = describe(meta(s0["g"]), meta(s0["A"]), c=meta(s0["dx"]), out=meta(s0["dx"]))
         accumulate = dropout.MaskedGemm(dx_problem, 0, "d", KEEP)
@@ -138,16 +147,56 @@ def candidates(role: str, sets: Sets) -> tuple[dict[str, Run], dict[str, str], C
     runs["unmasked kernel"] = _kernel(problem, plain, alpha, beta, ops, False, sets)
     runs.update(unfused(role, sets, alpha))
 
-    def reference(i: int) -> torch.Tensor:
+    def reference(i: int) -> dict[str, torch.Tensor]:
         x, m = sets[i]["x"], sets[i]["mask"]
         dropout.fill_mask(sets[i]["seed"].data_ptr(), m.data_ptr(), t, D, KEEP, stream(), device=0)
         if role == "a":
-            return ((x * m).double() @ sets[i]["A"].double().T) * alpha
+            return {output: ((x * m).double() @ sets[i]["A"].double().T) * alpha}
         if role == "b":
-            return sets[i]["g"].double().T @ (x * m).double() * alpha
-        return (sets[i]["g"].double() @ sets[i]["A"].double()) * m * alpha
+            return {output: sets[i]["g"].double().T @ (x * m).double() * alpha}
+        return {output: (sets[i]["g"].double() @ sets[i]["A"].double()) * m * alpha}
 
     return runs, written, reference, base.name
+
+
+def dy_candidates(sets: Sets) -> Candidates:
+    """``g = dy·B`` and ``dB = s·dyᵀ·xa``: the dy-once kernels, two skinny kernels, two cuBLASLt GEMMs."""
+    s0, sms = sets[0], GPU[2]
+    problem_g = describe(meta(s0["dy"]), meta(s0["B"]))
+    problem_db = describe(meta(s0["dy"]), meta(s0["xa"]), transpose_a=True, out_dtype="float32")
+    fused = lora.DyOnce(problem_g, problem_db, 0)
+    workspace = torch.empty(fused.workspace_bytes, dtype=torch.uint8, device="cuda")  # alive while runs are
+    ptr = {name: sets.pointer(name) for name in s0}
+
+    def operands(i: int) -> tuple[Operands, Operands]:
+        dy = ptr["dy"](i)
+        return Operands(dy, ptr["B"](i), 0, ptr["g"](i)), Operands(dy, ptr["xa"](i), 0, ptr["dB"](i))
+
+    plans = []
+    for problem in (problem_g, problem_db):
+        config = tiles.configure(problem, sms)
+        assert config is not None
+        plans.append(launch.KernelPlan(problem, config, 0, GPU[1], config.name))
+
+    def skinny(i: int) -> None:
+        for plan, ops, alpha in zip(plans, operands(i), (1.0, SCALE)):
+            plan.launch(ops, alpha, 0.0, 0, stream())
+
+    def cublaslt(i: int) -> None:
+        s = sets[i]
+        gb.matmul(s["dy"], s["B"], out=s["g"])
+        gb.matmul(s["dy"], s["xa"], transpose_a=True, alpha=SCALE, out=s["dB"], out_dtype="float32")
+
+    runs: dict[str, Run] = {"fused": lambda i: fused.launch(*operands(i), 1.0, SCALE, 0.0, workspace.data_ptr(),
+                                                            stream()),
+                            "two skinny kernels": skinny, "cuBLASLt, two GEMMs": cublaslt}  # fmt: skip
+
+    def reference(i: int) -> dict[str, torch.Tensor]:
+        dy = sets[i]["dy"].double()
+        return {"g": dy @ sets[i]["B"].double(), "dB": SCALE * dy.T @ sets[i]["xa"].double()}
+
+    written: Written = {"fused": ("g", "dB"), "two skinny kernels": ("g", "dB")}
+    return runs, written, reference, fused.config.name
 
 
 def unfused(role: str, sets: Sets, alpha: float) -> dict[str, Run]:
@@ -181,7 +230,8 @@ def fused_bytes(role: str, t: int, r: int, accumulate: bool = False) -> int:
     """The least bytes the fused role moves: a reads x and A, writes xa; b reads g and x, writes dA (float32); d reads
     g and A, writes t (or reads and writes dx)."""
     x, lora_a, narrow = t * D * 2, r * D * 2, t * r * 2
-    moved = {"a": x + lora_a + narrow, "b": narrow + x + r * D * 4, "d": narrow + lora_a + x * (1 + accumulate)}
+    moved = {"a": x + lora_a + narrow, "b": narrow + x + r * D * 4, "d": narrow + lora_a + x * (1 + accumulate),
+             "dy": x + lora_a + 2 * narrow + r * D * 4}  # fmt: skip
     return moved[role]
 
 
@@ -199,6 +249,19 @@ def time_all(runs: dict[str, Run], rounds: int) -> dict[str, dict[str, Any]]:
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             samples[name].append(timing.gpu_us_per_op(cycling(runs[name]), "torch", CALLS, REPLAYS))
     return {name: {"us": statistics.median(v), "us_rounds": v} for name, v in samples.items()}
+
+
+def check(runs: dict[str, Run], written: Written, reference: Callable[[int], dict[str, torch.Tensor]], sets: Sets,
+          errors: dict[str, float]) -> bool:  # fmt: skip
+    """Each fused candidate on set 0, its outputs poisoned first, against float64: the worst relative error of its
+    outputs into ``errors``; True when every one is below 1e-2."""
+    for name, outputs in written.items():
+        for output in outputs:
+            sets[0][output].fill_(float("nan"))
+        runs[name](0)
+        refs = reference(0)
+        errors[name] = max(((sets[0][o].double() - refs[o]).norm() / refs[o].norm()).item() for o in outputs)
+    return all(error < 1e-2 for error in errors.values())
 
 
 def main() -> int:
@@ -228,35 +291,36 @@ def main() -> int:
     for t in map(int, args.tokens.split(",")):
         for r in map(int, args.ranks.split(",")):
             sets = Sets(t, r)
-            for role in ("a", "b", "d"):
-                gb.set_kernels("on")  # MaskedGemm refuses "off"
-                runs, written, reference, chosen = candidates(role, sets)
-                gb.set_kernels("off")  # gemmbridge.matmul: cuBLASLt
-                checks = {}
-                for name, output in written.items():
-                    sets[0][output].fill_(float("nan"))
-                    runs[name](0)
-                    ref = reference(0)
-                    checks[name] = ((sets[0][output].double() - ref).norm() / ref.norm()).item()
-                    failed |= not checks[name] < 1e-2
+            for role in ("a", "b", "d", "dy"):
+                gb.set_kernels("on")  # the fused kernels refuse "off"
+                try:
+                    runs, written, reference, chosen = dy_candidates(sets) if role == "dy" else candidates(role, sets)
+                except gb.GemmError as error:
+                    doc["rows"].append({"t": t, "r": r, "d": D, "role": role, "skipped": str(error)})
+                    print(f"T={t} r={r} role {role}: not served: {error}")
+                    continue
+                finally:
+                    gb.set_kernels("off")  # gemmbridge.matmul: cuBLASLt
+                checks: dict[str, float] = {}
+                failed |= not check(runs, written, reference, sets, checks)
                 warm_until = time.perf_counter() + 1.0
                 while time.perf_counter() < warm_until:  # to the power cap before timing
                     for i in range(20):
-                        runs["unmasked kernel"](i)
+                        runs["fused"](i)
                     torch.cuda.synchronize()
                 timed = time_all(runs, args.rounds)
                 for name, result in timed.items():
                     moved = fused_bytes(role, t, r, accumulate="beta 1" in name)
                     result.update(peaks.bandwidth_use(moved, result["us"] * 1e-3, copy["bytes_per_s"]))
                     result["rel_err"] = checks.get(name)
-                    result["vs_masked"] = result["us"] / timed["masked"]["us"]
+                    result["vs_fused"] = result["us"] / timed["fused"]["us"]
                 doc["rows"].append({"t": t, "r": r, "d": D, "role": role, "bytes": fused_bytes(role, t, r),
-                                    "masked_tile": chosen, "clock": clock_mhz(), "candidates": timed})  # fmt: skip
-                print(f"T={t} r={r} role {role} (masked: {chosen}; {doc['rows'][-1]['clock']})")
+                                    "fused_tile": chosen, "clock": clock_mhz(), "candidates": timed})  # fmt: skip
+                print(f"T={t} r={r} role {role} (fused: {chosen}; {doc['rows'][-1]['clock']})")
                 for name, result in timed.items():
                     err = f" err {result['rel_err']:.1e}" if result["rel_err"] is not None else ""
                     print(f"  {name:58} {result['us']:8.1f} µs {result['pct_of_copy']:5.1f} % of copy "
-                          f"{result['vs_masked']:5.2f}× masked{err}")  # fmt: skip
+                          f"{result['vs_fused']:5.2f}× fused{err}")  # fmt: skip
             del sets
             torch.cuda.empty_cache()
     doc["clock_after"] = clock_mhz()
