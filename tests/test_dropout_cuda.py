@@ -58,12 +58,12 @@ def test_the_device_mask_is_the_reference_bit_for_bit(rows, cols, keep):
     """fill_mask, to an aligned buffer and to one a byte off (its byte-wise path), for seeds of either sign."""
     for value in (12345, -(2**62) - 3, 2**63 - 1):
         seed = seed_tensor(value)
+        expected = dropout.mask(value, rows, cols, keep).astype(np.uint8)
         buffer = torch.full((rows * cols + 1,), 7, dtype=torch.uint8, device="cuda")
         for offset in (0, 1):
             out = buffer[offset : offset + rows * cols]
             dropout.fill_mask(seed.data_ptr(), out.data_ptr(), rows, cols, keep, stream(), device=0)
-            found = out.view(rows, cols).cpu().numpy()
-            assert np.array_equal(found, dropout.mask(value, rows, cols, keep).astype(np.uint8)), (value, offset)
+            assert np.array_equal(out.view(rows, cols).cpu().numpy(), expected), (value, offset)
 
 
 @pytest.mark.parametrize("dtype", HALF)
