@@ -59,11 +59,12 @@ for step in ${STEPS:-tests}; do
         timeout ${STEP_TIMEOUT:-480} python3 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} --json "$OUT/skinny.json"
         echo "exit status $?"; } 2>&1 | tee "$OUT/skinny.txt" ;;
     dropout)
-      # the LoRA kernels (dropout inside the skinny kernel, dy read once): their tests, memcheck on small shapes (the
-      # caching allocator off, so that an access outside a tensor is seen), then each timed (about 3 minutes)
-      { header "LoRA kernels: tests/test_dropout*.py tests/test_dy_once*.py, memcheck, benchmarks/lora_kernels.py"
+      # the LoRA kernels (dropout inside the skinny kernel, dy read once): their GPU tests and the skinny kernel's,
+      # memcheck on small shapes (the caching allocator off, so that an access outside a tensor is seen), then each
+      # timed (about 3 minutes)
+      { header "LoRA kernels: GPU tests, memcheck, benchmarks/lora_kernels.py"
         timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short tests/test_dropout_cuda.py \
-          tests/test_dy_once_cuda.py tests/test_dropout.py tests/test_dy_once.py; echo "exit status $?"
+          tests/test_dy_once_cuda.py tests/test_kernels_cuda.py; echo "exit status $?"
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool memcheck \
           --error-exitcode 9 --print-limit 20 --report-api-errors no python3 -m pytest -v -p no:cacheprovider \
           tests/test_dropout_cuda.py tests/test_dy_once_cuda.py -k "edges or (bit_for_bit and 37) or small_odd" \
