@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
-# each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune, distributed, bench, benchcli,
-# skinny, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds each step.
+# each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune,
+# distributed, bench, benchcli, skinny, dropout, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds
+# each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {
@@ -62,6 +63,22 @@ for step in ${STEPS:-tests}; do
       { header "benchmarks/skinny_gemms.py ${SKINNY_ARGS:-}"
         timeout ${STEP_TIMEOUT:-480} python3 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} --json "$OUT/skinny.json"
         echo "exit status $?"; } 2>&1 | tee "$OUT/skinny.txt" ;;
+    dropout)
+      # the LoRA kernels (dropout inside the skinny kernel, dy read once): their GPU tests and the skinny kernel's,
+      # memcheck on small shapes (the caching allocator off, so that an access outside a tensor is seen), then each
+      # timed (about 3 minutes)
+      { header "LoRA kernels: GPU tests, memcheck, benchmarks/lora_kernels.py"
+        timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short tests/test_dropout_cuda.py \
+          tests/test_dy_once_cuda.py tests/test_kernels_cuda.py; echo "exit status $?"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool memcheck \
+          --error-exitcode 9 --print-limit 20 --report-api-errors no python3 -m pytest -v -p no:cacheprovider \
+          tests/test_dropout_cuda.py tests/test_dy_once_cuda.py -k "edges or (bit_for_bit and 37) or small_odd" \
+          > /tmp/lora-kernels-memcheck.log 2>&1
+        echo "memcheck exit status $?"
+        grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit)|passed|failed" /tmp/lora-kernels-memcheck.log | head -20
+        head -c 4000000 /tmp/lora-kernels-memcheck.log > "$OUT/lora-kernels-memcheck.log"
+        timeout ${STEP_TIMEOUT:-240} python3 benchmarks/lora_kernels.py --json "$OUT/lora-kernels.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/lora-kernels.txt" ;;
     bench) { header "benchmarks/matmul_vs_torch.py"; python3 benchmarks/matmul_vs_torch.py --json "$OUT/matmul.json"; } 2>&1 | tee -a "$OUT/bench-log.txt" ;;
     benchcli)
       for d in ${BENCH_DTYPES:-bf16}; do

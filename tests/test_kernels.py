@@ -3,6 +3,9 @@ run for real with the kernel's arithmetic emulated (``kernel_emulator``) behind 
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from emulated_gpu import EmulatedFramework, install
@@ -115,10 +118,13 @@ def test_the_split_of_k_covers_k_in_whole_slices():
 def test_config_names_are_distinct_and_macros_complete():
     configs = {c for t in (4096, 16384) for r in (8, 64) for p in lora_problems(t, 4096, r).values()
                for c in candidates(p, SMS)}  # fmt: skip
-    assert len({c.name for c in configs}) == len(configs) > 8
+    configs |= {replace(c, mask="a") for c in configs if c.a_kcontig} | {replace(c, mask="b") for c in configs
+                                                                        if not c.b_kcontig}  # fmt: skip
+    assert len({c.name for c in configs}) == len(configs) > 16
     for c in configs:
         assert set(c.defines()) == {"HALF_BF16", "OUT_F32", "A_KCONTIG", "B_KCONTIG", "BM", "BN",
-                                                       "BK", "WM", "WN", "STAGES", "SPLITS"}  # fmt: skip
+                                    "BK", "WM", "WN", "STAGES", "SPLITS", "MASK"}  # fmt: skip
+        assert all(re.search(rf"\b{name}\b", compiler.source()) for name in c.defines())  # skinny.cu reads each
 
 
 def _nvrtc() -> None:
@@ -144,7 +150,7 @@ def test_every_kind_of_config_compiles_for_hopper(dtype, out_f32):
 
 def test_a_compile_error_is_a_vendor_error_with_the_log(monkeypatch):
     _nvrtc()
-    monkeypatch.setattr(compiler, "source", lambda: "this is not CUDA")
+    monkeypatch.setattr(compiler, "source", lambda file="skinny.cu": "this is not CUDA")
     with pytest.raises(gb.VendorError, match="NVRTC compiling .* failed"):
         compiler.compile_cubin(Config("bfloat16", False, True, True, 64, 16, 64, 4, 1, 4, 1), "sm_90")
 

@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".whl", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
                                     ".hypothesis")  # fmt: skip
+KERNEL_SOURCES = sorted(p.name for p in (ROOT / "src/gemmbridge/backends/cuda/kernels").iterdir()
+                        if p.suffix in (".cu", ".cuh"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,8 @@ def test_the_sdist_carries_the_tests_docs_and_license(built):
         archive.extractall(built["out"], filter="data")
     tests = {f"tests/{path.name}" for path in (ROOT / "tests").glob("*.py")}
     assert tests <= names and "tests/conftest.py" in names
-    assert {"docs/errors.md", "LICENSE", "README.md", "src/gemmbridge/py.typed",
-            "src/gemmbridge/backends/cuda/kernels/skinny.cu"} <= names  # fmt: skip
+    assert {"docs/errors.md", "LICENSE", "README.md", "src/gemmbridge/py.typed"} <= names
+    assert {f"src/gemmbridge/backends/cuda/kernels/{name}" for name in KERNEL_SOURCES} <= names
     (unpacked,) = built["out"].iterdir()
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                 "tests/test_cli.py", "tests/test_contract.py"], cwd=unpacked, capture_output=True,
@@ -50,12 +52,8 @@ def test_the_sdist_carries_the_tests_docs_and_license(built):
 
 def test_the_wheel_is_typed_and_licensed_without_the_tests(built):
     names = set(zipfile.ZipFile(built["wheel"]).namelist())
-    assert {
-        "gemmbridge/py.typed",
-        "gemmbridge/__main__.py",
-        "gemmbridge/testing.py",
-        "gemmbridge/backends/cuda/kernels/skinny.cu",
-    } <= names  # the kernel's source, compiled at run time
+    assert {"gemmbridge/py.typed", "gemmbridge/__main__.py", "gemmbridge/testing.py"} <= names
+    assert {f"gemmbridge/backends/cuda/kernels/{name}" for name in KERNEL_SOURCES} <= names  # compiled at run time
     assert "gemmbridge-0.1.0.dist-info/licenses/LICENSE" in names
     assert not any(name.startswith("tests/") for name in names)
 

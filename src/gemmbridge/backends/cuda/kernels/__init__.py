@@ -6,7 +6,7 @@ kernel, ``compiler.py`` compiles it with NVRTC and caches it on disk, ``launch.p
 (``GEMMBRIDGE_KERNELS`` or ``gemmbridge.set_kernels``): "auto" (the default) takes the kernel where
 the measured rule says it beats cuBLASLt (``config.choose``), "on" wherever it can serve the problem
 (``config.configure``; for tests and benchmarks), "off" never. The rule and its measurements:
-``docs/kernels.md``.
+``docs/kernels.md``. ``dropout.py`` runs the kernel with a dropout mask inside, for the LoRA layer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if mode not in MODES:
 _broken: set[Config] = set()  # configurations that could not be built or loaded here: cuBLASLt serves them
 
 
-def _device(device: int) -> tuple[int, str, int] | None:
+def device_info(device: int) -> tuple[int, str, int] | None:
     """(compute capability major, architecture, SM count) from the tuning cache's device query (None when the
     driver cannot say: then cuBLASLt serves everything)."""
     key = tuning_cache.device_key(device)
@@ -43,7 +43,7 @@ def _device(device: int) -> tuple[int, str, int] | None:
 
 def config_for(problem: Problem, device: int) -> Config | None:
     """The kernel configuration that serves ``problem`` on ``device``, or None (cuBLASLt)."""
-    found = None if mode == "off" else _device(device)
+    found = None if mode == "off" else device_info(device)
     if found is None or found[0] < 9:
         return None
     config = choose(problem, found[2]) if mode == "auto" else configure(problem, found[2])
@@ -53,7 +53,7 @@ def config_for(problem: Problem, device: int) -> Config | None:
 def plan_for(config: Config, problem: Problem, device: int, described: str) -> autotune.Candidate | None:
     """``config`` on the skinny kernel as a launchable candidate, or None after warning once when that
     configuration cannot be built or loaded here (no NVRTC, more shared memory than the GPU has, …)."""
-    found = _device(device)
+    found = device_info(device)
     if config in _broken or found is None:
         return None
     try:
@@ -81,7 +81,7 @@ class KernelSource:
         self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool
     ) -> list[autotune.Candidate]:
         device = _index(problem)
-        found = None if mode == "off" or min(alignments) < 16 else _device(device)
+        found = None if mode == "off" or min(alignments) < 16 else device_info(device)
         if found is None or found[0] < 9:
             return []
         made = (plan_for(c, problem, device, f"{c.name} for {problem.m}x{problem.n}x{problem.k}")
@@ -97,7 +97,7 @@ class KernelSource:
             config = Config(**payload["config"])
             a, b = problem.matrices.a, problem.matrices.b
             fits = (payload.get("source") == compiler.source_digest() and config.valid and eligible(problem)
-                    and config.dtype == problem.dtype and min(alignments) >= 16
+                    and not config.mask and config.dtype == problem.dtype and min(alignments) >= 16
                     and config.out_f32 == (problem.result_dtype == "float32") and config.a_kcontig == a.row_major
                     and config.b_kcontig == (not b.row_major) and fits_grid(problem, config))  # fmt: skip
         except Exception:  # whatever a corrupted cache holds

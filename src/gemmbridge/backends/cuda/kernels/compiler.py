@@ -1,10 +1,13 @@
-"""``skinny.cu`` compiled at run time by NVRTC, cached on disk, loaded once per process.
+"""The kernels (``skinny.cu``, ``mask.cu``, both including ``philox.cuh``) compiled at run time by NVRTC, cached on
+disk, loaded once per process.
 
 Why NVRTC (through cuda-bindings) and not Triton: the kernel must launch from any framework's stream
 (torch, CuPy, JAX) at the host cost of a ``cublasLtMatmul`` call or less. A compiled CUDA library
 is launched with one ``cuLaunchKernel`` and a packed parameter block (``launch.py``), needs no
 framework and is captured into CUDA graphs like any kernel; Triton's Python launcher costs tens of
-µs per call and needs torch. The source includes no header, so only ``libnvrtc`` is needed.
+µs per call and needs torch. The sources include no header but their own (``HEADERS``, handed to NVRTC by name), so
+only ``libnvrtc`` is needed. What is compiled is a ``Build``: a source file, its kernel's name and its macros
+(``config.Config`` for the skinny GEMM).
 
 Cubins are kept under ``$GEMMBRIDGE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/gemmbridge``, else
 ``~/.cache/gemmbridge``) in ``kernels/``, named by a hash of the source, the options and the NVRTC
@@ -22,22 +25,38 @@ import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 from .... import tuning
-from .config import Config
 
-KERNEL_NAME = b"gemmbridge_skinny"
+HEADERS = ("pipeline.cuh", "philox.cuh")  # the headers the sources include, handed to NVRTC by name
+
+
+class Build(Protocol):
+    """One kernel to compile: its source file, its kernel's name, its macros and a short stable name."""
+
+    @property
+    def source_file(self) -> str: ...
+
+    @property
+    def kernel_name(self) -> bytes: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def defines(self) -> dict[str, int]: ...
 
 
 @functools.cache
-def source() -> str:
-    return resources.files(__package__).joinpath("skinny.cu").read_text()
+def source(file: str = "skinny.cu") -> str:
+    return resources.files(__package__).joinpath(file).read_text()
 
 
 @functools.cache
 def source_digest() -> str:
-    """A short hash of the kernel's source: tuning-cache entries made for another version are ignored."""
-    return hashlib.sha256(source().encode()).hexdigest()[:16]
+    """A short hash of the skinny kernel's source and headers: tuning-cache entries made for another version are
+    ignored."""
+    return hashlib.sha256("".join(map(source, ("skinny.cu", *HEADERS))).encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -45,8 +64,8 @@ def cache_dir() -> Path:
     return Path(tuning.cache_dir()) / "kernels"
 
 
-def options(config: Config, arch: str) -> list[bytes]:
-    defines = [f"-D{name}={value}".encode() for name, value in config.defines().items()]
+def options(build: Build, arch: str) -> list[bytes]:
+    defines = [f"-D{name}={value}".encode() for name, value in build.defines().items()]
     return [f"-arch={arch}".encode(), b"-std=c++17", b"-default-device", *defines]
 
 
@@ -67,20 +86,22 @@ def _check(status: object, what: str, log: str = "") -> None:
         raise VendorError(f"matmul: NVRTC {what} failed with {status!r}{': ' + log if log else ''}", str(status))
 
 
-def compile_cubin(config: Config, arch: str) -> bytes:
-    """NVRTC's cubin of ``skinny.cu`` for ``config`` and ``arch`` (e.g. ``sm_90``); no disk cache."""
+def compile_cubin(build: Build, arch: str) -> bytes:
+    """NVRTC's cubin of ``build`` for ``arch`` (e.g. ``sm_90``); no disk cache."""
     from cuda.bindings import nvrtc
 
-    status, program = nvrtc.nvrtcCreateProgram(source().encode(), b"skinny.cu", 0, [], [])
+    headers = [source(name).encode() for name in HEADERS]
+    status, program = nvrtc.nvrtcCreateProgram(source(build.source_file).encode(), build.source_file.encode(),
+                                               len(HEADERS), headers, [name.encode() for name in HEADERS])  # fmt: skip
     _check(status, "nvrtcCreateProgram")
     try:
-        opts = options(config, arch)
+        opts = options(build, arch)
         (status,) = nvrtc.nvrtcCompileProgram(program, len(opts), opts)
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             _, size = nvrtc.nvrtcGetProgramLogSize(program)
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(program, log)
-            _check(status, f"compiling {config.name} for {arch}", log.decode(errors="replace").strip())
+            _check(status, f"compiling {build.name} for {arch}", log.decode(errors="replace").strip())
         status, size = nvrtc.nvrtcGetCUBINSize(program)
         _check(status, "nvrtcGetCUBINSize")
         cubin = b" " * size
@@ -90,28 +111,29 @@ def compile_cubin(config: Config, arch: str) -> bytes:
         nvrtc.nvrtcDestroyProgram(program)
 
 
-def cache_path(config: Config, arch: str) -> Path:
+def cache_path(build: Build, arch: str) -> Path:
     digest = hashlib.sha256()
-    for part in (source().encode(), *options(config, arch), repr(nvrtc_version()).encode()):
+    sources = [source(name).encode() for name in (build.source_file, *HEADERS)]
+    for part in (*sources, *options(build, arch), repr(nvrtc_version()).encode()):
         digest.update(part + b"\0")
-    return cache_dir() / f"{config.name}-{arch}-{digest.hexdigest()[:16]}.cubin"
+    return cache_dir() / f"{build.name}-{arch}-{digest.hexdigest()[:16]}.cubin"
 
 
 _lock = threading.Lock()
 
 
-def cubin(config: Config, arch: str, fresh: bool = False) -> bytes:
+def cubin(build: Build, arch: str, fresh: bool = False) -> bytes:
     """The cubin from the disk cache, or compiled and stored there (``fresh``: compiled again, replacing a cached
     file the driver could not load)."""
     with _lock:
-        path = cache_path(config, arch)
+        path = cache_path(build, arch)
         try:
             data = path.read_bytes()
             if data[:4] == b"\x7fELF" and not fresh:
                 return data
         except OSError:
             pass
-        data = compile_cubin(config, arch)
+        data = compile_cubin(build, arch)
         temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

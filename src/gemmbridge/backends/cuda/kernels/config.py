@@ -10,11 +10,13 @@ time. Two shapes of tile serve it (``configure``; from a sweep of every valid co
 
 A write-bound problem (only K small: ``xa·Bᵀ``) gets no tile. The kernel needs 16-byte aligned operands
 (``eligible``); anything else stays on cuBLASLt. ``choose`` is the measured rule of when the kernel wins.
+``masked`` tiles the GEMMs with dropout inside (``dropout.py``), the write-bound product ``g·A`` included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from ....problem import Problem
 
@@ -26,11 +28,15 @@ MIN_SPLIT_TILES = 4  # each split of K gets at least this many BK slices
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may opt into on sm_90
 AUTO_MAX_STREAMED = 48 * 2**20  # the kernel beat cuBLASLt at 32 MiB streamed and lost at 112 and 128 (H200)
 AUTO_MAX_NARROW = 8  # ... with a result 8 wide (or 8 tall) or less; tied or lost at 16, lost at 64
+MASKS = {"": 0, "a": 1, "b": 2, "d": 3}  # Config.mask → skinny.cu's MASK: none, on A, on B, on the product
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     """The compile-time shape of one kernel (the macros of ``skinny.cu``) and its split of K."""
+
+    source_file: ClassVar[str] = "skinny.cu"
+    kernel_name: ClassVar[bytes] = b"gemmbridge_skinny"
 
     dtype: str  # of A and B
     out_f32: bool  # D, C and bias in float32
@@ -43,6 +49,7 @@ class Config:
     wn: int
     stages: int
     splits: int
+    mask: str = ""  # dropout (dropout.py): "" none, "a" on A (K-contiguous), "b" on B (N-contiguous), "d" the product
 
     @property
     def threads(self) -> int:
@@ -53,14 +60,16 @@ class Config:
         """The pipeline's stages, or the fp32 tile of the epilogue, whichever is larger."""
         a_stage = self.bm * (self.bk + 8) if self.a_kcontig else self.bk * (self.bm + 8)
         b_stage = self.bn * (self.bk + 8) if self.b_kcontig else self.bk * (self.bn + 8)
-        tile = 4 * self.bm * (self.bn + 4) if self.splits > 1 else (4 if self.out_f32 else 2) * self.bm * (self.bn + 8)
+        staged_f32 = self.splits > 1 or self.mask == "d"
+        tile = 4 * self.bm * (self.bn + 4) if staged_f32 else (4 if self.out_f32 else 2) * self.bm * (self.bn + 8)
         return max(2 * self.stages * (a_stage + b_stage), tile)
 
     @property
     def valid(self) -> bool:
         """Sound values (a cached payload may hold any), the tile divided among the warps in 16 x 16 pieces and
         each operand's 16-byte pieces among the threads (``skinny.cu``'s ``Loader``), a pipeline of at least two
-        stages, a portable cluster, and shared memory that fits."""
+        stages, a portable cluster, shared memory that fits, and a masked operand (dropout) that is contiguous along
+        its rows."""
         ints = (self.bm, self.bn, self.bk, self.wm, self.wn, self.stages, self.splits)
         if not all(type(v) is int and v > 0 for v in ints) or self.dtype not in HALF:
             return False
@@ -69,6 +78,8 @@ class Config:
         ):
             return False
         if self.stages < 2 or self.splits > MAX_SPLITS or self.bk < 16:
+            return False
+        if self.mask not in MASKS or (self.mask == "a" and not self.a_kcontig) or (self.mask == "b" and self.b_kcontig):
             return False
         pieces = [(self.bm, self.bk) if self.a_kcontig else (self.bk, self.bm),
                   (self.bn, self.bk) if self.b_kcontig else (self.bk, self.bn)]  # fmt: skip
@@ -90,15 +101,16 @@ class Config:
             "WN": self.wn,
             "STAGES": self.stages,
             "SPLITS": self.splits,
+            "MASK": MASKS[self.mask],
         }
 
     @property
     def name(self) -> str:
-        """A short stable name: dtype, operand orders, tile and split (cache keys, benchmark reports)."""
+        """A short stable name: dtype, operand orders, tile, split and mask (cache keys, benchmark reports)."""
         order = ("k" if self.a_kcontig else "m") + ("k" if self.b_kcontig else "n")
         out = "f32" if self.out_f32 else ""
         tile = f"{self.bm}x{self.bn}x{self.bk}-w{self.wm}x{self.wn}-s{self.stages}"
-        return f"{self.dtype}{out}-{order}-{tile}-k{self.splits}"
+        return f"{self.dtype}{out}-{order}-{tile}-k{self.splits}" + (f"-drop{self.mask}" if self.mask else "")
 
 
 def _tile(x: int) -> int:
@@ -199,3 +211,23 @@ def candidates(problem: Problem, sms: int) -> list[Config]:
     if config.splits < MAX_SPLITS and problem.k >= 2 * config.splits * config.bk:
         found.append(replace(config, splits=config.splits * 2))
     return [c for c in found if fits_grid(problem, c)]
+
+
+def masked(problem: Problem, sms: int, role: str) -> Config | None:
+    """The tile of a GEMM with dropout inside (``dropout.py``), or None when the kernel cannot serve it: one matrix
+    (no batch) with a layout ``eligible`` takes; role "a" (``x·Aᵀ``) and "b" (``gᵀ·x``) take ``configure``'s tile,
+    x (the masked operand) row-major; role "d" (the product ``g·A`` masked) a write-bound tile: ``BM × BN`` = 64 ×
+    128 in 4 warps, K (the rank) in slices of up to 64, the fp32 tile staged in shared memory for the mask."""
+    if role not in MASKS or not role or problem.batch_count != 1 or len(problem.outer_offsets) != 1:
+        return None
+    if not eligible(problem):
+        return None
+    if role == "d":
+        a, b = problem.matrices.a, problem.matrices.b
+        tile = Config(problem.dtype, problem.result_dtype == "float32", a.row_major, not b.row_major, 64, 128,
+                      min(64, _tile(problem.k)), 2, 2, 2, 1, "d")  # fmt: skip
+        config: Config | None = tile if tile.valid else None
+    else:
+        found = configure(problem, sms)
+        config = None if found is None else replace(found, mask=role)
+    return config if config is not None and config.valid and fits_grid(problem, config) else None

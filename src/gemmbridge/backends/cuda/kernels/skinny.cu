@@ -6,26 +6,14 @@
 //   B_KCONTIG   1: B(k, n) at b[n * ldb + k], 0: at b[k * ldb + n]
 //   BM BN BK    block tile             WM WN   warps along M and N      STAGES   cp.async pipeline depth
 //   SPLITS      blocks of one cluster splitting K; the cluster sums their tiles in distributed shared memory
-// No header is included: half types are 16-bit integers, and every tensor-core, copy and cluster operation is
-// written in PTX (mma.sync m16n8k16, ldmatrix, cp.async, mapa / ld.shared::cluster, barrier.cluster).
+//   MASK        dropout (philox.cuh; the seed read from device memory at p.seed, p.threshold = ceil(keep * 65536)):
+//               0 none; 1 on A as it is loaded (x = A, M x K, K-contiguous); 2 on B as it is loaded (x = B, K x N,
+//               N-contiguous); 3 on the product: D = alpha * (A @ B) (.) m + beta * C + bias, m the mask of M x N
+// No system header is included (pipeline.cuh and philox.cuh are the project's): half types are 16-bit integers, and
+// every tensor-core, copy and cluster operation is written in PTX (mma.sync m16n8k16, ldmatrix, cp.async, mapa /
+// ld.shared::cluster, barrier.cluster).
 // Requirements checked by the dispatcher: 16-byte aligned pointers, leading dimensions and batch strides multiples
 // of 8 elements, the contiguous extent of each operand (and N) a multiple of 8.
-
-typedef unsigned short half_t;
-typedef unsigned long long u64;
-#if OUT_F32
-typedef float out_t;
-#else
-typedef half_t out_t;
-#endif
-
-struct Params {
-  u64 a, b, c, d, bias;
-  long long lda, ldb, ldc, ldd;
-  long long batch_a, batch_b, batch_c, batch_d;
-  long long m, n, k, k_per_split;
-  double alpha, beta;
-};
 
 #define THREADS (WM * WN * 32)
 #define WTM (BM / WM)
@@ -42,142 +30,19 @@ struct Params {
 #else
 #define B_STAGE (BK * (BN + 8))
 #endif
-#define CS_LD (BN + 4)  // floats per row of the fp32 tile the cluster reduces
+#define CS_LD (BN + 4)  // floats per row of the fp32 tile the cluster reduces (or the mask of the product drops)
 #define TS_LD (BN + 8)  // elements per row of the staged output tile
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned r;
-  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-  return r;
-}
+#include "pipeline.cuh"
 
-__device__ __forceinline__ void copy16(unsigned dst, const half_t* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;"); }
-
-template <int N>
-__device__ __forceinline__ void wait_groups() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
-
-template <bool TRANS>
-__device__ __forceinline__ void ldmatrix4(unsigned* r, unsigned address) {
-  if (TRANS)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-
-__device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
-#if HALF_BF16
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};"
-#else
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};"
-#endif
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ float half_to_float(half_t h) {
-#if HALF_BF16
-  return __uint_as_float(((unsigned)h) << 16);
-#else
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-#endif
-}
-
-__device__ __forceinline__ half_t float_to_half(float f) {
-  half_t h;
-#if HALF_BF16
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-}
-
-// 8 consecutive outputs as floats, and back
-__device__ __forceinline__ void load8(float* v, const out_t* p) {
-#if OUT_F32
-  float4 x = *reinterpret_cast<const float4*>(p), y = *reinterpret_cast<const float4*>(p + 4);
-  v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w; v[4] = y.x; v[5] = y.y; v[6] = y.z; v[7] = y.w;
-#else
-  uint4 x = *reinterpret_cast<const uint4*>(p);
-  const half_t* h = reinterpret_cast<const half_t*>(&x);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = half_to_float(h[i]);
-#endif
-}
-
-__device__ __forceinline__ void store8(out_t* p, const float* v) {
-#if OUT_F32
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
-#else
-  uint4 x;
-  half_t* h = reinterpret_cast<half_t*>(&x);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) h[i] = float_to_half(v[i]);
-  *reinterpret_cast<uint4*>(p) = x;
-#endif
-}
-
-// One operand's share of each pipeline stage: a ROWS x COLS tile whose rows are contiguous in global memory, in
-// 16-byte pieces; thread tid copies pieces tid, tid + THREADS, ... which lie ROW_STEP rows apart in the same column,
-// so every address and bound is worked out once and a stage costs an add, a compare and a cp.async per piece.
-// K_COLS: K runs along the tile's columns (a K-contiguous operand), else along its rows. Outside the matrix
-// (M or N at mn_limit, K at the split's end) the pieces are zero-filled.
-template <int ROWS, int COLS, bool K_COLS>
-struct Loader {
-  enum { PER_ROW = COLS / 8, CHUNKS = ROWS * PER_ROW, PASSES = (CHUNKS + THREADS - 1) / THREADS,
-         ROW_STEP = THREADS / PER_ROW, LD = COLS + 8 };
-  const half_t* src;
-  long long stride, mn_left;
-  unsigned dst;
-  int row, col;
-
-  __device__ __forceinline__ Loader(const half_t* base, long long ld, long long mn0, long long mn_limit,
-                                    long long k_begin, unsigned smem) {
-    row = threadIdx.x / PER_ROW;
-    col = (threadIdx.x % PER_ROW) * 8;
-    stride = ld;
-    if (K_COLS) {
-      src = base + (mn0 + row) * ld + k_begin + col;
-      mn_left = mn_limit - mn0 - row;
-    } else {
-      src = base + (k_begin + row) * ld + mn0 + col;
-      mn_left = mn_limit - mn0 - col;
-    }
-    dst = smem + (unsigned)((row * LD + col) * 2);
-  }
-
-  // tile t of the split: K offsets [t * BK, t * BK + BK) of the k_len the split covers
-  __device__ __forceinline__ void load(unsigned stage, int t, long long k_len) const {
-    const long long k0 = (long long)t * BK;
-#pragma unroll
-    for (int i = 0; i < PASSES; ++i) {
-      if (CHUNKS % THREADS != 0 && threadIdx.x + i * THREADS >= CHUNKS) break;
-      const int r = i * ROW_STEP;
-      bool ok;
-      const half_t* from;
-      if (K_COLS) {
-        ok = r < mn_left && k0 + col < k_len;
-        from = src + r * stride + k0;
-      } else {
-        ok = mn_left > 0 && k0 + row + r < k_len;
-        from = src + (k0 + r) * stride;
-      }
-      copy16(dst + stage + (unsigned)(r * LD * 2), ok ? from : src, ok);
-    }
-  }
+struct Params {
+  u64 a, b, c, d, bias;
+  long long lda, ldb, ldc, ldd;
+  long long batch_a, batch_b, batch_c, batch_d;
+  long long m, n, k, k_per_split;
+  double alpha, beta;
+  u64 seed;             // MASK: address of the 64-bit seed
+  long long threshold;  // MASK: ceil(keep * 65536)
 };
 
 // the warp's MT x NT tiles of 16 x 8 for one BK slice held in shared memory (byte addresses a_stage, b_stage)
@@ -280,14 +145,18 @@ gemmbridge_skinny(const Params p) {
   const long long k_len = (k_begin + p.k_per_split < p.k ? k_begin + p.k_per_split : p.k) - k_begin;
   const int tiles = k_len > 0 ? (int)((k_len + BK - 1) / BK) : 0;
 #if A_KCONTIG
-  const Loader<BM, BK, true> load_a(a, p.lda, m0, p.m, k_begin, a_smem);
+  const Loader<BM, BK, true> load_a(a, p.lda, m0, p.m, k_begin, p.k, a_smem);
 #else
-  const Loader<BK, BM, false> load_a(a, p.lda, m0, p.m, k_begin, a_smem);
+  const Loader<BK, BM, false> load_a(a, p.lda, m0, p.m, k_begin, p.m, a_smem);
 #endif
 #if B_KCONTIG
-  const Loader<BN, BK, true> load_b(b, p.ldb, n0, p.n, k_begin, b_smem);
+  const Loader<BN, BK, true> load_b(b, p.ldb, n0, p.n, k_begin, p.k, b_smem);
 #else
-  const Loader<BK, BN, false> load_b(b, p.ldb, n0, p.n, k_begin, b_smem);
+  const Loader<BK, BN, false> load_b(b, p.ldb, n0, p.n, k_begin, p.n, b_smem);
+#endif
+#if MASK
+  const u64 seed = *reinterpret_cast<const u64*>(p.seed);
+  const unsigned threshold = (unsigned)p.threshold;
 #endif
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -310,6 +179,11 @@ gemmbridge_skinny(const Params p) {
   }
   for (int t = 0; t < tiles; ++t) {
     wait_groups<STAGES - 2>();
+#if MASK == 1
+    load_a.drop((t % STAGES) * A_STAGE * 2, t, k_len, p.k, seed, threshold);
+#elif MASK == 2
+    load_b.drop((t % STAGES) * B_STAGE * 2, t, k_len, p.n, seed, threshold);
+#endif
     __syncthreads();
     const int next = t + STAGES - 1;
     if (next < tiles) {
@@ -328,8 +202,10 @@ gemmbridge_skinny(const Params p) {
   out_t* d = reinterpret_cast<out_t*>(p.d) + batch * p.batch_d;
   const out_t* bias = reinterpret_cast<const out_t*>(p.bias);
   const float alpha = (float)p.alpha, beta = (float)p.beta;
-#if SPLITS > 1
-  // every block of the cluster holds a partial fp32 tile; block `split` sums rows [split * R, split * R + R) of all
+#if SPLITS > 1 || MASK == 3
+  // the fp32 tile in shared memory. With a split of K every block of the cluster holds a partial one and block
+  // `split` sums rows [split * R, split * R + R) of all; with dropout on the product the mask applies to the sum,
+  // 8 columns of a row (one Philox call) at a time, before alpha and beta.
   float* cs = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -339,7 +215,11 @@ gemmbridge_skinny(const Params p) {
       *reinterpret_cast<float2*>(cs + row * CS_LD + col) = make_float2(acc[i][t][0], acc[i][t][1]);
       *reinterpret_cast<float2*>(cs + (row + 8) * CS_LD + col) = make_float2(acc[i][t][2], acc[i][t][3]);
     }
+#if SPLITS > 1
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __syncthreads();
+#endif
   const int R = (BM + SPLITS - 1) / SPLITS;
   const int row_begin = split * R;
   const unsigned local = smem_addr(cs);
@@ -352,19 +232,23 @@ gemmbridge_skinny(const Params p) {
     const unsigned offset = local + (unsigned)((row * CS_LD + col) * 4);
 #pragma unroll
     for (int r = 0; r < SPLITS; ++r) {
-      unsigned remote;
-      float4 x, y;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(offset), "r"(r));
-      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w) : "r"(remote));
-      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(y.x), "=f"(y.y), "=f"(y.z), "=f"(y.w) : "r"(remote + 16));
-      v[0] += x.x; v[1] += x.y; v[2] += x.z; v[3] += x.w; v[4] += y.x; v[5] += y.y; v[6] += y.z; v[7] += y.w;
+#if SPLITS > 1
+      add_remote8(v, offset, r);
+#else
+      load8(v, cs + row * CS_LD + col);  // the block's own tile
+#endif
     }
+#if MASK == 3
+    const uint4 kept = kept8(seed, (u64)(gm * p.n + gn), threshold);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = is_kept(kept, i) ? v[i] : 0.0f;
+#endif
     finish8(p, c, d, bias, gm, gn, v, alpha, beta);
   }
+#if SPLITS > 1
   // no block leaves while another may still read its shared memory
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 #else
   // the finished tile, rounded to the output type, staged in shared memory, then written in 16-byte pieces
   out_t* ts = reinterpret_cast<out_t*>(smem);
