@@ -116,6 +116,7 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(bindings, "lt", fake)
     monkeypatch.setattr(bindings, "_handles", {})
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver
+    monkeypatch.setattr(cuda, "ensure_context", lambda device: None)  # no driver context to make current
     monkeypatch.setattr(workspace, "_buffers", {})
     monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.__array_interface__["data"][0]))(
         np.empty(workspace.WORKSPACE_BYTES, np.uint8)))  # fmt: skip

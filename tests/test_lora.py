@@ -332,3 +332,57 @@ def test_dropout_masks_differ_between_cuda_graph_replays():
     graph.replay()
     assert not torch.equal(first, y)
     assert 0.4 < (first[:, 0] / 2).mean().item() / 128 < 0.6  # kept values are scaled by 1 / keep = 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32], ids=["bf16-adapters", "fp32-adapters"])
+def test_dropout_drawn_inside_the_kernels_equals_the_composite_with_that_mask(monkeypatch, adapters):
+    """Half activations on the GPU take the seeded path: the mask the kernels draw (dropout.mask of the seed, the
+    NumPy reference) and 1 / its exact keep rate give the plain composite's values and gradients."""
+    needs_cuda()
+    from gemmbridge.backends.cuda.kernels import dropout
+    from gemmbridge.torch import lora_kernels
+
+    torch.manual_seed(0)
+    seeds = []
+
+    def seed_for(x):  # type: ignore[no-untyped-def]
+        seeds.append(torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=x.device))
+        return seeds[-1]
+
+    monkeypatch.setattr(lora_kernels, "seed_for", seed_for)
+    bf = torch.bfloat16
+    x = torch.randn(2, 96, 256, device="cuda", dtype=bf, requires_grad=True)
+    w, b = torch.randn(192, 256, device="cuda", dtype=bf) / 16, torch.randn(192, device="cuda", dtype=bf)
+    a = (torch.randn(16, 256, device="cuda") / 16).to(adapters).requires_grad_()
+    lb = (torch.randn(192, 16, device="cuda") / 4).to(adapters).requires_grad_()
+    y = gt.lora_linear(x, w, b, a, lb, 2.0, 0.25)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert len(seeds) == 1, "the seeded path was not taken"
+    mask = torch.from_numpy(dropout.mask(int(seeds[0].item()), 192, 256, 0.75)).view(x.shape).cuda()
+    ref = [t.detach().double().requires_grad_() for t in (x, a, lb)]
+    y64 = plain_lora(ref[0], w.double(), b.double(), ref[1], ref[2], 2.0, mask, dropout.effective_keep(0.75))
+    y64.backward(dy.double())
+    assert a.grad.dtype == lb.grad.dtype == adapters
+    for name, got, want in [("y", y, y64), ("dx", x.grad, ref[0].grad), ("dA", a.grad, ref[1].grad),
+                            ("dB", lb.grad, ref[2].grad)]:  # fmt: skip
+        assert rel(got, want) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_seeded_dropout_draws_a_new_mask_in_every_cuda_graph_replay():
+    needs_cuda()
+    bf = torch.bfloat16
+    x = torch.ones(64, 128, device="cuda", dtype=bf)
+    w = torch.zeros(8, 128, device="cuda", dtype=bf)
+    a, lb = torch.ones(8, 128, device="cuda", dtype=bf), torch.ones(8, 8, device="cuda", dtype=bf) / 8
+    y = gt.lora_linear(x, w, None, a, lb, 1.0, 0.5)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gt.lora_linear(x, w, None, a, lb, 1.0, 0.5)
+    graph.replay()
+    first = y.clone()
+    graph.replay()
+    assert not torch.equal(first, y)
+    assert 0.4 < (first[:, 0].float() / 2).mean().item() / 128 < 0.6  # kept values are scaled by 1 / keep = 2

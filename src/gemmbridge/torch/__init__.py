@@ -8,13 +8,13 @@ The PEFT bridge is ``gemmbridge.torch.peft`` (it needs the optional ``peft`` pac
 
 from ..arrays.torch import LAYER
 from ..plan import PLANS
-from . import lane
+from . import lane, lora_kernels
 from .functional import linear, lora_linear, matmul, mlp
 from .lora import LoRALinear, apply_lora, load_adapters, save_adapters
 from .modules import MLP, Linear, convert_linears
 
 LAYER.entry = matmul  # gemmbridge.matmul's calls that autograd records or torch.compile traces come here
-PLANS.on_clear.append(lane.clear)  # clear_cache and set_kernels forget the lane's resolved GEMMs too
+PLANS.on_clear.extend((lane.clear, lora_kernels.clear))  # clear_cache and set_kernels forget the lane's layouts too
 
 __all__ = [
     "MLP",

@@ -21,10 +21,11 @@ from ..errors import OperandTypeError, OptionError, ShapeError
 from ..plan import check_scalar
 from ..problem import dtype_name
 from . import functions as f
-from . import library
+from . import library, lora_kernels
 
 ACTIVATIONS = ("none", "relu", "gelu")
 _VIEW: Any = TorchArrays()
+_is_compiling = torch.compiler.is_compiling
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -129,12 +130,14 @@ def lora_linear(
     """``y = x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ``; ``W`` ``(out, in)``, ``A`` ``(r, in)``, ``B`` ``(out, r)``.
 
     Three GEMMs forward, the base one accumulating into the LoRA term (beta = 1, the bias in its epilogue);
-    nothing of size ``x`` is kept beyond ``x`` itself (and, with dropout, its bool mask: one byte per
-    element of ``x``). Adapters of another dtype than the activations (float32 adapters, bfloat16 ``x``)
-    are cast to the activations' dtype for the GEMMs; their gradients come back in their own dtype.
-    Dropout (probability ``dropout``, only when ``training``) applies to the LoRA path's input, as in PEFT;
-    ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead of drawing one (ignored, like
-    dropout itself, when not ``training``).
+    nothing of size ``x`` is kept beyond ``x`` itself. Adapters of another dtype than the activations (float32
+    adapters, bfloat16 ``x``) are cast to the activations' dtype for the GEMMs; their gradients come back in their
+    own dtype. Dropout (probability ``dropout``, only when ``training``) applies to the LoRA path's input, as in
+    PEFT: with half activations on a GPU of compute capability 9.0 or later (eager), its mask is drawn inside the
+    kernels that read x from a seed torch's CUDA generator draws — nothing of it is stored, x ⊙ m never written;
+    elsewhere (the CPU, float32, ``torch.compile``) it is torch's bernoulli draw, kept as a bool mask (one byte per
+    element of ``x``) for the backward. ``dropout_mask`` (bool, ``x``'s shape, True = kept) fixes the mask instead
+    of drawing one (ignored, like dropout itself, when not ``training``).
     """
     f.no_transforms("lora_linear")
     _check_tensors("lora_linear", x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, mask=dropout_mask)
@@ -143,18 +146,22 @@ def lora_linear(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -1e30 < scale < 1e30:
         raise OptionError(f"gemmbridge.torch.lora_linear: scale {scale!r} is not a finite number")
     _check_lora_shapes(x, weight, bias, lora_a, lora_b)
-    mask, keep = None, 1.0
+    mask = seed = None
+    keep = 1.0
+    compute = autocast_dtype(x)
     if training and (dropout_mask is not None or dropout > 0.0):
         keep = 1.0 - dropout
         mask = dropout_mask
-        if mask is None:
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
-        elif mask.shape != x.shape or mask.dtype != torch.bool or mask.device != x.device:
+        if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool or mask.device != x.device):
             raise OptionError(
                 f"gemmbridge.torch.lora_linear: dropout_mask is {tuple(mask.shape)} {mask.dtype} on {mask.device}; "
                 f"it must be torch.bool of x's shape {tuple(x.shape)} on {x.device}"
             )
-    args = (x, weight, bias, lora_a, lora_b, mask, float(scale), keep, autocast_dtype(x))
+        if mask is None and not _is_compiling() and lora_kernels.eligible(x, compute or x.dtype):
+            seed = lora_kernels.seed_for(x)  # the mask drawn inside the kernels that read x
+        elif mask is None:
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
+    args = (x, weight, bias, lora_a, lora_b, mask, seed, float(scale), keep, compute)
     if not f.requires_grad(x, weight, bias, lora_a, lora_b):
         return f.lora_forward(*args)[0]
     return library._LoRALinear.apply(*args)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import OptionError
 from ..ops import matmul
+from . import lora_kernels
 from .lane import gemm, traced
 
 HALF = (torch.float16, torch.bfloat16)
@@ -50,7 +51,7 @@ def no_transforms(op: str) -> None:
     """OptionError under a functorch transform (``torch.func.grad``, ``vmap``, ``jacrev``, batched gradients): the
     ops launch their GEMMs on concrete tensors, and their Functions skip ``setup_context`` (each ``apply`` would
     bind its arguments through ``inspect.signature``: tens of µs)."""
-    if _transforms_active():
+    if not _is_compiling() and _transforms_active():
         raise _transform_error(op)
 
 
@@ -66,6 +67,8 @@ def _transform_error(op: str) -> OptionError:
 def no_double_backward(dy: Tensor) -> None:
     """The checks of every backward: no double backward (create_graph=True), no functorch transform or batched
     gradients (``autograd.grad(is_grads_batched=True)``) over it."""
+    if _is_compiling():  # a traced backward: neither can happen there
+        return
     if torch.is_grad_enabled():
         raise RuntimeError(
             "gemmbridge: double backward (create_graph=True) is not supported by gemmbridge's ops; "
@@ -277,19 +280,23 @@ def _dropped(xc: Tensor, mask: Tensor | None) -> Tensor:
 
 def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, mask: Tensor | None,
-    scale: float, keep: float, compute_dtype: torch.dtype | None,
+    seed: Tensor | None, scale: float, keep: float, compute_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(y, xs) in three GEMMs: ``xs = (s / keep) · (x ⊙ m) · Aᵀ``; ``y = xs · Bᵀ``; ``y += x · Wᵀ + b`` (beta = 1).
 
-    The scale rides on the narrow ``xs`` (rows × r), so the wide GEMMs run plain. The adapters are cast to the
-    GEMMs' dtype (x's, or the autocast dtype) — never x to the adapters'. ``xs`` is what the backward needs
-    besides x and the mask.
+    The scale rides on the narrow ``xs`` (rows × r), so the wide GEMMs run plain. The dropout mask is ``mask`` (bool,
+    ``x``'s shape) or, with ``seed``, drawn inside the kernel that reads x (``lora_kernels``; 1 / keep is then the
+    mask's exact keep rate). The adapters are cast to the GEMMs' dtype (x's, or the autocast dtype) — never x to
+    the adapters'. ``xs`` is what the backward needs besides x and the mask (or its seed).
     """
     xc = _cast(x, compute_dtype)
     xr = _matrix(xc)
     w, b = _cast(weight, compute_dtype), _cast_bias(bias, compute_dtype)
     a, lb = _as(lora_a, xc), _as(lora_b, xc)
-    xs = gemm(_dropped(xr, mask), a, None, None, None, False, True, scale / keep, 0.0, "none", None)[0]
+    if seed is not None:
+        xs = lora_kernels.masked(xr, a, None, False, True, scale / lora_kernels.kept(keep), 0.0, "a", keep, seed)
+    else:
+        xs = gemm(_dropped(xr, mask), a, None, None, None, False, True, scale / keep, 0.0, "none", None)[0]
     y, y2 = _result(x, w.shape[0], xc.dtype)
     gemm(xs, lb, None, None, None, False, True, 1.0, 0.0, "none", None, y2)
     gemm(xr, w, y2, b, None, False, True, 1.0, 1.0, "none", None, y2)
@@ -298,34 +305,48 @@ def lora_forward(
 
 def lora_backward(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-    mask: Tensor | None, xs: Tensor, scale: float, keep: float, compute_dtype: torch.dtype | None,
-    needs: tuple[bool, ...],
+    mask: Tensor | None, seed: Tensor | None, xs: Tensor, scale: float, keep: float,
+    compute_dtype: torch.dtype | None, needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:  # fmt: skip
     """Gradients of x, W, b, A, B: ``dB = dyᵀ · xs``; ``gs = s · dy · B``; ``dA = gsᵀ · (x ⊙ m) / keep``;
     ``dx = (gs · A / keep) ⊙ m + dy · W`` (the last GEMM accumulates with beta = 1). W and b get gradients only
     when they require them (``dW = dyᵀ · x``, ``db = Σ_rows dy``, one GEMM). dA, dB come out of the GEMM in the
-    adapters' dtype (``out_dtype`` float32 for float32 adapters fed half activations)."""
+    adapters' dtype (``out_dtype`` float32 for float32 adapters fed half activations). With ``seed``, the mask is
+    drawn again inside the kernels that read x and write dx; gs and dB may come from one read of dy
+    (``lora_kernels.dy_once``)."""
     no_double_backward(dy)
     xr = _matrix(_cast(x, compute_dtype))
     dyc = dy.reshape(xr.shape[0], weight.shape[0])
     a, lb = _as(lora_a, xr), _as(lora_b, xr)
     compute = xr.dtype
+    inverse = 1.0 / (keep if seed is None else lora_kernels.kept(keep))
     grads: list[Tensor | None] = [None] * 5
     grads[1], grads[2] = _weight_grads(dyc, xr, weight, bias, needs[1], needs[2] and bias is not None)
-    if needs[4]:
+    both = needs[4] and (needs[0] or needs[3]) and dyc.is_cuda
+    found = lora_kernels.dy_once(dyc, lb, xs, scale, _grad_dtype(lora_b, compute)) if both else None
+    if found is not None:
+        gs, grads[4] = found[0], _as(found[1], lora_b)
+    elif needs[4]:
         db = gemm(dyc, xs, None, None, None, True, False, 1.0, 0.0, "none", _grad_dtype(lora_b, compute))[0]
         grads[4] = _as(db, lora_b)
     if needs[0] or needs[3]:
-        gs = gemm(dyc, lb, None, None, None, False, False, scale, 0.0, "none", None)[0]
+        if found is None:
+            gs = gemm(dyc, lb, None, None, None, False, False, scale, 0.0, "none", None)[0]
         if needs[3]:
-            da = gemm(gs, _dropped(xr, mask), None, None, None, True, False, 1.0 / keep, 0.0, "none",
-                      _grad_dtype(lora_a, compute))[0]  # fmt: skip
+            da_dtype = _grad_dtype(lora_a, compute)
+            if seed is not None:
+                da = lora_kernels.masked(gs, xr, None, True, False, inverse, 0.0, "b", keep, seed, da_dtype)
+            else:
+                da = gemm(gs, _dropped(xr, mask), None, None, None, True, False, inverse, 0.0, "none", da_dtype)[0]
             grads[3] = _as(da, lora_a)
         if needs[0]:
             dx, dx2 = _result(x, xr.shape[1], compute)
-            gemm(gs, a, None, None, None, False, False, 1.0 / keep, 0.0, "none", None, dx2)
-            if mask is not None:
-                dx2.mul_(mask.reshape(dx2.shape))
+            if seed is not None:
+                lora_kernels.masked(gs, a, None, False, False, inverse, 0.0, "d", keep, seed, None, dx2)
+            else:
+                gemm(gs, a, None, None, None, False, False, inverse, 0.0, "none", None, dx2)
+                if mask is not None:
+                    dx2.mul_(mask.reshape(dx2.shape))
             gemm(dyc, _cast(weight, compute_dtype), dx2, None, None, False, False, 1.0, 1.0, "none", None, dx2)
             grads[0] = _as(dx, x)
     return tuple(grads)

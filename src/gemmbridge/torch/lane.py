@@ -61,6 +61,16 @@ def gemm(
     """``(D, extra)`` for ``D = epilogue(alpha · op(a) @ op(b) + beta · c + bias)`` (module doc)."""
     if _is_compiling():
         return traced(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype, out)
+    return launch(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype, out)
+
+
+def launch(
+    a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, transpose_a: bool,
+    transpose_b: bool, alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Any]:  # fmt: skip
+    """``gemm`` on real tensors: the layout's launcher, resolved the first time (the ``gemmbridge::gemm`` op's
+    implementation calls this, never the traced form)."""
     key = (
         a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device,
         None if c is None else (c.shape, c.stride(), c.dtype, c is out),
@@ -69,13 +79,13 @@ def gemm(
         None if out is None else (out.shape, out.stride(), out.dtype),
         transpose_a, transpose_b, epilogue, out_dtype,
     )  # fmt: skip
-    launch = _launchers.get(key)
-    if launch is None:
-        launch = _resolve(a, b, c, bias, aux, transpose_a, transpose_b, epilogue, out_dtype, out)
+    found = _launchers.get(key)
+    if found is None:
+        found = _resolve(a, b, c, bias, aux, transpose_a, transpose_b, epilogue, out_dtype, out)
         if len(_launchers) >= MAX_LAUNCHERS:
             _launchers.pop(next(iter(_launchers)), None)
-        _launchers[key] = launch
-    return launch(a, b, c, bias, aux, alpha, beta, out)
+        _launchers[key] = found
+    return found(a, b, c, bias, aux, alpha, beta, out)
 
 
 def clear() -> None:
@@ -111,28 +121,29 @@ def _resolve(
 
 def _backend_launch(backend: Any, state: Any, device: int) -> Launcher:
     """The CUDA backend's hot path on a plan resolved once: allocate, read pointers and stream, launch."""
-    run, view, returns = backend.run, _VIEW, state.problem.aux_shape is not None or state.problem.bias_grad_length
+    kind = epilogues.TABLE[state.problem.epilogue]
+    run, view, returns = backend.run, _VIEW, kind.aux_out != "none" or kind.bias_grad != "none"
 
-    def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+    def on_device(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
         if torch._C._cuda_getDevice() != device:  # type: ignore[attr-defined]
             with torch.cuda.device(device):
-                return launch(a, b, c, bias, aux, alpha, beta, out)
+                return on_device(a, b, c, bias, aux, alpha, beta, out)
         d, aux, bias_grad = run(state, view, TorchCall(device, a), a, b, c, out, bias, aux, None, None, alpha, beta,
                                 None)  # fmt: skip
         return d, (aux if aux is not None else bias_grad) if returns else None
 
-    return launch
+    return on_device
 
 
 def _planned(whole: plan.Plan) -> Launcher:
     """The whole plan's ``execute``: empty products, K = 0, operands copied first."""
     extra = whole.returns != "d"
 
-    def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+    def execute(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
         result = whole.execute(a, b, c, alpha, beta, bias, out, aux, None, None)
         return result if extra else (result, None)
 
-    return launch
+    return execute
 
 
 def _zero(like: Tensor) -> Tensor:
@@ -250,10 +261,10 @@ def _aten(a: Tensor, b: Tensor, ta: bool, tb: bool, epilogue: str, out_dtype: to
 
         return product
 
-    def launch(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
+    def formula(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
         return _formula(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, out, False)
 
-    return launch
+    return formula
 
 
 def traced(

@@ -49,7 +49,7 @@ def _gemm(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``gemmbridge.matmul`` of these tensors as (result, the epilogue's aux or bias gradient)."""
     if a.device.type == "cuda" and allow_tf32 is None:  # the launch lane: the plan resolved once
-        d, extra = lane.gemm(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype)
+        d, extra = lane.launch(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype)
     else:
         d, extra = f.direct_gemm(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype,
                                  allow_tf32)  # fmt: skip
@@ -159,22 +159,23 @@ class _MLPDown(_Function):
 
 
 class _LoRALinear(_Function):
-    """``x · Wᵀ + b + s · ((x ⊙ m) · Aᵀ / keep) · Bᵀ``; ``xs = (s / keep) · (x ⊙ m) · Aᵀ`` kept for the backward."""
+    """``x · Wᵀ + b + s · ((x ⊙ m) · Aᵀ / keep) · Bᵀ``; ``xs = (s / keep) · (x ⊙ m) · Aᵀ`` kept for the backward, and
+    the mask or the seed it is drawn from."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Any, lora_a: Tensor, lora_b: Tensor, mask: Any,
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Any, lora_a: Tensor, lora_b: Tensor, mask: Any, seed: Any,
                 scale: float, keep: float, compute_dtype: Any) -> Tensor:  # fmt: skip
-        y, xs = f.lora_forward(x, weight, bias, lora_a, lora_b, mask, scale, keep, compute_dtype)
+        y, xs = f.lora_forward(x, weight, bias, lora_a, lora_b, mask, seed, scale, keep, compute_dtype)
         ctx.scale, ctx.keep, ctx.compute_dtype = scale, keep, compute_dtype
-        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, mask, xs)
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, mask, seed, xs)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple:
-        x, weight, bias, lora_a, lora_b, mask, xs = ctx.saved_tensors
-        grads = f.lora_backward(dy, x, weight, bias, lora_a, lora_b, mask, xs, ctx.scale, ctx.keep, ctx.compute_dtype,
-                                ctx.needs_input_grad[:5])  # fmt: skip
-        return (*grads, None, None, None, None)
+        x, weight, bias, lora_a, lora_b, mask, seed, xs = ctx.saved_tensors
+        grads = f.lora_backward(dy, x, weight, bias, lora_a, lora_b, mask, seed, xs, ctx.scale, ctx.keep,
+                                ctx.compute_dtype, ctx.needs_input_grad[:5])  # fmt: skip
+        return (*grads, None, None, None, None, None)
 
 
 class _Matmul(_Function):

@@ -12,6 +12,8 @@ import math
 import threading
 from typing import Any
 
+from cuda.bindings import driver
+
 from ... import epilogues, tuning
 from ...arrays import CallContext, TensorView
 from ...errors import OptionError, allocation_failed
@@ -132,6 +134,26 @@ def _aligned_copy(ctx: CallContext, x: Any, n: int, dtype: str) -> Any:
     return copy
 
 
+_threads = threading.local()  # the devices whose primary context this thread has made current
+
+
+def ensure_context(device: int) -> None:
+    """Make ``device``'s primary context current on this thread, once per thread and device: the driver calls of a
+    launch (the workspace's allocation, the own kernels, graph capture) need one, and a thread that has made no CUDA
+    runtime call yet — the one autograd runs a backward on, say — has none."""
+    ready = getattr(_threads, "devices", None)
+    if ready is None:
+        ready = _threads.devices = set()
+    if device in ready:
+        return
+    current = graphs.check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if not int(current):
+        primary = graphs.check(driver.cuDevicePrimaryCtxRetain(graphs.check(driver.cuDeviceGet(device), "cuDeviceGet")),
+                               "cuDevicePrimaryCtxRetain")  # fmt: skip
+        graphs.check(driver.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
+    ready.add(device)
+
+
 def run(
     state: PlanState,
     view: TensorView,
@@ -154,6 +176,7 @@ def run(
     Outputs not given are allocated by the caller's framework.
     """
     problem = state.problem
+    ensure_context(state.device)
     d = (
         out
         if out is not None and not problem.out_via_temp
