@@ -103,10 +103,10 @@ def build_rows(t: int, d: int, r: int, device: str, backend: str, compiled: list
     rows: list[Row] = []
     for label, n, dtype, gpu_only in (("fp32 64³", 64, torch.float32, False), ("bf16 1024³", 1024, bf16, True)):
         a, b = randn(n, n, dtype=dtype), randn(n, n, dtype=dtype)
+        skip = "CUDA only" if gpu_only and not cuda else None
         for name, call in (("torch.matmul", lambda a=a, b=b: torch.matmul(a, b)),
                            ("gb.matmul", lambda a=a, b=b: gb.matmul(a, b))):  # fmt: skip
-            rows.append(Row(f"matmul {label}", name, None if gpu_only and not cuda else call,
-                            "CUDA only" if gpu_only and not cuda else None))  # fmt: skip
+            rows.append(Row(f"matmul {label}", name, None if skip else call, skip))
 
     x, dy = randn(t, d), randn(t, d)
     xg = x.clone().requires_grad_()
