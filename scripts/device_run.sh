@@ -24,6 +24,22 @@ for step in ${STEPS:-tests}; do
       { header "benchmarks/training_layers.py"
         timeout ${STEP_TIMEOUT:-420} python3 benchmarks/training_layers.py ${TRAINING_ARGS:-} --json "$OUT/training-layers.json"
         echo "exit status $?"; } 2>&1 | tee "$OUT/training-layers.txt" ;;
+    e2e)
+      # LoRA fine-tune step end to end (benchmarks/lora_e2e.py): one process per token count in E2E_TOKENS, each
+      # bounded by STEP_TIMEOUT, with E2E_ARGS; several token counts are then merged into lora-e2e.json
+      { header "benchmarks/lora_e2e.py, tokens ${E2E_TOKENS:-4096}, ${E2E_ARGS:-default options}"
+        for t in ${E2E_TOKENS:-4096}; do
+          timeout ${STEP_TIMEOUT:-540} python3 benchmarks/lora_e2e.py --tokens $t ${E2E_ARGS:-} --json "$OUT/lora-e2e-$t.json"
+          echo "exit status $?"
+        done
+        set -- "$OUT"/lora-e2e-*.json
+        if [ $# -gt 1 ]; then python3 benchmarks/lora_e2e.py --merge "$@" --json "$OUT/lora-e2e.json"; fi
+      } 2>&1 | tee "$OUT/lora-e2e.txt" ;;
+    hostcost)
+      # host µs per call of gemmbridge's training paths against torch's, one process, interleaved (HOSTCOST_ARGS)
+      { header "scripts/host_cost.py ${HOSTCOST_ARGS:-}"
+        timeout ${STEP_TIMEOUT:-300} python3 scripts/host_cost.py ${HOSTCOST_ARGS:-} --json "$OUT/host-cost.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/host-cost.txt" ;;
     distributed)
       # DDP and FSDP2 against one GPU (the tests), then the throughput on 1 and on all GPUs (bf16, larger model)
       { header "DDP / FSDP2 on $(nvidia-smi -L | wc -l) GPUs"
