@@ -36,7 +36,8 @@ LORA_LAYERS = {"gemmbridge": 2 * 2, "llama": 2 * 7}  # the test size's layers ×
 
 @pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]:
-    """(device, the script's JSON, the trained parameters {mode: {run: {name: tensor}}}) of one launch."""
+    """(device, the script's JSON, the trainable parameters {mode: {run: {"initial" | "trained": {name: tensor}}}})
+    of one launch."""
     device = request.param
     world = 2 if device == "cpu" else torch.cuda.device_count()
     if device == "cuda" and world < 2:
