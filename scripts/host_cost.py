@@ -52,9 +52,9 @@ SCALE = 2.0  # LoRA's alpha / r
 def lane_gemm(x: Tensor, w: Tensor) -> Call:
     """The launch lane's GEMM ``y = x · Wᵀ`` as a call of no arguments; the one place that names the lane's API
     (``gemmbridge.torch.lane``). ImportError where the lane does not exist."""
-    from gemmbridge.torch import lane  # type: ignore[attr-defined]
+    from gemmbridge.torch import lane
 
-    return lambda: lane.linear(x, w)
+    return lambda: lane.gemm(x, w, None, None, None, False, True, 1.0, 0.0, "none", None)
 
 
 @dataclass
