@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
 # each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune,
-# distributed, bench, benchcli, skinny, dropout, stress, rsscontrol, sanitize, freshvenv, tune. STEP_TIMEOUT (s) bounds
-# each step.
+# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, stress, rsscontrol, sanitize, freshvenv, tune.
+# STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 header() {

@@ -38,6 +38,7 @@ def _kernel_module_version() -> str | None:
 
 def _query(device: int) -> dict[str, Any]:
     attr = driver.CUdevice_attribute
+    check(driver.cuInit(0), "cuInit")  # asked before any framework touched the GPU, the driver is not initialised yet
     dev = check(driver.cuDeviceGet(device), "cuDeviceGet")
     name = check(driver.cuDeviceGetName(256, dev), "cuDeviceGetName").split(b"\0")[0].decode()
 
