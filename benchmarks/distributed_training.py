@@ -99,6 +99,11 @@ def train(run: Run, mode: str, rank: int, world: int, device: torch.device, args
     sync = torch.cuda.synchronize if cuda else lambda: None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        # RowMasks makes each process draw its rows' masks as one process would, through torch's bernoulli: the
+        # LoRA kernels' own mask (a seed per process) cannot be split by rows, so they are off for these runs
+        import gemmbridge
+
+        gemmbridge.set_kernels("off" if run.dropout else "auto")
     torch.manual_seed(0)
     model, blocks = build(run, size, device)
     if mode == "ddp":
