@@ -1,8 +1,10 @@
 """NumPy arrays posing as CUDA arrays, run through the CUDA backend with cuBLASLt emulated (``cublaslt_emulator``).
 
-``emulated_gpu(monkeypatch)`` installs it for one test: ``GpuArray`` operands (a NumPy subclass whose
+``install(monkeypatch)`` installs it for one test: ``GpuArray`` operands (a NumPy subclass whose
 metadata says ``cuda:0``) go through gemmbridge's plan layer, the CUDA backend's hot path and its
-cuBLASLt bindings; only the library calls are emulated, on host memory.
+cuBLASLt bindings; only the library calls are emulated, on host memory. Every array of the emulated
+device (the test's operands, gemmbridge's allocations and workspaces) is an allocation of
+``device_memory``: guarded, and checked after every emulated launch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import Framework
 from cublaslt_emulator import FakeLt
+from device_memory import MEMORY
 from kernel_emulator import FakeKernels
 
 from gemmbridge.arrays import BY_TYPE
@@ -28,8 +31,15 @@ class GpuArray(np.ndarray):
     """A host array that gemmbridge takes for one on cuda:0."""
 
 
+def on_device(x: np.ndarray, dtype: Any = None) -> GpuArray:
+    """A copy of ``x`` (as ``dtype``) in a fresh allocation of the emulated device, C-ordered."""
+    found = MEMORY.array(np.shape(x), x.dtype if dtype is None else dtype)
+    found[...] = x
+    return found.view(GpuArray)
+
+
 class EmulatedCall:
-    """A CUDA call context whose allocator is NumPy's."""
+    """A CUDA call context whose allocator is the emulated device's (``device_memory``)."""
 
     device, stream, finish, graph_owns_memory = 0, 0, None, False
     capturing = False
@@ -39,16 +49,20 @@ class EmulatedCall:
         return self.tf32_default
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> GpuArray:
-        return np.full(shape, np.nan if dtype != "uint8" else 0xAB, dtype=numpy_dtype(dtype)).view(GpuArray)
+        found = MEMORY.array(shape, numpy_dtype(dtype)).view(GpuArray)
+        found.fill(np.nan if dtype != "uint8" else 0xAB)  # poisoned: an element left unwritten shows
+        return found
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> GpuArray:
-        return np.zeros(shape, dtype=numpy_dtype(dtype)).view(GpuArray)
+        found = MEMORY.array(shape, numpy_dtype(dtype)).view(GpuArray)
+        found.fill(0)
+        return found
 
     def contiguous(self, x: np.ndarray) -> GpuArray:
-        return np.ascontiguousarray(x).view(GpuArray)
+        return on_device(x)
 
     def transposed(self, x: np.ndarray) -> GpuArray:
-        return np.ascontiguousarray(np.swapaxes(x, -1, -2)).view(GpuArray)
+        return on_device(np.swapaxes(x, -1, -2))
 
     def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
@@ -93,7 +107,7 @@ class EmulatedFramework(Framework):
         return "emulated-cuda"
 
     def from_numpy(self, arr: np.ndarray, dtype: str) -> Any:
-        return super().from_numpy(arr, dtype).view(GpuArray)
+        return on_device(super().from_numpy(arr, dtype))
 
     def type_check(self, x: Any) -> None:
         assert type(x) is GpuArray
@@ -117,8 +131,8 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(bindings, "_handles", {})
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver
     monkeypatch.setattr(workspace, "_buffers", {})
-    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.__array_interface__["data"][0]))(
-        np.empty(workspace.WORKSPACE_BYTES, np.uint8)))  # fmt: skip
+    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.ctypes.data))(
+        MEMORY.allocate(workspace.WORKSPACE_BYTES)))  # fmt: skip
     monkeypatch.setitem(BY_TYPE, GpuArray, view)
     monkeypatch.setattr(tuning_cache, "_devices", {0: dict(EMULATED_DEVICE)})
     gemmbridge.clear_cache()

@@ -8,6 +8,9 @@ the backend passes, exactly as the kernel does, and computes on host memory what
 - A(m, k) at ``a[m·lda + k]`` when the config's A is K-contiguous, else at ``a[k·lda + m]``; B(k, n) at
   ``b[n·ldb + k]`` when K-contiguous, else at ``b[k·ldb + n]``;
 - K in ``splits`` ranges of ``k_per_split`` (each a multiple of BK) summed in float32, C unread when beta is 0.
+
+Every matrix and the bias a launch touches is checked to lie inside one allocation of the emulated device, and
+every allocation's guard bytes after each launch (``device_memory``).
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from cublaslt_emulator import raw
+from device_memory import MEMORY, device, raw
 
 _HALF = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
-def _matrix(address: int, dtype: np.dtype, rows: int, cols: int, row_stride: int, col_stride: int) -> np.ndarray:
+def _matrix(
+    address: int, dtype: np.dtype, rows: int, cols: int, row_stride: int, col_stride: int, what: str
+) -> np.ndarray:
     extent = (rows - 1) * row_stride + (cols - 1) * col_stride + 1
-    base = raw(address, dtype, extent)
+    base = device(address, dtype, extent, what)
     strides = (row_stride * dtype.itemsize, col_stride * dtype.itemsize)
     return np.lib.stride_tricks.as_strided(base, (rows, cols), strides)
 
@@ -58,8 +63,8 @@ class FakeKernels:
         half = _HALF[config.dtype]
         out = np.dtype(np.float32) if config.out_f32 else half
         for z in range(gz // config.splits):
-            A = _matrix(a + z * sa * half.itemsize, half, m, k, *((lda, 1) if config.a_kcontig else (1, lda)))
-            B = _matrix(b + z * sb * half.itemsize, half, k, n, *((1, ldb) if config.b_kcontig else (ldb, 1)))
+            A = _matrix(a + z * sa * half.itemsize, half, m, k, *((lda, 1) if config.a_kcontig else (1, lda)), "A")
+            B = _matrix(b + z * sb * half.itemsize, half, k, n, *((1, ldb) if config.b_kcontig else (ldb, 1)), "B")
             acc = np.zeros((m, n), np.float32)
             for s in range(config.splits):
                 lo, hi = s * kps, min(k, (s + 1) * kps)
@@ -67,7 +72,8 @@ class FakeKernels:
                     acc += A[:, lo:hi].astype(np.float32) @ B[lo:hi].astype(np.float32)
             acc *= np.float32(alpha)
             if beta != 0:
-                acc += np.float32(beta) * _matrix(c + z * sc * out.itemsize, out, m, n, ldc, 1).astype(np.float32)
+                acc += np.float32(beta) * _matrix(c + z * sc * out.itemsize, out, m, n, ldc, 1, "C").astype(np.float32)
             if bias:
-                acc += raw(bias, out, n).astype(np.float32)
-            _matrix(d + z * sd * out.itemsize, out, m, n, ldd, 1)[...] = acc.astype(out)
+                acc += device(bias, out, n, "the bias").astype(np.float32)
+            _matrix(d + z * sd * out.itemsize, out, m, n, ldd, 1, "D")[...] = acc.astype(out)
+        MEMORY.check()

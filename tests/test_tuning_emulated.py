@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cublaslt_emulator import STAGES, TILES, raw
-from emulated_gpu import EMULATED_DEVICE, Events, GpuArray, install
+from cublaslt_emulator import STAGES, TILES
+from device_memory import device
+from emulated_gpu import EMULATED_DEVICE, Events, install, on_device
 
 import gemmbridge as gb
 from gemmbridge import tuning
@@ -28,26 +29,15 @@ def gpu(monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(tuning, "_files", {})
     monkeypatch.setattr(tuning, "enabled", True)
     found = install(monkeypatch)
-    call = found[1].call
-    empty = call.empty
-    monkeypatch.setattr(call, "empty", lambda shape, dtype: aligned(empty(shape, dtype)))
     yield found
     gb.set_autotune(False)
     gb.clear_cache()
 
 
-def aligned(x: np.ndarray) -> GpuArray:
-    """``x`` copied to a 256-byte aligned address, as GPU allocators give (the plan's alignment key stays put)."""
-    buf = np.empty(x.nbytes + 256, np.uint8)
-    start = (-buf.ctypes.data) % 256
-    out = buf[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
-    out[...] = x
-    return out.view(GpuArray)
-
-
 def operands(rng: np.random.Generator, m: int = 6, k: int = 4, n: int = 5) -> tuple[Any, Any, np.ndarray]:
+    """Fresh a and b on the emulated device (256-byte aligned, as its allocations are) and their float64 product."""
     a64, b64 = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-    return aligned(a64), aligned(b64), a64 @ b64
+    return on_device(a64), on_device(b64), a64 @ b64
 
 
 def lt_plan() -> Any:
@@ -279,7 +269,8 @@ class KernelSource:
         def launch(ptrs, alpha, beta, workspace, stream):  # type: ignore[no-untyped-def]
             self.launches += 1
             m, n = self.a.shape[0], self.b.shape[1]
-            raw(ptrs.d, np.float64, m * n)[:] = (alpha * (np.asarray(self.a) @ np.asarray(self.b))).ravel()
+            product = alpha * (np.asarray(self.a) @ np.asarray(self.b))
+            device(ptrs.d, np.float64, m * n, "the kernel's D")[:] = product.ravel()
 
         return autotune.Candidate(f"kernel block {block}", {"backend": "kernel", "config": {"block": block}}, launch)
 
@@ -392,8 +383,8 @@ def test_in_process_autotune_times_the_kernel_too_and_the_cache_keeps_its_win(gp
     monkeypatch.setattr(fake, "matmul", lt)
     monkeypatch.setattr(autotune, "driver", Events(lambda: 0.5 if ran[-1] == "kernel" else 1.0, lambda: len(ran)))
     rng = np.random.default_rng(0)
-    a = aligned(np.asarray(rng.standard_normal((512, 256)), dtype=np.float16))
-    b = aligned(np.asarray(rng.standard_normal((256, 16)), dtype=np.float16))
+    a = on_device(rng.standard_normal((512, 256)), np.float16)
+    b = on_device(rng.standard_normal((256, 16)), np.float16)
     gb.set_autotune(True)
     try:
         gb.matmul(a, b)
