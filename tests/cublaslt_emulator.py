@@ -167,8 +167,9 @@ class FakeLt:
 
     def matmul_algo_config_get_attribute(self, algo, attr, buf, size, written) -> None:  # type: ignore[no-untyped-def]
         words, i, shift = self._slot(algo, int(attr))
-        value = (int(words[i]) >> shift) & (0xFFFF if i == 7 else (1 << 64) - 1)
-        raw(buf, real.get_matmul_algo_config_attribute_dtype(attr), 1)[0] = value - (attr == _CFG.ID)
+        value = ((int(words[i]) >> shift) & (0xFFFF if i == 7 else (1 << 64) - 1)) - (attr == _CFG.ID)
+        dtype = np.dtype(real.get_matmul_algo_config_attribute_dtype(attr))  # the field's low bytes, as C reads it
+        raw(buf, dtype, 1)[0] = np.frombuffer((value % (1 << 64)).to_bytes(8, "little")[: dtype.itemsize], dtype)[0]
         raw(written, np.uint64, 1)[0] = size
 
     def matmul_algo_config_set_attribute(self, algo, attr, buf, size) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ exploration of cuBLASLt's algorithm space beyond the heuristic, and extra candid
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 from cublaslt_emulator import STAGES, TILES
 from device_memory import device
 from emulated_gpu import EMULATED_DEVICE, Events, install, on_device
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gemmbridge as gb
 from gemmbridge import tuning
@@ -174,8 +177,9 @@ def _refused_tile(choice: dict) -> None:  # consistent, but the library no longe
         lambda c: c.update(data=c["data"][:-2]),
         lambda c: c.pop("config"),
         lambda c: c.update(backend="kernel"),  # no source for it
+        lambda c: c["config"].update(ID=float("inf")),  # json writes Infinity, and reads it back
     ],
-    ids=["refused", "config-mismatch", "bad-hex", "short", "no-config", "unknown-backend"],
+    ids=["refused", "config-mismatch", "bad-hex", "short", "no-config", "unknown-backend", "infinite-id"],
 )
 def test_a_stale_or_corrupted_entry_is_ignored(gpu, monkeypatch, rng, change) -> None:
     store_choice(gpu, monkeypatch, rng)
@@ -183,6 +187,83 @@ def test_a_stale_or_corrupted_entry_is_ignored(gpu, monkeypatch, rng, change) ->
     a, b, ref = operands(rng)
     np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
     assert gpu[0].calls[-1][0] == 0 and lt_plan()[0].choice == 0
+
+
+# values a corrupted file may hold where it had another: every JSON type, non-finite and huge numbers, the backends
+SPECIAL = st.sampled_from([float("inf"), float("-inf"), float("nan"), 10**400, -(2**64), 1e308, "cublaslt", "kernel"])
+JSON_VALUES = SPECIAL | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_DEEP = "\x00deep\x00"  # stands for a value nested too deep to write with json.dumps
+
+
+def _paths(value: Any, path: tuple = ()) -> list[tuple]:
+    """Every place in a JSON document: the keys and indices that lead to it."""
+    found = [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found += _paths(inner, (*path, key))
+    return found
+
+
+@st.composite
+def corrupted(draw: st.DrawFn, text: str) -> bytes:
+    """``text`` (a valid tuning file) corrupted one way: truncated, bytes flipped, or a value somewhere in it (half the
+    time in the choice a backend reads back) swapped for another type or number, nested deep, its key renamed or
+    removed."""
+    kind = draw(st.sampled_from(["truncate", "flip", "swap", "swap", "nest", "rename", "drop"]))
+    data = text.encode()
+    if kind == "truncate":
+        return data[: draw(st.integers(0, len(data) - 1))]
+    if kind == "flip":
+        flipped = bytearray(data)
+        for _ in range(draw(st.integers(1, 4))):
+            flipped[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+        return bytes(flipped)
+    root = {"": json.loads(text)}
+    paths = _paths(root)[1:]
+    choices = [p for p in paths if "choice" in p]  # what a backend reads back: half the draws
+    path = draw(st.sampled_from(paths) | st.sampled_from(choices))
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key]
+    key, deep = path[-1], ""
+    if kind == "nest":
+        depth = draw(st.sampled_from([2, 100, 5_000, 100_000]))
+        deep = "[" * depth + json.dumps(parent[key]) + "]" * depth
+        parent[key] = _DEEP
+    elif kind == "swap" or path == ("",):  # the document itself is only ever replaced
+        parent[key] = draw(JSON_VALUES)
+    elif kind == "rename" and isinstance(parent, dict):
+        parent[draw(st.text(max_size=8))] = parent.pop(key)
+    else:
+        del parent[key]
+    return json.dumps(root[""]).replace(json.dumps(_DEEP), deep).encode()
+
+
+def test_fuzz_corrupted_cache_files_are_ignored_never_an_error(gpu, monkeypatch, rng) -> None:
+    """Generated corruptions of a tuning file holding a tuned choice: the reader keeps only well-formed entries, and a
+    new plan gets a right result from the cached choice or the heuristic's first pick — never an exception."""
+    store_choice(gpu, monkeypatch, rng)
+    path = tuning_cache._file(0).path  # type: ignore[union-attr]
+    with open(path) as f:
+        text = f.read()
+    a, b, ref = operands(rng)
+
+    @settings(max_examples=int(os.environ.get("GEMMBRIDGE_FUZZ_CACHE", 200)), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(corrupted(text))
+    def fuzz(content: bytes) -> None:
+        with open(path + ".new", "wb") as f:
+            f.write(content)
+        os.replace(path + ".new", path)  # a new inode: the reader's memo sees the change
+        assert all(tuning.valid_entry(e) for e in tuning_cache._file(0).entries().values())  # type: ignore[union-attr]
+        gb.clear_cache()
+        np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+
+    fuzz()
 
 
 def test_a_cached_algorithm_refused_at_launch_falls_back_to_the_first_pick(gpu, monkeypatch, rng) -> None:
