@@ -131,6 +131,7 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(bindings, "_handles", {})
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver
     monkeypatch.setattr(workspace, "_buffers", {})
+    monkeypatch.setattr(workspace, "_streams_kept", {})
     monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.ctypes.data))(
         MEMORY.allocate(workspace.WORKSPACE_BYTES)))  # fmt: skip
     monkeypatch.setitem(BY_TYPE, GpuArray, view)
@@ -141,14 +142,21 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
 
 class Events:
     """cuda.bindings.driver's event calls: between two records, ``ms_of()`` (of whatever ran last) per launch
-    (``count()`` counts launches)."""
+    (``count()`` counts launches). A wait for an event outside thread-local capture mode fails the test: during
+    another thread's global-mode capture (torch's default) it would fail and invalidate that capture."""
 
     def __init__(self, ms_of, count) -> None:  # type: ignore[no-untyped-def]
         from cuda.bindings import driver
 
         self.ok, self.ms_of, self.count, self.timed, self.records, self.mark = (
             driver.CUresult.CUDA_SUCCESS, ms_of, count, 0, 0, 0)  # fmt: skip
+        self.CUstreamCaptureMode = driver.CUstreamCaptureMode
+        self.mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL  # the thread's, as CUDA starts
         self.destroyed: list = []
+
+    def cuThreadExchangeStreamCaptureMode(self, mode):  # type: ignore[no-untyped-def]
+        before, self.mode = self.mode, mode
+        return self.ok, before
 
     def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
         return self.ok, object()
@@ -159,7 +167,11 @@ class Events:
         self.records += 1
         return (self.ok,)
 
-    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
+    def cuEventSynchronize(self, event):  # type: ignore[no-untyped-def]
+        assert self.mode == self.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, "a wait not isolated"
+        return (self.ok,)
+
+    cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
 
     def cuGraphExecDestroy(self, graph):  # type: ignore[no-untyped-def]
         self.destroyed.append(graph)

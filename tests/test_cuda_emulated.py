@@ -20,6 +20,8 @@ from test_fuzz import COUNTS, SEED, _run
 import gemmbridge as gb
 from gemmbridge.errors import VendorError
 
+OK = pytest.importorskip("cuda.bindings.driver").CUresult.CUDA_SUCCESS
+
 
 @pytest.fixture
 def gpu(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
@@ -264,6 +266,7 @@ def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monke
     monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: launched.append(graph))
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", destroyed.append)
+    monkeypatch.setattr(graphs.driver, "cuThreadExchangeStreamCaptureMode", lambda mode: (OK, mode))
     monkeypatch.setattr(graphs, "_doomed", [])
     cache = graphs.GraphCache()
     results = [cache.record(("sig",), 0, 7, lambda stream: None) for _ in range(3)]
@@ -295,6 +298,7 @@ def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkey
     monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: None)
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", lambda graph: None)
+    monkeypatch.setattr(graphs.driver, "cuThreadExchangeStreamCaptureMode", lambda mode: (OK, mode))
     monkeypatch.setattr(graphs, "_doomed", [])  # these stand-in graphs must never reach the real drain
     caches = {name: graphs.GraphCache() for name in ("cycling", "steady", "churning", "mostly steady")}
 

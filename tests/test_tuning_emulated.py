@@ -86,6 +86,19 @@ def test_autotune_stores_its_choice_and_a_new_plan_uses_it_without_timing(gpu, m
     assert lt_plan()[0].choice == -1  # the cached algorithm, not a heuristic index
 
 
+def test_tuning_waits_for_its_events_isolated_from_other_threads_captures(gpu, monkeypatch, rng) -> None:
+    """Waiting for an event while another thread captures in CUDA's global mode (torch's default) fails and
+    invalidates that capture: the timer waits with this thread's capture mode thread-local (``Events`` refuses any
+    other wait), and gives the thread its mode back."""
+    fake, _ = gpu
+    events = Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls)
+    monkeypatch.setattr(autotune, "driver", events)
+    gb.set_autotune(True)
+    a, b, ref = operands(rng)
+    np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
+    assert events.timed > 0 and events.mode == events.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
+
+
 def test_host_bound_candidates_are_timed_as_graph_replays(gpu, monkeypatch, rng) -> None:
     """Launched one by one, both candidates cost the host's 0.03 ms per launch; replayed from a graph, their
     kernels' own times (0.01 and 0.005 ms) show, and the faster one is kept."""

@@ -19,6 +19,7 @@ registered with ``add_source``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -153,15 +154,20 @@ class Timer:
     def __init__(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int, device: int) -> None:
         self.args = (ptrs, alpha, beta, workspace, stream)
         self.stream, self.device = stream, device
-        self.start = check(driver.cuEventCreate(0), "cuEventCreate")
-        self.end = check(driver.cuEventCreate(0), "cuEventCreate")
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> Timer:
+        """Events made; the waits for them isolated from other threads' captures (``graphs.isolated``)."""
+        held = self._held
+        held.enter_context(graphs.isolated(driver))
+        self.start = check(driver.cuEventCreate(0), "cuEventCreate")
+        held.callback(driver.cuEventDestroy, self.start)
+        self.end = check(driver.cuEventCreate(0), "cuEventCreate")
+        held.callback(driver.cuEventDestroy, self.end)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        driver.cuEventDestroy(self.start)
-        driver.cuEventDestroy(self.end)
+        self._held.close()
 
     def _per_call(self, enqueue: Callable[[], None], budget_ms: float) -> float:
         """ms per ``enqueue()``: a short estimate, then about ``budget_ms`` worth of calls (3 to 200)."""
