@@ -119,9 +119,11 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     pytest.importorskip("nvmath.bindings.cublasLt")
     import gemmbridge
     from gemmbridge.backends import cuda
-    from gemmbridge.backends.cuda import bindings, kernels, tuning_cache, workspace
+    from gemmbridge.backends.cuda import bindings, kernels, timer, tuning_cache, workspace
 
     fake, view = FakeLt(), EmulatedView()
+    monkeypatch.setattr(timer, "WARMUP_MS", 0.0)  # emulated clocks never change (a test modelling them sets its own)
+    monkeypatch.setattr(timer, "WARMUP_CHUNK_MS", 2.0)
     fake.kernels = FakeKernels()
     monkeypatch.setattr(kernels, "mode", "on")  # every problem the kernel can serve: its host side checked widely
     monkeypatch.setattr(kernels, "_broken", set())

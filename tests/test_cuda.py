@@ -260,6 +260,8 @@ def test_small_problem_graph_replay_follows_data_and_scalars():
 def test_autotune_times_every_candidate_and_keeps_a_working_one(dtype, with_out, monkeypatch):
     """Tuning runs (also for a plan first made by an out= call) and never writes the caller's out or c. The tuning
     cache is off: the other parametrization of this test stores a choice for the same problem."""
+    import statistics
+
     from gemmbridge import tuning
     from gemmbridge.backends.cuda import autotune
 
@@ -278,10 +280,14 @@ def test_autotune_times_every_candidate_and_keeps_a_working_one(dtype, with_out,
         gb.set_autotune(False)
     (plan,) = gb.plan.PLANS.plans.values()
     ((lt_plan, _, _),) = plan.state.plans.values()
-    assert len(timed) == 1 and len(timed[0].timings) == lt_plan.candidates
-    assert 0 <= lt_plan.choice < lt_plan.candidates and timed[0].chosen_ms < float("inf")
-    (chosen,) = [ms for name, ms in timed[0].timings.items() if name.startswith(f"heuristic {lt_plan.choice}:")]
-    assert chosen == timed[0].chosen_ms
+    (tuned,) = timed
+    assert len(tuned.timings) == lt_plan.candidates and 0 <= lt_plan.choice < lt_plan.candidates
+    finalists, rounds = list(tuned.rounds), list(zip(*tuned.rounds.values()))  # the first pick first
+    assert finalists[0].startswith("heuristic 0:") and len(rounds) == autotune.ROUNDS
+    decision = autotune.decide(rounds)
+    assert finalists[decision.chosen].startswith(f"heuristic {lt_plan.choice}:"), "the plan runs the choice"
+    assert tuned.chosen_ms == statistics.median(tuned.rounds[finalists[decision.chosen]]) < float("inf")
+    assert lt_plan.choice == 0 or decision.gain > max(autotune.MIN_GAIN, decision.noise)
 
 
 def test_two_captured_graphs_have_their_own_workspaces_and_replay_concurrently(monkeypatch):

@@ -100,10 +100,10 @@ def test_threads_share_one_plan_and_compute_right(gpu) -> None:
 
 def test_autotune_with_out_times_into_scratch_and_keeps_the_faster_candidate(gpu, monkeypatch) -> None:
     """A plan first made by an out= call is tuned too, and tuning never writes out (here out is c, in place)."""
-    from gemmbridge.backends.cuda import autotune
+    from gemmbridge.backends.cuda import timer
 
     fake, _ = gpu
-    monkeypatch.setattr(autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
+    monkeypatch.setattr(timer, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
     fw = EmulatedFramework()
     rng = np.random.default_rng(1)
     a64, b64, c64 = rng.standard_normal((6, 4)), rng.standard_normal((4, 5)), rng.standard_normal((6, 5))
@@ -126,10 +126,10 @@ def test_autotune_scratch_holds_everything_a_candidate_writes_for_any_out_layout
     through an M×N temporary: its scratch must hold the whole result (it was sized from out's upper byte only, 64
     bytes for a 4096-byte result, and the candidates wrote past it)."""
     from gemmbridge import tuning
-    from gemmbridge.backends.cuda import autotune
+    from gemmbridge.backends.cuda import timer
 
     fake, _ = gpu
-    monkeypatch.setattr(autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
+    monkeypatch.setattr(timer, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
     monkeypatch.setattr(tuning, "enabled", False)  # tuned every time, never served from another layout's entry
     fw = EmulatedFramework()
     a64, b64 = rng.standard_normal((64, 8)), rng.standard_normal((8, 16))
@@ -156,11 +156,11 @@ def test_fuzz_autotuned_with_every_out_layout(gpu, monkeypatch) -> None:
     from test_fuzz import check_problem, problems
 
     from gemmbridge import tuning
-    from gemmbridge.backends.cuda import autotune
+    from gemmbridge.backends.cuda import timer
 
     fake, _ = gpu
     launches = lambda: fake.matmuls + len(fake.kernels.launches)  # noqa: E731 (cuBLASLt's and the skinny kernel's)
-    monkeypatch.setattr(autotune, "driver", Events(lambda: 1.0 - 0.5 * fake.calls[-1][0], launches))
+    monkeypatch.setattr(timer, "driver", Events(lambda: 1.0 - 0.5 * fake.calls[-1][0], launches))
     monkeypatch.setattr(tuning, "enabled", False)
     fw, rng = EmulatedFramework(), np.random.default_rng(SEED)
     layouts = ("contiguous", "transposed", "row_strided", "col_strided", "offset", "negative")

@@ -27,13 +27,16 @@ _lock = threading.Lock()
 
 @dataclass(frozen=True)
 class TuneResult:
-    """One tuned GEMM: the heuristic's first pick and the tuned choice, ms per call (same run, same inputs)."""
+    """One tuned GEMM: the heuristic's first pick and the tuned choice, median ms per call in the same interleaved
+    rounds on the same inputs, and the noise of their ratio (the choice replaces the first pick only when faster by
+    more than the noise and 2 %: docs/tuning.md)."""
 
     problem: str
     first_ms: float
     tuned_ms: float
     chosen: str
     candidates: int
+    noise: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -69,7 +72,8 @@ def _exploring(budget_s: float) -> Iterator[list[tuple[TuneResult, Callable[[], 
     found: list[tuple[TuneResult, Callable[[], None]]] = []
 
     def told(described: str, tuned: Any, forget: Callable[[], None]) -> None:
-        result = TuneResult(described, tuned.first_ms, tuned.chosen_ms, tuned.chosen.name, len(tuned.timings))
+        result = TuneResult(described, tuned.first_ms, tuned.chosen_ms, tuned.chosen.name, len(tuned.timings),
+                            tuned.noise)  # fmt: skip
         found.append((result, forget))
 
     with _lock:
