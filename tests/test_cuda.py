@@ -487,3 +487,36 @@ def test_tuning_and_graph_recording_leave_another_threads_global_capture_intact(
     assert rel_err(out, a.double() @ b.double()) < 1e-5
     assert rel_err(results["tuned"], x.double() @ y.double()) < 1e-5
     assert rel_err(small_out, s1.double() @ s2.double()) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["negative", "row_strided", "col_strided", "offset", "transposed"])
+def test_autotune_with_a_cupy_out_view_writes_only_out(layout, monkeypatch):
+    """Autotune's candidates write scratch laid out like the call's outputs: with reversed rows (CuPy's ``x[::-1]``,
+    written through an M×N temporary) the scratch was sized from out's upper byte (64 bytes for 4096) and the
+    candidates wrote past it. CuPy without its pool here: each array is its own allocation, for memcheck."""
+    import numpy as np
+
+    cupy = pytest.importorskip("cupy")
+    from gemmbridge import tuning
+    from gemmbridge.testing import Framework
+
+    monkeypatch.setattr(tuning, "enabled", False)  # tuned every time, never served from another layout's entry
+    pool = cupy.get_default_memory_pool()
+    cupy.cuda.set_allocator(None)
+    try:
+        fw, rng = Framework("cupy", "cuda"), np.random.default_rng(7)
+        a, b = fw.from_numpy(rng.standard_normal((64, 32)), "float32"), fw.from_numpy(rng.standard_normal((32, 16)),
+                                                                                      "float32")  # fmt: skip
+        parent, out, inside = fw.out_view((64, 16), "float32", layout)
+        gb.clear_cache()
+        gb.set_autotune(True)
+        try:
+            assert gb.matmul(a, b, out=out, allow_tf32=False) is out
+        finally:
+            gb.set_autotune(False)
+        ref = fw.to_numpy64(a) @ fw.to_numpy64(b)
+        np.testing.assert_allclose(cupy.asnumpy(out), ref, rtol=1e-4, atol=1e-4)
+        assert np.isnan(cupy.asnumpy(parent)[~inside]).all(), "written outside out"
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+        gb.clear_cache()
