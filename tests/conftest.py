@@ -8,6 +8,7 @@ CPU and (marked ``gpu``) on CUDA. What this machine lacks (``testing.Unavailable
 from __future__ import annotations
 
 import contextlib
+import sys
 import zlib
 from collections.abc import Generator, Iterator
 
@@ -93,6 +94,17 @@ def _fresh_cache() -> None:
     import gemmbridge
 
     gemmbridge.clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _emulated_memory_intact() -> Iterator[None]:
+    """A test whose emulated GPU work reached outside an allocation fails, also where gemmbridge set the error aside
+    (``device_memory``: guard bytes around every allocation, bounds on every emulated access)."""
+    yield
+    memory = sys.modules.get("device_memory")  # imported by the emulated-GPU tests only
+    if memory is not None:
+        faults = memory.MEMORY.take_faults()
+        assert not faults, "\n".join(faults)
 
 
 def cuda_torch():

@@ -22,7 +22,9 @@ The algorithm space is emulated too (``matmul_algo_get_ids``, ``_init``, ``_cap_
 ``matmul_algo_check`` refuses an undefined tile, a cluster other than auto, 1x1x1 or 2x1x1, split-K
 without a reduction scheme, and asks more workspace than gemmbridge has for split-K 8.
 
-The device "pointers" are host addresses of NumPy arrays, so the test arrays must stay alive.
+The device "pointers" are host addresses of the emulated device's allocations (``device_memory``), so the test
+arrays must stay alive; every matrix, bias and aux a product touches is checked to lie inside one allocation, and
+every allocation's guard bytes after each product.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from device_memory import MEMORY, device, raw
 from nvmath import CudaDataType
 from nvmath.bindings import cublas
 from nvmath.bindings import cublasLt as real
@@ -62,12 +65,6 @@ CAPS = {
     _CAP.REDUCTION_SCHEME_MASK: [int(real.ReductionScheme.INPLACE) | int(real.ReductionScheme.COMPUTE_TYPE)],
 }
 CLUSTERS_OK = {int(getattr(real.ClusterShape, f"SHAPE_{s}")) for s in ("AUTO", "1x1x1", "2x1x1")}
-
-
-def raw(address: int, dtype: Any, count: int) -> np.ndarray:
-    """``count`` elements of ``dtype`` at host ``address``, writable, no copy."""
-    dtype = np.dtype(dtype)
-    return np.frombuffer((ctypes.c_char * max(count * dtype.itemsize, 1)).from_address(address), dtype)[:count]
 
 
 def _read(ptr: int, size: int, dtype: Any) -> Any:
@@ -170,8 +167,9 @@ class FakeLt:
 
     def matmul_algo_config_get_attribute(self, algo, attr, buf, size, written) -> None:  # type: ignore[no-untyped-def]
         words, i, shift = self._slot(algo, int(attr))
-        value = (int(words[i]) >> shift) & (0xFFFF if i == 7 else (1 << 64) - 1)
-        raw(buf, real.get_matmul_algo_config_attribute_dtype(attr), 1)[0] = value - (attr == _CFG.ID)
+        value = ((int(words[i]) >> shift) & (0xFFFF if i == 7 else (1 << 64) - 1)) - (attr == _CFG.ID)
+        dtype = np.dtype(real.get_matmul_algo_config_attribute_dtype(attr))  # the field's low bytes, as C reads it
+        raw(buf, dtype, 1)[0] = np.frombuffer((value % (1 << 64)).to_bytes(8, "little")[: dtype.itemsize], dtype)[0]
         raw(written, np.uint64, 1)[0] = size
 
     def matmul_algo_config_set_attribute(self, algo, attr, buf, size) -> None:  # type: ignore[no-untyped-def]
@@ -199,13 +197,11 @@ class FakeLt:
         self.objects.pop(desc, None)
 
     # -- the product -----------------------------------------------------------------------------------
-    def _matrix(self, address: int, layout: dict, batch: int, transpose: bool) -> np.ndarray:
-        dtype, rows, cols, ld = layout["dtype"], layout["rows"], layout["cols"], layout["ld"]
+    def _operand(self, address: int, layout: dict, batch: int, what: str) -> np.ndarray:
+        """Batch ``batch`` of a column-major operand, as a (rows, cols) view of device memory."""
+        dtype = layout["dtype"]
         base = address + batch * layout["stride"] * dtype.itemsize
-        span = (cols - 1) * ld + rows
-        flat = raw(base, dtype, span)
-        view = np.lib.stride_tricks.as_strided(flat, (rows, cols), (dtype.itemsize, ld * dtype.itemsize))
-        return view.T if transpose else view
+        return _column_major(base, dtype, layout["rows"], layout["cols"], layout["ld"], f"{what}[{batch}]")
 
     def matmul(self, handle, desc, alpha, a, la, b, lb, beta, c, lc, d, ld, algo, ws, ws_size, stream) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0)  # the real call releases the GIL: let other threads run, as they would
@@ -223,41 +219,49 @@ class FakeLt:
         epilogue = real.Epilogue(int(attrs.get(int(_D.EPILOGUE), real.Epilogue.DEFAULT))).name
         layouts = [self.objects[h] for h in (la, lb, lc, ld)]
         for i in range(layouts[3]["batch"]):
-            A = self._matrix(a, layouts[0], i, trans_a).astype(np.float64)
-            B = self._matrix(b, layouts[1], i, trans_b).astype(np.float64)
+            A = self._operand(a, layouts[0], i, "A").astype(np.float64)
+            B = self._operand(b, layouts[1], i, "B").astype(np.float64)
+            A, B = (A.T if trans_a else A), (B.T if trans_b else B)
             P = alpha_v * (A @ B)
             if beta_v != 0.0:  # as in BLAS, C is not read when beta is 0
-                P = P + beta_v * self._matrix(c, layouts[2], i, False).astype(np.float64)
-            self._epilogue(epilogue, attrs, P, A, B, self._matrix(d, layouts[3], i, False))
+                P = P + beta_v * self._operand(c, layouts[2], i, "C").astype(np.float64)
+            self._epilogue(epilogue, attrs, P, A, B, self._operand(d, layouts[3], i, "D"))
+        MEMORY.check()
 
     def _epilogue(self, name: str, attrs: dict, P: np.ndarray, A: np.ndarray, B: np.ndarray, D: np.ndarray) -> None:
         rows, cols = D.shape
         bias_ptr = int(attrs.get(int(_D.BIAS_POINTER), 0))
         aux_ptr, aux_ld = int(attrs.get(int(_D.EPILOGUE_AUX_POINTER), 0)), int(attrs.get(int(_D.EPILOGUE_AUX_LD), 0))
+
+        def mask() -> np.ndarray:  # the relu aux: bit i + j·ld for element (i, j)
+            return device(aux_ptr, np.uint8, aux_ld * cols // 8, "the relu aux mask")
+
         if "BIAS" in name:
-            P = P + raw(bias_ptr, D.dtype, rows).astype(np.float64)[:, None]
+            P = P + device(bias_ptr, D.dtype, rows, "the bias").astype(np.float64)[:, None]
         if name in ("GELU_AUX", "GELU_AUX_BIAS"):
-            aux = np.lib.stride_tricks.as_strided(raw(aux_ptr, D.dtype, aux_ld * cols), (rows, cols),
-                                                  (D.dtype.itemsize, aux_ld * D.dtype.itemsize))  # fmt: skip
-            aux[...] = P
+            _column_major(aux_ptr, D.dtype, rows, cols, aux_ld, "the gelu aux")[...] = P
         if name in ("RELU_AUX", "RELU_AUX_BIAS"):
-            bits = np.unpackbits(raw(aux_ptr, np.uint8, aux_ld * cols // 8), bitorder="little")
+            bits = np.unpackbits(mask(), bitorder="little")
             for j in range(cols):
                 bits[j * aux_ld : j * aux_ld + rows] = P[:, j] > 0
-            raw(aux_ptr, np.uint8, aux_ld * cols // 8)[...] = np.packbits(bits, bitorder="little")
+            mask()[...] = np.packbits(bits, bitorder="little")
         if name.startswith(("RELU", "GELU")):
             P = np.maximum(P, 0.0) if name.startswith("RELU") else gelu(P)
         if name.startswith("DGELU"):
-            pre = np.lib.stride_tricks.as_strided(raw(aux_ptr, D.dtype, aux_ld * cols), (rows, cols),
-                                                  (D.dtype.itemsize, aux_ld * D.dtype.itemsize))  # fmt: skip
-            P = P * gelu_grad(pre.astype(np.float64))
+            P = P * gelu_grad(_column_major(aux_ptr, D.dtype, rows, cols, aux_ld, "the gelu aux").astype(np.float64))
         if name.startswith("DRELU"):
-            bits = np.unpackbits(raw(aux_ptr, np.uint8, aux_ld * cols // 8), bitorder="little")
+            bits = np.unpackbits(mask(), bitorder="little")
             P = P * np.stack([bits[j * aux_ld : j * aux_ld + rows] for j in range(cols)], axis=1)
         D[...] = P
         if name in ("DRELU_BGRAD", "DGELU_BGRAD"):
-            raw(bias_ptr, D.dtype, rows)[...] = D.astype(np.float64).sum(axis=1)
+            device(bias_ptr, D.dtype, rows, "the bias gradient")[...] = D.astype(np.float64).sum(axis=1)
         elif name == "BGRADA":
-            raw(bias_ptr, D.dtype, rows)[...] = A.sum(axis=1)
+            device(bias_ptr, D.dtype, rows, "the bias gradient")[...] = A.sum(axis=1)
         elif name == "BGRADB":
-            raw(bias_ptr, D.dtype, cols)[...] = B.sum(axis=0)
+            device(bias_ptr, D.dtype, cols, "the bias gradient")[...] = B.sum(axis=0)
+
+
+def _column_major(address: int, dtype: np.dtype, rows: int, cols: int, ld: int, what: str) -> np.ndarray:
+    """A column-major rows × cols matrix with leading dimension ``ld`` at device ``address`` (a view)."""
+    flat = device(address, dtype, (cols - 1) * ld + rows, what)
+    return np.lib.stride_tricks.as_strided(flat, (rows, cols), (dtype.itemsize, ld * dtype.itemsize))

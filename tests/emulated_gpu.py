@@ -1,8 +1,10 @@
 """NumPy arrays posing as CUDA arrays, run through the CUDA backend with cuBLASLt emulated (``cublaslt_emulator``).
 
-``emulated_gpu(monkeypatch)`` installs it for one test: ``GpuArray`` operands (a NumPy subclass whose
+``install(monkeypatch)`` installs it for one test: ``GpuArray`` operands (a NumPy subclass whose
 metadata says ``cuda:0``) go through gemmbridge's plan layer, the CUDA backend's hot path and its
-cuBLASLt bindings; only the library calls are emulated, on host memory.
+cuBLASLt bindings; only the library calls are emulated, on host memory. Every array of the emulated
+device (the test's operands, gemmbridge's allocations and workspaces) is an allocation of
+``device_memory``: guarded, and checked after every emulated launch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import Framework
 from cublaslt_emulator import FakeLt
+from device_memory import MEMORY
 from kernel_emulator import FakeKernels
 
 from gemmbridge.arrays import BY_TYPE
@@ -28,8 +31,15 @@ class GpuArray(np.ndarray):
     """A host array that gemmbridge takes for one on cuda:0."""
 
 
+def on_device(x: np.ndarray, dtype: Any = None) -> GpuArray:
+    """A copy of ``x`` (as ``dtype``) in a fresh allocation of the emulated device, C-ordered."""
+    found = MEMORY.array(np.shape(x), x.dtype if dtype is None else dtype)
+    found[...] = x
+    return found.view(GpuArray)
+
+
 class EmulatedCall:
-    """A CUDA call context whose allocator is NumPy's."""
+    """A CUDA call context whose allocator is the emulated device's (``device_memory``)."""
 
     device, stream, finish, graph_owns_memory = 0, 0, None, False
     capturing = False
@@ -39,16 +49,20 @@ class EmulatedCall:
         return self.tf32_default
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> GpuArray:
-        return np.full(shape, np.nan if dtype != "uint8" else 0xAB, dtype=numpy_dtype(dtype)).view(GpuArray)
+        found = MEMORY.array(shape, numpy_dtype(dtype)).view(GpuArray)
+        found.fill(np.nan if dtype != "uint8" else 0xAB)  # poisoned: an element left unwritten shows
+        return found
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> GpuArray:
-        return np.zeros(shape, dtype=numpy_dtype(dtype)).view(GpuArray)
+        found = MEMORY.array(shape, numpy_dtype(dtype)).view(GpuArray)
+        found.fill(0)
+        return found
 
     def contiguous(self, x: np.ndarray) -> GpuArray:
-        return np.ascontiguousarray(x).view(GpuArray)
+        return on_device(x)
 
     def transposed(self, x: np.ndarray) -> GpuArray:
-        return np.ascontiguousarray(np.swapaxes(x, -1, -2)).view(GpuArray)
+        return on_device(np.swapaxes(x, -1, -2))
 
     def copy_into(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
@@ -93,7 +107,7 @@ class EmulatedFramework(Framework):
         return "emulated-cuda"
 
     def from_numpy(self, arr: np.ndarray, dtype: str) -> Any:
-        return super().from_numpy(arr, dtype).view(GpuArray)
+        return on_device(super().from_numpy(arr, dtype))
 
     def type_check(self, x: Any) -> None:
         assert type(x) is GpuArray
@@ -105,9 +119,11 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     pytest.importorskip("nvmath.bindings.cublasLt")
     import gemmbridge
     from gemmbridge.backends import cuda
-    from gemmbridge.backends.cuda import bindings, kernels, tuning_cache, workspace
+    from gemmbridge.backends.cuda import bindings, kernels, timer, tuning_cache, workspace
 
     fake, view = FakeLt(), EmulatedView()
+    monkeypatch.setattr(timer, "WARMUP_MS", 0.0)  # emulated clocks never change (a test modelling them sets its own)
+    monkeypatch.setattr(timer, "WARMUP_CHUNK_MS", 2.0)
     fake.kernels = FakeKernels()
     monkeypatch.setattr(kernels, "mode", "on")  # every problem the kernel can serve: its host side checked widely
     monkeypatch.setattr(kernels, "_broken", set())
@@ -118,8 +134,9 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver
     monkeypatch.setattr(cuda, "ensure_context", lambda device: None)  # no driver context to make current
     monkeypatch.setattr(workspace, "_buffers", {})
-    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.__array_interface__["data"][0]))(
-        np.empty(workspace.WORKSPACE_BYTES, np.uint8)))  # fmt: skip
+    monkeypatch.setattr(workspace, "_streams_kept", {})
+    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.ctypes.data))(
+        MEMORY.allocate(workspace.WORKSPACE_BYTES)))  # fmt: skip
     monkeypatch.setitem(BY_TYPE, GpuArray, view)
     monkeypatch.setattr(tuning_cache, "_devices", {0: dict(EMULATED_DEVICE)})
     gemmbridge.clear_cache()
@@ -128,14 +145,21 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
 
 class Events:
     """cuda.bindings.driver's event calls: between two records, ``ms_of()`` (of whatever ran last) per launch
-    (``count()`` counts launches)."""
+    (``count()`` counts launches). A wait for an event outside thread-local capture mode fails the test: during
+    another thread's global-mode capture (torch's default) it would fail and invalidate that capture."""
 
     def __init__(self, ms_of, count) -> None:  # type: ignore[no-untyped-def]
         from cuda.bindings import driver
 
         self.ok, self.ms_of, self.count, self.timed, self.records, self.mark = (
             driver.CUresult.CUDA_SUCCESS, ms_of, count, 0, 0, 0)  # fmt: skip
+        self.CUstreamCaptureMode = driver.CUstreamCaptureMode
+        self.mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL  # the thread's, as CUDA starts
         self.destroyed: list = []
+
+    def cuThreadExchangeStreamCaptureMode(self, mode):  # type: ignore[no-untyped-def]
+        before, self.mode = self.mode, mode
+        return self.ok, before
 
     def cuEventCreate(self, flags):  # type: ignore[no-untyped-def]
         return self.ok, object()
@@ -146,7 +170,11 @@ class Events:
         self.records += 1
         return (self.ok,)
 
-    cuEventSynchronize = cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
+    def cuEventSynchronize(self, event):  # type: ignore[no-untyped-def]
+        assert self.mode == self.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, "a wait not isolated"
+        return (self.ok,)
+
+    cuEventDestroy = lambda self, event: (self.ok,)  # noqa: E731
 
     def cuGraphExecDestroy(self, graph):  # type: ignore[no-untyped-def]
         self.destroyed.append(graph)

@@ -14,6 +14,9 @@ the backend passes, exactly as the kernel does, and computes on host memory what
 - ``mask.cu``'s fill: the mask of ``count`` elements as bytes;
 - ``dyonce.cu``: ``g = alpha_g·dy·B`` and, per cluster c of the grid's P, the float32 partial ``dyᵀ·xa`` over row
   tiles c, c + P, … of 128 rows into the workspace; then its reduction ``dB = alpha·Σ_c partial_c + beta·C``.
+
+Every matrix and the bias a launch touches is checked to lie inside one allocation of the emulated device, and
+every allocation's guard bytes after each launch (``device_memory``).
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from cublaslt_emulator import raw
+from device_memory import MEMORY, device, raw
 
 from gemmbridge.backends.cuda.kernels import dropout
 
 _HALF = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
-def _matrix(address: int, dtype: np.dtype, rows: int, cols: int, row_stride: int, col_stride: int) -> np.ndarray:
+def _matrix(
+    address: int, dtype: np.dtype, rows: int, cols: int, row_stride: int, col_stride: int, what: str
+) -> np.ndarray:
     extent = (rows - 1) * row_stride + (cols - 1) * col_stride + 1
-    base = raw(address, dtype, extent)
+    base = device(address, dtype, extent, what)
     strides = (row_stride * dtype.itemsize, col_stride * dtype.itemsize)
     return np.lib.stride_tricks.as_strided(base, (rows, cols), strides)
 
@@ -67,7 +72,7 @@ class FakeKernels:
         seed, threshold = int(block[19]), int(block[20])
         if config.mask:
             assert seed % 8 == 0 and 0 < threshold <= 1 << 16 and gz == config.splits, "a masked launch: one matrix"
-            seed = int(raw(seed, np.uint64, 1)[0])
+            seed = int(device(seed, np.uint64, 1, "the seed")[0])
         assert gx * config.bn >= n and gy * config.bm >= m and kps % config.bk == 0 and kps * config.splits >= k
         assert gy <= 65535 and gz <= 65535 and config.valid, "a launch the hardware refuses"
         out_size = 4 if config.out_f32 else 2
@@ -79,8 +84,8 @@ class FakeKernels:
         half = _HALF[config.dtype]
         out = np.dtype(np.float32) if config.out_f32 else half
         for z in range(gz // config.splits):
-            A = _matrix(a + z * sa * half.itemsize, half, m, k, *((lda, 1) if config.a_kcontig else (1, lda)))
-            B = _matrix(b + z * sb * half.itemsize, half, k, n, *((1, ldb) if config.b_kcontig else (ldb, 1)))
+            A = _matrix(a + z * sa * half.itemsize, half, m, k, *((lda, 1) if config.a_kcontig else (1, lda)), "A")
+            B = _matrix(b + z * sb * half.itemsize, half, k, n, *((1, ldb) if config.b_kcontig else (ldb, 1)), "B")
             if config.mask == "a":
                 A = np.where(dropout.mask(seed, m, k, threshold / (1 << 16)), A, np.zeros((), half))
             elif config.mask == "b":
@@ -94,18 +99,20 @@ class FakeKernels:
                 acc = np.where(dropout.mask(seed, m, n, threshold / (1 << 16)), acc, np.float32(0))
             acc *= np.float32(alpha)
             if beta != 0:
-                acc += np.float32(beta) * _matrix(c + z * sc * out.itemsize, out, m, n, ldc, 1).astype(np.float32)
+                acc += np.float32(beta) * _matrix(c + z * sc * out.itemsize, out, m, n, ldc, 1, "C").astype(np.float32)
             if bias:
-                acc += raw(bias, out, n).astype(np.float32)
-            _matrix(d + z * sd * out.itemsize, out, m, n, ldd, 1)[...] = acc.astype(out)
+                acc += device(bias, out, n, "the bias").astype(np.float32)
+            _matrix(d + z * sd * out.itemsize, out, m, n, ldd, 1, "D")[...] = acc.astype(out)
+        MEMORY.check()
 
     def _fill(self, gx: int, gy: int, gz: int, bx: int, smem: int, params: int) -> None:
         seed_at, out, count, threshold = (int(x) for x in raw(int(raw(params, np.uint64, 1)[0]), np.int64, 4))
         assert gy == gz == 1 and bx == dropout.FILL.threads and smem == 0 and 1 <= gx <= -(-count // (8 * bx))
         assert seed_at % 8 == 0 and 0 < threshold <= 1 << 16
         self.launches.append((dropout.FILL, (gx, gy, gz)))
-        seed = int(raw(seed_at, np.uint64, 1)[0])
-        raw(out, np.uint8, count)[...] = dropout.mask(seed, 1, count, threshold / (1 << 16)).reshape(-1)
+        seed = int(device(seed_at, np.uint64, 1, "the seed")[0])
+        device(out, np.uint8, count, "the mask")[...] = dropout.mask(seed, 1, count, threshold / (1 << 16)).reshape(-1)
+        MEMORY.check()
 
     def _dyonce(self, config: Any, grid: tuple[int, int, int], block: np.ndarray) -> None:
         dy, b, xa, g, ws, ld_dy, ld_b, ld_xa, ld_g, t, o, clusters = (int(x) for x in block[:12])
@@ -114,13 +121,15 @@ class FakeKernels:
         assert grid == (8, clusters, 1) and 8 * config.slices * 128 >= o > 8 * (config.slices - 1) * 128 and o % 8 == 0
         assert 1 <= clusters <= -(-t // 128), "a cluster without a row tile"
         assert all(p % 16 == 0 for p in (dy, b, xa, g, ws)) and ld_dy % 8 == ld_b % 8 == ld_xa % 8 == ld_g % 8 == 0
-        DY, B, XA = (_matrix(p, half, rows, cols, ld, 1).astype(np.float32)
-                     for p, rows, cols, ld in ((dy, t, o, ld_dy), (b, o, r, ld_b), (xa, t, r, ld_xa)))  # fmt: skip
-        _matrix(g, half, t, r, ld_g, 1)[...] = (np.float32(alpha) * (DY @ B)).astype(half)
-        partials = raw(ws, np.float32, clusters * o * r).reshape(clusters, o, r)
+        DY, B, XA = (_matrix(p, half, rows, cols, ld, 1, what).astype(np.float32)
+                     for p, rows, cols, ld, what in ((dy, t, o, ld_dy, "dy"), (b, o, r, ld_b, "B"),
+                                                     (xa, t, r, ld_xa, "xa")))  # fmt: skip
+        _matrix(g, half, t, r, ld_g, 1, "g")[...] = (np.float32(alpha) * (DY @ B)).astype(half)
+        partials = device(ws, np.float32, clusters * o * r, "the workspace").reshape(clusters, o, r)
         rows = np.arange(t) // 128 % clusters  # the cluster that walks each row's tile
         for c in range(clusters):
             partials[c] = DY[rows == c].T @ XA[rows == c]
+        MEMORY.check()
 
     def _dyonce_reduce(self, config: Any, grid: tuple[int, int, int], block: np.ndarray) -> None:
         ws, c, db, ld_c, ld_db, o, clusters = (int(x) for x in block[:7])
@@ -128,8 +137,10 @@ class FakeKernels:
         r = config.rank
         out = np.dtype(np.float32) if config.out_f32 else _HALF[config.dtype]
         assert grid[1] == grid[2] == 1 and grid[0] >= 1 and all(p % 16 == 0 for p in (ws, c, db))
-        total = raw(ws, np.float32, clusters * o * r).reshape(clusters, o, r).sum(axis=0, dtype=np.float32)
+        partials = device(ws, np.float32, clusters * o * r, "the workspace").reshape(clusters, o, r)
+        total = partials.sum(axis=0, dtype=np.float32)
         result = np.float32(alpha) * total
         if beta != 0:
-            result += np.float32(beta) * _matrix(c, out, o, r, ld_c, 1).astype(np.float32)
-        _matrix(db, out, o, r, ld_db, 1)[...] = result.astype(out)
+            result += np.float32(beta) * _matrix(c, out, o, r, ld_c, 1, "C").astype(np.float32)
+        _matrix(db, out, o, r, ld_db, 1, "dB")[...] = result.astype(out)
+        MEMORY.check()

@@ -258,3 +258,11 @@ def test_cuda_bench_checks_and_times_every_available_candidate():
         for name in available:
             assert row["results"][name]["status"] in ("ok", "skipped"), (name, row["results"][name])
         assert row["results"]["gemmbridge"]["status"] == "ok"
+
+
+def test_a_negative_seed_is_refused_in_one_line():
+    with pytest.raises(OptionError, match="--seed -1: at least 0"):
+        tiny(seed=-1)
+    found = subprocess.run([sys.executable, "-m", "gemmbridge.cli", "bench", "--seed", "-1", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert found.returncode == 2 and found.stderr == "gemmbridge bench: --seed -1: at least 0\n", found.stderr

@@ -13,11 +13,14 @@ import threading
 
 import numpy as np
 import pytest
+from device_memory import MEMORY, device, raw
 from emulated_gpu import EmulatedFramework, Events, install
 from test_fuzz import COUNTS, SEED, _run
 
 import gemmbridge as gb
 from gemmbridge.errors import VendorError
+
+OK = pytest.importorskip("cuda.bindings.driver").CUresult.CUDA_SUCCESS
 
 
 @pytest.fixture
@@ -97,10 +100,10 @@ def test_threads_share_one_plan_and_compute_right(gpu) -> None:
 
 def test_autotune_with_out_times_into_scratch_and_keeps_the_faster_candidate(gpu, monkeypatch) -> None:
     """A plan first made by an out= call is tuned too, and tuning never writes out (here out is c, in place)."""
-    from gemmbridge.backends.cuda import autotune
+    from gemmbridge.backends.cuda import timer
 
     fake, _ = gpu
-    monkeypatch.setattr(autotune, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
+    monkeypatch.setattr(timer, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
     fw = EmulatedFramework()
     rng = np.random.default_rng(1)
     a64, b64, c64 = rng.standard_normal((6, 4)), rng.standard_normal((4, 5)), rng.standard_normal((6, 5))
@@ -115,6 +118,84 @@ def test_autotune_with_out_times_into_scratch_and_keeps_the_faster_candidate(gpu
     assert {index for index, _ in fake.calls[:-1]} == {0, 1}, "both candidates timed"
     assert [d for _, d in fake.calls].count(out_address) == 1, "tuning wrote out"
     assert fake.calls[-1] == (1, out_address)  # the faster candidate made the real call
+
+
+@pytest.mark.parametrize("layout", ["negative", "row_strided", "col_strided", "offset", "transposed", "contiguous"])
+def test_autotune_scratch_holds_everything_a_candidate_writes_for_any_out_layout(gpu, monkeypatch, rng, layout):
+    """Candidates are timed into scratch laid out like the call's outputs. An out= with its rows reversed is written
+    through an M×N temporary: its scratch must hold the whole result (it was sized from out's upper byte only, 64
+    bytes for a 4096-byte result, and the candidates wrote past it)."""
+    from gemmbridge import tuning
+    from gemmbridge.backends.cuda import timer
+
+    fake, _ = gpu
+    monkeypatch.setattr(timer, "driver", Events(lambda: {0: 1.0, 1: 0.5}[fake.calls[-1][0]], lambda: fake.matmuls))
+    monkeypatch.setattr(tuning, "enabled", False)  # tuned every time, never served from another layout's entry
+    fw = EmulatedFramework()
+    a64, b64 = rng.standard_normal((64, 8)), rng.standard_normal((8, 16))
+    a, b = fw.from_numpy(a64, "float32"), fw.from_numpy(b64, "float32")
+    parent, out, inside = fw.out_view((64, 16), "float32", layout)
+    gb.set_autotune(True)
+    try:
+        assert gb.matmul(a, b, out=out) is out
+    finally:
+        gb.set_autotune(False)
+    ref = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(np.asarray(parent)[~inside]).all(), "written outside out"
+    assert {index for index, _ in fake.calls[:-1]} == {0, 1}, "both candidates timed"
+    d = fake.calls[-1][1]  # the real call's D (out, or the temporary it is written through)
+    assert all((timed - d) % 256 == 0 for _, timed in fake.calls[:-1]), "timed with another alignment of D"
+
+
+def test_fuzz_autotuned_with_every_out_layout(gpu, monkeypatch) -> None:
+    """The fuzz's problems with autotune on and out= in every layout (reversed rows included): each plan's
+    candidates are timed into scratch first, and every emulated access is fenced (``device_memory``)."""
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+    from test_fuzz import check_problem, problems
+
+    from gemmbridge import tuning
+    from gemmbridge.backends.cuda import timer
+
+    fake, _ = gpu
+    launches = lambda: fake.matmuls + len(fake.kernels.launches)  # noqa: E731 (cuBLASLt's and the skinny kernel's)
+    monkeypatch.setattr(timer, "driver", Events(lambda: 1.0 - 0.5 * fake.calls[-1][0], launches))
+    monkeypatch.setattr(tuning, "enabled", False)
+    fw, rng = EmulatedFramework(), np.random.default_rng(SEED)
+    layouts = ("contiguous", "transposed", "row_strided", "col_strided", "offset", "negative")
+    drawn = problems(layouts).flatmap(lambda p: st.sampled_from(("none", *layouts)).map(lambda out: {**p, "out": out}))
+
+    @seed(SEED)
+    @settings(max_examples=int(os.environ.get("GEMMBRIDGE_FUZZ_AUTOTUNED", 150)), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(drawn)
+    def fuzz(p: dict) -> None:
+        gb.clear_cache()  # a new plan, tuned, for every problem
+        check_problem(fw, p, rng)
+
+    gb.set_autotune(True)
+    try:
+        fuzz()
+    finally:
+        gb.set_autotune(False)
+    assert len({index for index, _ in fake.calls}) == 2, "both candidates timed and used"
+
+
+def test_the_emulated_device_refuses_an_access_outside_its_allocations() -> None:
+    """The suite's fence (``device_memory``): a byte written past an allocation is found by the guard check, and an
+    emulated access reaching past one is refused before it is made; each fault is kept for the test's teardown."""
+    x = MEMORY.allocate(64)
+    end = x.ctypes.data + 64
+    raw(end, np.uint8, 1)[0] ^= 0xFF  # a write no bounds check saw
+    with pytest.raises(AssertionError, match="0 guard bytes before it and 1 after it"):
+        MEMORY.check()
+    raw(end, np.uint8, 1)[0] ^= 0xFF
+    MEMORY.check()
+    with pytest.raises(AssertionError, match="D reaches 8 bytes at .* outside every allocation"):
+        device(end - 4, np.float32, 2, "D")
+    device(end - 8, np.float32, 2, "D")[:] = 1.0  # the last 8 bytes: inside
+    assert len(MEMORY.take_faults()) == 2 and MEMORY.take_faults() == []
 
 
 @pytest.mark.parametrize("failing", ["create", "matmul_desc_create", "matmul_desc_set_attribute"])
@@ -185,6 +266,7 @@ def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monke
     monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: launched.append(graph))
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", destroyed.append)
+    monkeypatch.setattr(graphs.driver, "cuThreadExchangeStreamCaptureMode", lambda mode: (OK, mode))
     monkeypatch.setattr(graphs, "_doomed", [])
     cache = graphs.GraphCache()
     results = [cache.record(("sig",), 0, 7, lambda stream: None) for _ in range(3)]
@@ -216,6 +298,7 @@ def test_calls_cycling_through_more_signatures_than_graphs_stop_capturing(monkey
     monkeypatch.setattr(graphs.GraphCache, "_capture", capture)
     monkeypatch.setattr(graphs, "_launch", lambda graph, stream: None)
     monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", lambda graph: None)
+    monkeypatch.setattr(graphs.driver, "cuThreadExchangeStreamCaptureMode", lambda mode: (OK, mode))
     monkeypatch.setattr(graphs, "_doomed", [])  # these stand-in graphs must never reach the real drain
     caches = {name: graphs.GraphCache() for name in ("cycling", "steady", "churning", "mostly steady")}
 

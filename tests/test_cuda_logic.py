@@ -28,20 +28,31 @@ def test_compute_types_are_cublas_compute_types_not_the_library_wide_enum():
 
 
 class RecordingDriver:
-    """Stands in for cuda.bindings.driver: records calls, returns success."""
+    """Stands in for cuda.bindings.driver: records calls, returns success. ``exposed`` lists the calls CUDA deems
+    unsafe during another thread's global-mode capture that were made outside thread-local mode (``graphs.isolated``):
+    each would have failed and invalidated that capture."""
 
     CUresult = real_driver.CUresult
     CUstream_flags = real_driver.CUstream_flags
     CUstreamCaptureMode = real_driver.CUstreamCaptureMode
+    UNSAFE = ("cuStreamCreate", "cuGraphInstantiate", "cuGraphDestroy", "cuGraphExecDestroy", "cuEventSynchronize")
 
     def __init__(self) -> None:
         self.calls: list = []
+        self.exposed: list[str] = []
+        self.mode = real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL  # the thread's, as CUDA starts
+
+    def cuThreadExchangeStreamCaptureMode(self, mode):  # type: ignore[no-untyped-def]
+        before, self.mode = self.mode, mode
+        return OK, before
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         results = {"cuStreamCreate": 11, "cuStreamEndCapture": "graph", "cuGraphInstantiate": 77}
 
         def call(*args):  # type: ignore[no-untyped-def]
             self.calls.append((name, *args))
+            if name in self.UNSAFE and self.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL:
+                self.exposed.append(name)
             return (OK, results[name]) if name in results else (OK,)
 
         return call
@@ -59,6 +70,8 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDriver]:
     yield fake
     gc.collect()  # the test's graph caches hand their executables to _doomed: destroy them with the fake
     graphs.drain()
+    assert fake.exposed == [], "unsafe during another thread's capture, and not isolated"
+    assert fake.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL, "the thread's mode not restored"
 
 
 def launch(cache: graphs.GraphCache, signature: tuple, enqueue) -> bool:  # type: ignore[no-untyped-def]
@@ -104,6 +117,7 @@ def test_graph_table_is_bounded_and_destroys_what_it_drops(driver: RecordingDriv
         for _ in range(2):
             launch(cache, (i,), lambda s: None)
     assert len(cache.execs) == graphs.GRAPHS_PER_PLAN
+    graphs.drain()  # an evicted graph waits for a drain, as a closed cache's do
     assert sum(c[0] == "cuGraphExecDestroy" for c in driver.calls) == 3
     cache.close()
     assert not cache.execs

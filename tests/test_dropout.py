@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from emulated_gpu import EmulatedFramework
+from emulated_gpu import EmulatedFramework, on_device
 from test_kernels import _nvrtc, gpu, meta  # noqa: F401 (gpu: the emulated device, a fixture)
 
 import gemmbridge as gb
@@ -152,7 +152,7 @@ def _address(x: np.ndarray) -> int:
 def _run(role: str, problem: object, operands: dict[str, np.ndarray], alpha: float, beta: float, keep: float,
          seed: int) -> None:  # fmt: skip
     """One MaskedGemm launch on the emulated device, the seed in (host) memory like a device tensor's."""
-    seed_buffer = np.array([seed], np.int64)
+    seed_buffer = on_device(np.array([seed], np.int64))
     gemm = dropout.MaskedGemm(problem, 0, role, keep)
     ptrs = Operands(*(_address(operands[name]) if name in operands else 0 for name in ("a", "b", "c", "d", "bias")))
     gemm.launch(ptrs, alpha, beta, _address(seed_buffer), 0)
@@ -169,11 +169,11 @@ def test_each_masked_role_on_the_emulated_kernel_matches_float64_with_the_mask(g
     dx = fw.from_numpy(rng.standard_normal((t, d)), dtype)
     q = {name: np.asarray(v, np.float64) for name, v in (("x", x), ("A", lora_a), ("g", g), ("dx", dx))}
     m = dropout.mask(seed, t, d, keep)
-    xa = np.full((t, r), np.nan, x.dtype)
+    xa = on_device(np.full((t, r), np.nan, x.dtype))
     _run("a", describe(meta((t, d), dtype), meta((r, d), dtype), transpose_b=True), {"a": x, "b": lora_a, "d": xa},
          1 / keep, 0.0, keep, seed)  # fmt: skip
     assert rel_err(np.asarray(xa, np.float64), (q["x"] * m) @ q["A"].T / keep) < TOLERANCE[dtype]
-    da = np.full((r, d), np.nan, np.float32)
+    da = on_device(np.full((r, d), np.nan, np.float32))
     problem = describe(meta((t, r), dtype), meta((t, d), dtype), transpose_a=True, out_dtype="float32")
     _run("b", problem, {"a": g, "b": x, "d": da}, s / keep, 0.0, keep, seed)
     assert rel_err(da.astype(np.float64), s / keep * q["g"].T @ (q["x"] * m)) < TOLERANCE[dtype]
@@ -190,8 +190,8 @@ def test_each_masked_role_on_the_emulated_kernel_matches_float64_with_the_mask(g
 
 def test_the_mask_fill_writes_the_reference_mask(gpu):  # noqa: F811
     fake, _ = gpu
-    seed = np.array([987654321], np.int64)
-    out = np.full(37 * 101, 0xAB, np.uint8)
+    seed = on_device(np.array([987654321], np.int64))
+    out = on_device(np.full(37 * 101, 0xAB, np.uint8))
     dropout.fill_mask(_address(seed), _address(out), 37, 101, 0.85, 0, device=0)
     assert np.array_equal(out.reshape(37, 101), dropout.mask(987654321, 37, 101, 0.85).astype(np.uint8))
     assert fake.kernels.launches[-1][0] is dropout.FILL
@@ -205,7 +205,7 @@ def test_a_masked_gemm_refuses_what_it_cannot_run(gpu, monkeypatch):  # noqa: F8
 
     problem = describe(meta((64, 2048)), meta((16, 2048)), transpose_b=True)
     gemm = dropout.MaskedGemm(problem, 0, "a", 0.9)
-    seed = np.array([1], np.int64)
+    seed = on_device(np.array([1], np.int64))
     for ptrs, at in [(Operands(4096 + 2, 4096, 0, 4096, 0), _address(seed)), (Operands(4096, 4096, 0, 4096, 0), 0),
                      (Operands(4096, 4096, 0, 4096, 0), _address(seed) + 4)]:  # fmt: skip
         with pytest.raises(gb.OptionError, match="needs 16-byte aligned"):

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from emulated_gpu import EmulatedFramework
+from emulated_gpu import EmulatedFramework, on_device
 from test_kernels import _nvrtc, gpu, meta  # noqa: F401 (gpu: the emulated device, a fixture)
 
 import gemmbridge as gb
@@ -78,13 +78,13 @@ def test_both_products_on_the_emulated_kernels_match_float64(gpu, rng, r, db_dty
     fw = EmulatedFramework()
     t, o, s, dtype = 3000, 1032, 0.5, "bfloat16"
     dy, b, xa = (fw.from_numpy(rng.standard_normal(shape), dtype) for shape in ((t, o), (o, r), (t, r)))
-    g = np.full((t, r), np.nan, dy.dtype)
+    g = on_device(np.full((t, r), np.nan, dy.dtype))
     out = np.dtype(np.float32) if db_dtype else dy.dtype
-    db = rng.standard_normal((o, r)).astype(out) if accumulate else np.full((o, r), np.nan, out)
+    db = on_device(rng.standard_normal((o, r)).astype(out) if accumulate else np.full((o, r), np.nan, out))
     before = db.astype(np.float64)
     gemm = lora.DyOnce(*problems(t, o, r, dtype, db_dtype, accumulate), 0)
     assert gemm.clusters == 16 and gemm.workspace_bytes == 16 * o * r * 4
-    workspace = np.full(gemm.workspace_bytes // 4, np.nan, np.float32)
+    workspace = on_device(np.full(gemm.workspace_bytes // 4, np.nan, np.float32))
     gemm.launch(Operands(_address(dy), _address(b), 0, _address(g)), Operands(_address(dy), _address(xa),
                 _address(db) if accumulate else 0, _address(db)), s, s, 1.0 if accumulate else 0.0,
                 _address(workspace), 0)  # fmt: skip

@@ -473,3 +473,13 @@ def test_a_meta_tensor_is_refused_after_a_cpu_call_of_the_same_layout() -> None:
     gemmbridge.matmul(torch.randn(3, 4), torch.randn(4, 5))
     with pytest.raises(errors.DeviceError, match="meta"):
         gemmbridge.matmul(torch.empty(3, 4, device="meta"), torch.empty(4, 5, device="meta"))
+
+
+@pytest.mark.parametrize("name", ["alpha", "beta"])
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["huge", "-huge"])
+def test_a_scalar_beyond_the_float_range_is_an_option_error_naming_the_operands(name, value) -> None:
+    a, b = np.ones((2, 3)), np.ones((3, 4))
+    with pytest.raises(
+        gemmbridge.OptionError, match=rf"a is \(2, 3\) float64 on cpu, b is .* {name} \(int\) is beyond the float range"
+    ):
+        gemmbridge.matmul(a, b, c=np.ones((2, 4)), **{name: value})

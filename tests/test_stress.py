@@ -274,3 +274,11 @@ def test_short_run_on_cuda():
     result = run(device="cuda", short=True, iterations=300)
     assert result["ok"], result["log"]
     assert result["growth_after_warmup"]["torch_allocated"] == 0
+
+
+def test_a_negative_seed_is_refused_in_one_line():
+    with pytest.raises(OptionError, match="--seed -1: at least 0"):
+        options.resolve(options.StressOptions(seed=-1, device="cpu"))
+    found = subprocess.run([sys.executable, "-m", "gemmbridge.cli", "stress", "--seed", "-1", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert found.returncode == 2 and found.stderr == "gemmbridge stress: --seed -1: at least 0\n", found.stderr

@@ -134,20 +134,32 @@ def test_a_wrong_tuned_result_forgets_its_entries_and_raises() -> None:
         tuner._checked(found, 2, "what", {"y": float("nan")}, 1e-2)
 
 
-def test_tf32_flag_follows_the_dtype_asked_and_comes_back() -> None:
-    flags = torch.backends.cuda.matmul
-    before = flags.allow_tf32
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision", "global fp32_precision"])
+def test_tf32_follows_the_dtype_asked_and_comes_back_whichever_api_set_it(api) -> None:
+    """tune_model sets torch's TF32 setting for fp32/tf32 and restores it. Once torch's new API was used, reading the
+    legacy flag raises ("mix of the legacy and new APIs"): tune_model crashed there. torch's CPU build has the same
+    flags."""
+    from gemmbridge.arrays.torch import tf32_policy
+
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    saved = matmul.fp32_precision, backends.fp32_precision
     try:
         for start in (False, True):
-            flags.allow_tf32 = start
+            if api == "legacy":
+                matmul.allow_tf32 = start
+            elif api == "fp32_precision":
+                matmul.fp32_precision = "tf32" if start else "ieee"
+            else:
+                matmul.fp32_precision, backends.fp32_precision = "none", "tf32" if start else "ieee"
+            before = matmul.fp32_precision
             for label, inside in (("tf32", True), ("fp32", False), ("bf16", start)):
                 with tuner._tf32(torch, tuner._dtype(label)):
-                    assert flags.allow_tf32 is inside
-                assert flags.allow_tf32 is start
+                    assert tf32_policy() is inside
+                assert tf32_policy() is start and matmul.fp32_precision == before
             with tuner._tf32(torch, None):
-                assert flags.allow_tf32 is start
+                assert tf32_policy() is start
     finally:
-        flags.allow_tf32 = before
+        matmul.fp32_precision, backends.fp32_precision = saved
 
 
 def test_the_command_prints_first_pick_against_tuned_and_writes_json(monkeypatch, tmp_path, capsys) -> None:

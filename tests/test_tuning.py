@@ -77,7 +77,9 @@ def test_a_file_copied_from_another_device_or_format_is_ignored(cache) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"{", b"\xff\xfe garbage", b"[]", b'{"format": 1}', b"null", b'{"entries": 5}']
+    "content",
+    [b"", b"{", b"\xff\xfe garbage", b"[]", b'{"format": 1}', b"null", b'{"entries": 5}', b"[" * 100_000],
+    ids=["empty", "open", "bytes", "list", "no-device", "null", "entries-int", "deep"],
 )
 def test_a_corrupted_file_is_ignored_then_replaced_by_a_valid_one(cache, content) -> None:
     file = tuning.file_for(DEVICE)

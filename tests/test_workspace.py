@@ -45,6 +45,7 @@ def own(ctx: Ctx) -> tuple[Buffer, int]:
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workspace, "_own", own)
     monkeypatch.setattr(workspace, "_buffers", {})
+    monkeypatch.setattr(workspace, "_streams_kept", {})
     monkeypatch.setattr(workspace, "_captures", {})
     monkeypatch.setattr(workspace, "_kept", [])
     monkeypatch.setattr(workspace, "_per_thread", threading.local())
@@ -75,17 +76,90 @@ def test_the_per_thread_default_stream_has_one_workspace_per_thread():
     assert in_thread(lambda: address(Ctx(2))) != here
 
 
-def test_other_streams_have_their_own_and_the_table_is_bounded():
+def test_the_first_streams_keep_theirs_and_further_streams_take_one_per_call():
     first = address(Ctx(100))
-    assert address(Ctx(101)) != first
+    assert address(Ctx(101)) != first and address(Ctx(100)) == first
     for stream in range(200, 200 + workspace.MAX_STREAMS):
         address(Ctx(stream))
-    assert len(workspace._buffers) == workspace.MAX_STREAMS
-    assert address(Ctx(100)) != first  # dropped (safe outside captures) and made again
+    assert len(workspace._buffers) == workspace.MAX_STREAMS and address(Ctx(100)) == first  # kept, never evicted
+    late = Ctx(999)
+    assert address(late) != address(late) and len(late.made) == 2  # one per call: the call frees its own
+    assert address(Ctx(0)) == address(Ctx(1))  # the legacy stream is not counted among them
+    assert address(Ctx(300, device=1)) not in {b.address for b in late.made}  # another device has its own table
+    assert len(workspace._buffers) == workspace.MAX_STREAMS + 2
 
 
-def test_each_capture_gets_its_own_workspace_that_outlives_stream_eviction(monkeypatch):
-    """Two graphs captured on one stream must not share a workspace; evicting streams never frees a captured one."""
+class StreamOrderedPool:
+    """cuMemAllocAsync / cuMemFreeAsync of cuda.bindings.driver, with the streams each thread is on and the streams
+    under capture: ``misplaced`` lists every free into a stream other than the freeing thread's own or into a stream
+    being captured (it would land in another thread's capture, fail and invalidate it)."""
+
+    def __init__(self) -> None:
+        from cuda.bindings import driver
+
+        self.CUresult, self.ok = driver.CUresult, driver.CUresult.CUDA_SUCCESS
+        self.addresses = itertools.count(1 << 30, 1 << 25)
+        self.on = threading.local()  # the stream this thread is calling on
+        self.capturing: set[int] = set()
+        self.allocated: dict[int, int] = {}  # address → stream
+        self.misplaced: list[str] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def CUstream(handle: int) -> int:
+        return handle
+
+    def cuMemAllocAsync(self, size: int, stream: int) -> tuple:
+        address = next(self.addresses)
+        with self.lock:
+            self.allocated[address] = stream
+        return self.ok, address
+
+    def cuMemFreeAsync(self, address: int, stream: int) -> tuple:
+        mine = getattr(self.on, "stream", None)
+        with self.lock:
+            if stream != mine or stream in self.capturing or self.allocated.pop(address) != stream:
+                self.misplaced.append(f"{address:#x} freed into stream {stream} by a thread on stream {mine}")
+        return (self.ok,)
+
+
+def test_no_call_frees_into_a_stream_of_another_thread_or_under_capture(monkeypatch):
+    """64 threads, each on its own stream, call again and again while others capture theirs. A workspace evicted
+    from a full table was freed into its own stream by whichever thread evicted it, while that stream's thread could
+    be capturing: 2 of 64 captures failed so on an H200. Now each call allocates and frees only on its own stream."""
+    from gemmbridge.backends.cuda.workspace import DeviceBuffer
+
+    pool = StreamOrderedPool()
+    monkeypatch.setattr(workspace, "driver", pool)
+    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.address))(DeviceBuffer(ctx.stream)))
+    start = threading.Barrier(64)
+
+    def work(stream: int) -> None:
+        pool.on.stream = stream
+        start.wait()
+        for i in range(20):
+            if i % 4 == 2:
+                with pool.lock:
+                    pool.capturing.add(stream)  # this thread captures now: a call on its stream takes the graph's
+                address(Ctx(stream, capturing=True))
+                with pool.lock:
+                    pool.capturing.discard(stream)
+            else:
+                held = workspace.pointer(View(), Ctx(stream))
+                del held  # as cuda.run drops it once the call is enqueued
+
+    threads = [threading.Thread(target=work, args=(100 + i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pool.misplaced == []
+    kept = {key[1] for key in workspace._buffers}
+    assert len(kept) == workspace.MAX_STREAMS and set(pool.allocated.values()) == kept  # the rest were all freed
+
+
+def test_each_capture_gets_its_own_workspace_that_outlives_its_capture(monkeypatch):
+    """Two graphs captured on one stream must not share a workspace; filling the stream table never frees one."""
     capture = {"id": 7}
     monkeypatch.setattr(workspace, "capture_id", lambda stream: capture["id"])
     plain = address(Ctx(50, graph_owns_memory=False))
@@ -96,7 +170,7 @@ def test_each_capture_gets_its_own_workspace_that_outlives_stream_eviction(monke
     assert second not in (first, plain)
     for stream in range(300, 300 + 2 * workspace.MAX_STREAMS):
         address(Ctx(stream))
-    assert (0, 50, 8) in workspace._captures  # not evicted by the stream table
+    assert (0, 50, 8) in workspace._captures  # not dropped by the stream table
     workspace.release_finished_captures()
     assert len(workspace._kept) == 2  # both kept for good: their graphs may replay at any time
 

@@ -488,7 +488,12 @@ def check_scalar(view: TensorView, a: Any, b: Any, name: str, value: Any) -> flo
         raise OptionError(
             f"{names(view.meta(a), view.meta(b))} — {name} must be a Python or NumPy number, not {type(value).__name__}"
         )
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int or Fraction beyond the float range
+        raise OptionError(
+            f"{names(view.meta(a), view.meta(b))} — {name} ({type(value).__name__}) is beyond the float range"
+        ) from None
 
 
 def call(

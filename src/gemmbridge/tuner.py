@@ -27,13 +27,16 @@ _lock = threading.Lock()
 
 @dataclass(frozen=True)
 class TuneResult:
-    """One tuned GEMM: the heuristic's first pick and the tuned choice, ms per call (same run, same inputs)."""
+    """One tuned GEMM: the heuristic's first pick and the tuned choice, median ms per call in the same interleaved
+    rounds on the same inputs, and the noise of their ratio (the choice replaces the first pick only when faster by
+    more than the noise and 2 %: docs/tuning.md)."""
 
     problem: str
     first_ms: float
     tuned_ms: float
     chosen: str
     candidates: int
+    noise: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -69,7 +72,8 @@ def _exploring(budget_s: float) -> Iterator[list[tuple[TuneResult, Callable[[], 
     found: list[tuple[TuneResult, Callable[[], None]]] = []
 
     def told(described: str, tuned: Any, forget: Callable[[], None]) -> None:
-        result = TuneResult(described, tuned.first_ms, tuned.chosen_ms, tuned.chosen.name, len(tuned.timings))
+        result = TuneResult(described, tuned.first_ms, tuned.chosen_ms, tuned.chosen.name, len(tuned.timings),
+                            tuned.noise)  # fmt: skip
         found.append((result, forget))
 
     with _lock:
@@ -190,15 +194,22 @@ def _run_layer(torch: Any, spec: tuple, tokens: int) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _tf32(torch: Any, dtype: DType | None) -> Iterator[None]:
-    """torch's TF32 flag as ``dtype`` says (tf32: on, fp32: off; None: as it is), restored afterwards."""
+    """torch's TF32 setting for float32 matmuls as ``dtype`` says (tf32: on, fp32: off; other dtypes and None: as it
+    is), restored afterwards. Set through ``fp32_precision`` where torch has it (≥ 2.9), else the legacy flag: once the
+    new API has been used, torch refuses to read the legacy one ("mix of the legacy and new APIs"), and
+    ``gemmbridge.arrays.torch.tf32_policy`` reads either."""
+    if dtype is None or dtype.name != "float32":
+        yield
+        return
     flags = torch.backends.cuda.matmul
-    before = flags.allow_tf32
-    if dtype is not None and dtype.name == "float32":
-        flags.allow_tf32 = dtype.tf32
+    name, value = ("fp32_precision", "tf32" if dtype.tf32 else "ieee") if hasattr(flags, "fp32_precision") else (
+        "allow_tf32", dtype.tf32)  # fmt: skip
+    before = getattr(flags, name)
+    setattr(flags, name, value)
     try:
         yield
     finally:
-        flags.allow_tf32 = before
+        setattr(flags, name, before)
 
 
 def tune_model(

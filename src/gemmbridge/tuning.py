@@ -97,7 +97,7 @@ class TuningFile:
         try:
             with open(self.path, encoding="utf-8") as f:
                 doc = json.load(f)
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not JSON (or not UTF-8), nested too deep
             return {}
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("device") != self.device:
             return {}

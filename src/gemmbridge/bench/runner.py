@@ -169,6 +169,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
     for flag, value in {"--rep-ms": rep_ms, "--rounds": rounds, "--peak-size": peak_size}.items():
         if not value > 0:  # NaN too
             raise OptionError(f"{flag} {value:g}: a positive number")
+    if options.seed < 0:
+        raise OptionError(f"--seed {options.seed}: at least 0")
     active, listing = _select(device, options.candidates)
     unavailable = {c["name"]: c["reason"] for c in listing if not c["available"]}
     rng = np.random.default_rng(options.seed)

@@ -120,6 +120,8 @@ def resolve(options: StressOptions) -> Plan:
     check_every = given(options.check_every, CHECK_EVERY[mode])
     prime = given(options.prime_calls, PRIME_CALLS_CUDA if device == "cuda" and not options.short else 0)
     _at_least({"--iterations": iterations, "--max-dim": max_dim, "--check-every": check_every}, 1)
+    if options.seed is not None:
+        _at_least({"--seed": options.seed}, 0)
     _at_least({"--prime-calls": prime, "--problems": options.problems, "--rss-tolerance-mb": options.rss_tolerance_mb,
                "--device-tolerance-mb": options.device_tolerance_mb}, 0)  # fmt: skip
     return Plan(

@@ -23,6 +23,7 @@ from .graphs import MAX_FLOPS, GraphCache
 from .layouts import lt_problem
 
 _AUX_ALIGNMENT = 16  # bytes cuBLASLt needs of the aux and bias-gradient pointers
+_SCRATCH_SLACK = 256  # bytes of a tuning scratch beyond what the product writes: d keeps its alignment in it
 _new = tuple.__new__  # Operands(...) without NamedTuple's slower constructor (hot path)
 
 
@@ -89,9 +90,10 @@ class PlanState:
         """Time candidates writing scratch buffers laid out like this call's outputs; keep the choice in the tuning
         cache; return its launch."""
         problem = self.problem
-        d_bytes = (problem.byte_extents.d or (0, 0))[1] or math.prod(problem.out_shape) * problem.result_itemsize
-        scratch = [ctx.empty((max(d_bytes, 1),), "uint8")]
-        d = view.pointer(scratch[0])
+        lo, hi = _written_bytes(problem)
+        scratch = [ctx.empty((hi - lo + _SCRATCH_SLACK,), "uint8")]
+        start = view.pointer(scratch[0]) - lo  # d here puts the lowest byte written at the scratch's first
+        d = start + (ptrs.d - start) % _SCRATCH_SLACK  # d's own alignment, the highest byte still inside
         aux, bias_grad = ptrs.aux, ptrs.bias_grad
         if epilogues.TABLE[problem.epilogue].aux_out != "none":
             scratch.append(ctx.empty(problem.aux_shape or (), problem.aux_dtype))
@@ -117,6 +119,15 @@ class PlanState:
             graph_cache.close()
             plan.close()
         self.plans.clear()
+
+
+def _written_bytes(problem: Problem) -> tuple[int, int]:
+    """The bytes a product writes around d's address, (lowest, one past the highest): out's own range when the call
+    writes out in place, else the contiguous result's (a fresh result, or the temporary an out= with a layout the
+    library cannot describe is written through)."""
+    if problem.byte_extents.d is not None and not problem.out_via_temp:
+        return problem.byte_extents.d
+    return 0, math.prod(problem.out_shape) * problem.result_itemsize
 
 
 def _empty(

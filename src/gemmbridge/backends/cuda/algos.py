@@ -128,7 +128,7 @@ def restore(plan: LtPlan, payload: dict) -> Any | None:
     try:
         data = bytes.fromhex(payload["data"])
         expected = tuple((name, int(payload["config"][name])) for name in CONFIG if name in payload["config"])
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
         return None
     if len(data) != ALGO_BYTES:
         return None

@@ -1,15 +1,24 @@
-"""Tuning a plan: time candidate ways to compute it on the caller's stream, keep the fastest.
+"""Tuning a plan: time candidate ways to compute it on the caller's stream, keep the fastest only when it is.
 
 cuBLASLt's heuristic first pick is not always the fastest (fp16 8192³ measured at 0.96× torch).
 With autotuning on (``gemmbridge.set_autotune(True)`` or ``GEMMBRIDGE_AUTOTUNE=1``), the first call
 of each new plan times the heuristic's candidates; ``gemmbridge.tune`` explores further
-(``explore.py``). Candidates run a few times each on the caller's stream, writing only scratch
-buffers laid out like the call's outputs, timed with CUDA events (one wait for the GPU per
-measurement); later calls, in every thread, pay nothing. Nothing is timed while the caller's stream
-is being captured into a CUDA graph.
+(``explore.py``). Candidates run on the caller's stream, writing only scratch buffers laid out like
+the call's outputs, timed with CUDA events; later calls, in every thread, pay nothing. Nothing is
+timed while the caller's stream is being captured into a CUDA graph.
 
-The dispatch rule (``pick``): the fastest candidate replaces the heuristic's first pick only when
-``t_best < MARGIN · t_first``; otherwise the first pick stays.
+How a choice is made (``final`` and ``decide``), so that a tuned choice is never slower than the
+first pick it replaces:
+
+1. steady clocks first: the first pick runs back to back (``timer.Timer.warm``) until its time per
+   call settles — an idle GPU boosts its clock, and whatever is timed before it falls to its power
+   cap looks ~10 % faster than it is;
+2. a screening pass times every candidate once (``timer.MEASURE_MS``);
+3. the first pick and the ``FINALISTS`` fastest others are timed again in ``ROUNDS`` interleaved
+   rounds, each timing every finalist once, the order rotated by one each round (none always first);
+4. per finalist, the ratio of its time to the first pick's in the same round: its gain is
+   ``1 − median``, the run's noise the ratios' range (max − min). The finalist of largest gain
+   replaces the first pick only when ``gain > max(MIN_GAIN, noise)``; otherwise the first pick stays.
 
 A candidate is anything with a ``name``, a JSON ``payload`` (``{"backend": ..., ...}``, what the
 tuning cache keeps) and ``launch(ptrs, alpha, beta, workspace, stream)``; cuBLASLt algorithms are
@@ -20,22 +29,20 @@ registered with ``add_source``.
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cuda.bindings import driver
-
 from ...errors import GemmError
 from ...problem import Operands, Problem
-from . import algos, bindings, graphs
+from . import algos, bindings
 from .bindings import LtPlan
-from .graphs import check
+from .timer import Timer
 
-MEASURE_MS = 2.0  # GPU time to spend timing each candidate (at least 3 calls, at most 200)
-MARGIN = 0.98  # a candidate replaces the heuristic's first pick only when at least 2 % faster
-GRAPH_BELOW_MS = 0.05  # per-call times below this are measured again as CUDA-graph replays (Timer)
-GRAPH_LAUNCHES = 20
+MIN_GAIN = 0.02  # a candidate replaces the heuristic's first pick only when at least 2 % faster, and beyond the noise
+FINALISTS = 4  # the fastest candidates of the screening timed again against the first pick
+ROUNDS = 5
 enabled = os.environ.get("GEMMBRIDGE_AUTOTUNE", "0") == "1"
 exploring = False  # set by ``gemmbridge.tune``: explore beyond the heuristic, and re-tune problems already cached
 # told of each tuning: the problem described, the result, and a callable that forgets its cache entry
@@ -137,97 +144,98 @@ def heuristic_candidates(plan: LtPlan) -> list[LtCandidate]:
     return [LtCandidate(plan, plan.result(plan._results, i), f"heuristic {i}", i) for i in range(plan.candidates)]
 
 
-def pick(times: Sequence[float], baseline: int = 0, margin: float = MARGIN) -> int:
-    """The fastest candidate when ``t_best < margin · t_baseline``, else ``baseline``."""
-    best = min(range(len(times)), key=times.__getitem__)
-    return best if times[best] < margin * times[baseline] else baseline
+@dataclass(frozen=True)
+class Decision:
+    """What ``decide`` found: the finalist chosen (0: the first pick), its gain over the first pick and the noise."""
+
+    chosen: int
+    gain: float
+    noise: float
 
 
-class Timer:
-    """CUDA-event timing of candidates on one stream, into scratch outputs (``ptrs``).
+def decide(rounds: Sequence[Sequence[float]], min_gain: float = MIN_GAIN) -> Decision:
+    """``rounds[r][i]``: finalist ``i``'s ms per call in round ``r`` (finalist 0 is the first pick; inf: it failed).
 
-    A candidate faster than ``GRAPH_BELOW_MS`` per call is host-bound when launched call by call (the
-    host's launch rate, not the kernel, would be measured): it is timed again as replays of a CUDA graph
-    of ``GRAPH_LAUNCHES`` calls, captured on a private stream (``graphs``)."""
-
-    def __init__(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int, device: int) -> None:
-        self.args = (ptrs, alpha, beta, workspace, stream)
-        self.stream, self.device = stream, device
-        self.start = check(driver.cuEventCreate(0), "cuEventCreate")
-        self.end = check(driver.cuEventCreate(0), "cuEventCreate")
-
-    def __enter__(self) -> Timer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        driver.cuEventDestroy(self.start)
-        driver.cuEventDestroy(self.end)
-
-    def _per_call(self, enqueue: Callable[[], None], budget_ms: float) -> float:
-        """ms per ``enqueue()``: a short estimate, then about ``budget_ms`` worth of calls (3 to 200)."""
-        repeats = 3
-        for _ in range(2):
-            check(driver.cuEventRecord(self.start, self.stream), "cuEventRecord")
-            for _ in range(repeats):
-                enqueue()
-            check(driver.cuEventRecord(self.end, self.stream), "cuEventRecord")
-            check(driver.cuEventSynchronize(self.end), "cuEventSynchronize")
-            per_call = check(driver.cuEventElapsedTime(self.start, self.end), "cuEventElapsedTime") / repeats
-            repeats = max(3, min(200, int(budget_ms / max(per_call, 1e-3))))
-        return float(per_call)
-
-    def time(self, candidate: Candidate, budget_ms: float = MEASURE_MS) -> float:
-        """``candidate``'s ms per call (after a warm-up); inf if it fails."""
-        launch, (ptrs, alpha, beta, workspace, stream) = candidate.launch, self.args
-        try:
-            launch(ptrs, alpha, beta, workspace, stream)  # warm-up
-        except GemmError:
-            return float("inf")
-        per_call = self._per_call(lambda: launch(ptrs, alpha, beta, workspace, stream), budget_ms)
-        if per_call >= GRAPH_BELOW_MS:
-            return per_call
-
-        def calls(on: int) -> None:
-            for _ in range(GRAPH_LAUNCHES):
-                launch(ptrs, alpha, beta, workspace, on)
-
-        try:
-            graph = graphs.capture(self.device, calls)
-        except GemmError:
-            return per_call
-        try:
-            return self._per_call(lambda: graphs._launch(graph, stream), budget_ms) / GRAPH_LAUNCHES
-        finally:
-            driver.cuGraphExecDestroy(graph[0])
+    Per finalist, the ratio to the first pick in the same round: gain ``1 − median``, noise ``max − min``; the
+    finalist of largest gain is chosen when ``gain > max(min_gain, noise)``. A first pick that failed in every round
+    gives way to the finalist of lowest median time."""
+    inf = float("inf")
+    first = [r[0] for r in rounds]
+    if all(t == inf for t in first):
+        medians = [statistics.median(r[i] for r in rounds) for i in range(len(rounds[0]))]
+        best = min(range(len(medians)), key=medians.__getitem__)
+        return Decision(best, 1.0 if medians[best] < inf else 0.0, 0.0)
+    found = Decision(0, -inf, 0.0)  # the best finalist so far
+    for i in range(1, len(rounds[0])):
+        ratios = [r[i] / r[0] for r in rounds if r[0] < inf]
+        if any(x == inf for x in ratios):
+            continue  # it failed in a round: never chosen
+        gain, noise = 1.0 - statistics.median(ratios), max(ratios) - min(ratios)
+        if gain > found.gain:
+            found = Decision(i, gain, noise)
+    if found.gain == -inf:
+        return Decision(0, 0.0, 0.0)
+    return found if found.gain > max(min_gain, found.noise) else Decision(0, found.gain, found.noise)
 
 
 @dataclass
 class Tuned:
-    """What a tuning chose: the candidate, the heuristic first pick's and the choice's ms per call, every timing."""
+    """What a tuning chose: the candidate; the first pick's and the choice's median ms per call in the final rounds
+    and the noise of their ratio (``decide``); every candidate's screening time and every finalist's rounds."""
 
     chosen: Candidate
     first_ms: float
     chosen_ms: float
     method: str  # "heuristic" or "explore"
     timings: dict[str, float] = field(default_factory=dict)
+    noise: float = 0.0
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+
+
+def final(timer: Timer, candidates: Sequence[Candidate], screened: Sequence[float], method: str) -> Tuned:
+    """Steps 3 and 4 of the module doc: ``candidates[0]`` is the first pick, ``screened`` their screening times."""
+    inf = float("inf")
+    others = sorted((i for i in range(1, len(candidates)) if screened[i] < inf), key=screened.__getitem__)
+    finalists = [candidates[0]] + [candidates[i] for i in others[:FINALISTS]]
+    rounds = []
+    for r in range(ROUNDS):
+        times = [inf] * len(finalists)
+        for j in range(len(finalists)):
+            i = (r + j) % len(finalists)  # round r starts with finalist r
+            times[i] = timer.time(finalists[i])
+        rounds.append(times)
+    decision = decide(rounds)
+    by_name = {c.name: [r[i] for r in rounds] for i, c in enumerate(finalists)}
+
+    def median(i: int) -> float:
+        return float(statistics.median(r[i] for r in rounds))
+
+    timings = {c.name: t for c, t in zip(candidates, screened)}
+    return Tuned(finalists[decision.chosen], median(0), median(decision.chosen), method, timings, decision.noise,
+                 by_name)  # fmt: skip
 
 
 def tune(
     plan: LtPlan, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int, problem: Problem
 ) -> Tuned:
-    """Time the heuristic's candidates and the registered sources' (``add_source``) and select the one ``pick``
-    chooses; a cuBLASLt choice becomes the plan's algorithm.
+    """Time the heuristic's candidates and the registered sources' (``add_source``) as the module doc says; a
+    cuBLASLt choice becomes the plan's algorithm.
 
     ``ptrs`` must point the outputs (d, aux in a forward epilogue, bias_grad) at scratch memory.
     """
-    candidates: list[Candidate] = list(heuristic_candidates(plan))
+    heuristic = heuristic_candidates(plan)
+    candidates: list[Candidate] = list(heuristic)
     for source in list(sources.values()):
         candidates += source.candidates(problem, our_alignments(plan), plan.tf32)
     with Timer(ptrs, alpha, beta, workspace, stream, plan.device) as timer:
-        times = [timer.time(c) for c in candidates]
-    chosen = pick(times)
-    picked = candidates[chosen]
-    if isinstance(picked, LtCandidate):
-        picked.apply(plan)
-    return Tuned(candidates[chosen], times[0], times[chosen], "heuristic",
-                 {c.name: t for c, t in zip(candidates, times)})  # fmt: skip
+        timer.warm(heuristic[0])
+        tuned = final(timer, candidates, [timer.time(c) for c in candidates], "heuristic")
+    return adopt(plan, tuned, heuristic[0])
+
+
+def adopt(plan: LtPlan, tuned: Tuned, first: LtCandidate) -> Tuned:
+    """A cuBLASLt choice becomes the plan's algorithm; with another backend's the plan keeps its first pick (timing
+    left it on whichever algorithm ran last)."""
+    chosen = tuned.chosen
+    (chosen if isinstance(chosen, LtCandidate) else first).apply(plan)
+    return tuned

@@ -11,8 +11,10 @@ shapes, H100). ``explore`` times, each briefly (``QUICK_MS``), in this order whi
    swizzling, cluster shape; ``algos.neighbours``) from the ``SEEDS`` fastest so far, each checked with
    ``matmul_algo_check`` first, until a round finds nothing faster.
 
-Then the ``FINALISTS`` fastest and the baseline are timed again, longer (``autotune.MEASURE_MS``),
-interleaved over ``ROUNDS`` rounds keeping each one's best, and ``autotune.pick`` decides.
+Before anything is timed the first pick warms the GPU to steady clocks (``timer.Timer.warm``); after the
+search the ``autotune.FINALISTS`` fastest and the first pick are timed again, longer, in interleaved
+rounds of rotating order, and kept only by a gain beyond the run's noise (``autotune.final``). The
+budget bounds the search; the warm-up and the final rounds come on top.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from collections.abc import Iterable
 from ...problem import Operands, Problem
 from ...tuning import canonical
 from . import algos, autotune
-from .autotune import Candidate, LtCandidate, Timer, Tuned
+from .autotune import Candidate, LtCandidate, Tuned
 from .bindings import LtPlan
+from .timer import Timer
 
 BUDGET_S = 4.0
 budget_s = BUDGET_S  # the wall-clock seconds a plan's exploration may take (``gemmbridge.tune(budget_s=)``)
@@ -32,8 +35,6 @@ HEURISTIC_WANTED = 64
 MAX_CANDIDATES = 256
 QUICK_MS = 0.5
 SEEDS = 3
-FINALISTS = 4
-ROUNDS = 3
 
 
 def _lt(plan: LtPlan, cfgs: Iterable[algos.Config], seen: set[str]) -> Iterable[Candidate]:
@@ -55,11 +56,12 @@ def explore(
     budget_s: float = BUDGET_S,
 ) -> Tuned:  # fmt: skip
     """Search, time and select (module doc); ``ptrs`` point the outputs at scratch memory."""
-    deadline = time.perf_counter() + budget_s
     first = LtCandidate(plan, plan.result(plan._results, 0), "heuristic 0", 0)
     timed: dict[str, tuple[Candidate, float]] = {}  # by canonical payload
 
     with Timer(ptrs, alpha, beta, workspace, stream, plan.device) as timer:
+        timer.warm(first)
+        deadline = time.perf_counter() + budget_s
 
         def run(candidates: Iterable[Candidate]) -> None:
             for cand in candidates:
@@ -90,15 +92,7 @@ def explore(
                 break
             best = now
 
-        ranked = sorted(timed.values(), key=lambda v: v[1])
-        finalists: list[Candidate] = [first] + [c for c, t in ranked if c is not first and t < float("inf")][:FINALISTS]
-        final = [float("inf")] * len(finalists)
-        for _ in range(ROUNDS):
-            for i, finalist in enumerate(finalists):
-                final[i] = min(final[i], timer.time(finalist))
-    chosen = autotune.pick(final)
-    winner = finalists[chosen]
-    (winner if isinstance(winner, LtCandidate) else first).apply(plan)  # another backend's: the plan keeps its pick
-    timings = {c.name: t for c, t in timed.values()}
-    timings.update({c.name: t for c, t in zip(finalists, final)})
-    return Tuned(finalists[chosen], final[0], final[chosen], "explore", timings)
+        baseline = timed.pop(canonical(first.payload))[1]
+        candidates, screened = [first, *(c for c, _ in timed.values())], [baseline, *(t for _, t in timed.values())]
+        tuned = autotune.final(timer, candidates, screened, "explore")
+    return autotune.adopt(plan, tuned, first)

@@ -8,14 +8,21 @@ stream. Pointers are baked into a graph, so a graph is only replayed for exactly
 captured from; nothing is captured or replayed while the caller's stream is itself being captured.
 
 Graph executables are never destroyed while a capture may be under way on the calling thread (a
-destroy inside a capture can invalidate it): ``close`` hands them to ``_doomed``, and ``drain``
-destroys them from a call that is known not to be capturing.
+destroy inside a capture can invalidate it): ``close`` and the eviction of a graph hand them to
+``_doomed``, and ``drain`` destroys them from a call that is known not to be capturing.
+
+Another thread may be capturing meanwhile, in CUDA's global mode (torch's default): then calls
+that CUDA deems unsafe during a capture (creating a stream, instantiating or destroying a graph,
+waiting for an event) fail, and invalidate that thread's capture. gemmbridge makes them
+``isolated``: with this thread's capture interaction mode thread-local, which is sound because
+they touch only gemmbridge's own streams, events and graphs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cuda.bindings import driver
@@ -61,20 +68,38 @@ def _launch(graph: Any, stream: int) -> None:
     check(driver.cuGraphLaunch(graph[0], wrapped), "cuGraphLaunch")
 
 
+@contextlib.contextmanager
+def isolated(api: Any = None) -> Iterator[None]:
+    """The block's calls ignore other threads' captures (module doc): this thread's capture interaction mode is
+    thread-local meanwhile (``cuThreadExchangeStreamCaptureMode``; ``api``: the driver module, ``driver`` when
+    None). The caller's own stream must not be capturing."""
+    api = driver if api is None else api
+    thread_local = api.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+    before = check(api.cuThreadExchangeStreamCaptureMode(thread_local), "cuThreadExchangeStreamCaptureMode")
+    try:
+        yield
+    finally:
+        api.cuThreadExchangeStreamCaptureMode(before)
+
+
 def drain() -> None:
-    """Destroy the graph executables of closed caches (call only where no capture is under way)."""
-    while True:
-        try:
-            graph = _doomed.pop()  # atomic: threads draining at once never destroy one twice
-        except IndexError:
-            return
-        driver.cuGraphExecDestroy(graph[0])
+    """Destroy the graph executables of closed caches and evicted graphs (call only where no capture is under way
+    on this thread)."""
+    if not _doomed:
+        return
+    with isolated():
+        while True:
+            try:
+                graph = _doomed.pop()  # atomic: threads draining at once never destroy one twice
+            except IndexError:
+                return
+            driver.cuGraphExecDestroy(graph[0])
 
 
 def capture(device: int, enqueue: Callable[[int], None]) -> Any:
     """An instantiated graph of what ``enqueue(stream)`` enqueues, captured on the device's private stream:
     ``(exec, handle)`` for ``_launch``; the caller destroys it (``cuGraphExecDestroy``)."""
-    with _capture_lock:
+    with _capture_lock, isolated():
         stream = _capture_streams.get(device)
         if stream is None:
             flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
@@ -89,11 +114,11 @@ def capture(device: int, enqueue: Callable[[int], None]) -> Any:
                 driver.cuGraphDestroy(result[1])
             raise
         graph = check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
-    try:
-        graph_exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-        return graph_exec, int(graph_exec)
-    finally:
-        driver.cuGraphDestroy(graph)
+        try:
+            graph_exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+            return graph_exec, int(graph_exec)
+        finally:
+            driver.cuGraphDestroy(graph)
 
 
 class GraphCache:
@@ -131,8 +156,7 @@ class GraphCache:
 
         The caller has checked that its stream is not being captured.
         """
-        if _doomed:
-            drain()
+        drain()
         with self.lock:  # the whole of it: a graph is captured once, and launched before anyone may evict it
             graph = self.execs.get(signature)  # another thread captured it meanwhile
             if graph is not None:
@@ -151,7 +175,7 @@ class GraphCache:
                 return False
             if len(self.execs) >= GRAPHS_PER_PLAN:
                 oldest = next(iter(self.execs))
-                driver.cuGraphExecDestroy(self.execs.pop(oldest)[0])
+                _doomed.append(self.execs.pop(oldest))  # destroyed by the next drain (isolated)
                 if self.replays.pop(oldest) == 0:
                     self.wasted += 1
                     self.broken = self.wasted >= GRAPHS_PER_PLAN

@@ -123,7 +123,7 @@ def store(plan: LtPlan, device: int, tuned: Tuned, described: str) -> None:
     file = _file(device)
     if file is None:
         return
-    timings = {"first_ms": tuned.first_ms, "chosen_ms": tuned.chosen_ms}
+    timings = {"first_ms": tuned.first_ms, "chosen_ms": tuned.chosen_ms, "noise": tuned.noise}
     file.put({entry_key(plan): {
         "choice": tuned.chosen.payload,
         "timings": {k: v for k, v in timings.items() if math.isfinite(v)},

@@ -1,12 +1,15 @@
-"""cuBLASLt workspaces: stream-ordered, never shared by two streams that can run at once.
+"""cuBLASLt workspaces: stream-ordered, never shared by two streams that can run at once, and allocated and freed
+only on the calling stream.
 
 Policy (each buffer is ``WORKSPACE_BYTES``):
 
 - the legacy default stream (handle 0 or 1): one per device, shared by every thread, since all
   work on it is serialized;
 - the per-thread default stream (handle 2): one per thread and device, freed with the thread;
-- any other stream: one per (device, stream), at most ``MAX_STREAMS`` kept; the least recently
-  added is dropped first;
+- any other stream: the first ``MAX_STREAMS`` streams a device meets keep one each for the life of
+  the process; a call on any further stream takes its own from CUDA's stream-ordered pool on its
+  stream and frees it there once the call is enqueued (a few µs: the pool hands the same memory
+  back to the next call on that stream);
 - a stream being captured into a CUDA graph: allocated by the caller's framework inside the
   capture. It must live as long as the graph can replay, and two graphs must not share one (they
   may be replayed at once on different streams). PyTorch allocates it from the graph's private
@@ -15,13 +18,20 @@ Policy (each buffer is ``WORKSPACE_BYTES``):
   untracked live allocations in their pool). Frameworks without graph-owned memory get one per
   capture and stream, kept for the life of the process.
 
+No workspace is ever evicted: a kept buffer can only be freed into its own stream (the free must
+follow the work queued there), and at that moment another thread may be capturing that stream —
+a free enqueued into someone else's capture fails and invalidates it (2 of 64 threads, each
+capturing on its own stream, failed so on an H200 while the table evicted). Asking first does not
+help: the owner may begin its capture between the question and the free. So every allocation and
+free here is on the calling stream, which the caller has just found not capturing.
+
 Outside captures the buffers come from CUDA's stream-ordered allocator (``cuMemAllocAsync`` on the
 stream, ``cuMemFreeAsync`` on it when dropped), not from the caller's framework: a buffer made while
 torch.compile's CUDA graph trees warm up would otherwise land in their memory pool, which refuses
 allocations held past the warm-up. They are not counted in the framework's memory statistics.
 
 Memory: outside captures at most ``MAX_STREAMS`` + one per device + one per thread that uses a
-per-thread default stream.
+per-thread default stream + one per call in flight on further streams.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ _LEGACY = (0, 1)
 _PER_THREAD = 2
 
 _buffers: dict[tuple[int, int], tuple[Any, int]] = {}  # (device, stream) → (buffer, address)
+_streams_kept: dict[int, int] = {}  # device → streams other than the legacy one with a buffer in ``_buffers``
 _per_thread = threading.local()
 _captures: dict[tuple[int, int, int], tuple[Any, int]] = {}  # (device, stream, capture id) → (buffer, address)
 _kept: list[Any] = []  # capture workspaces of frameworks without graph-owned memory, for good
@@ -47,7 +58,8 @@ _lock = threading.Lock()
 
 
 class DeviceBuffer:
-    """``WORKSPACE_BYTES`` from the device's stream-ordered pool, freed on its stream when dropped."""
+    """``WORKSPACE_BYTES`` from the device's stream-ordered pool, freed into the same stream when dropped (never a
+    synchronous ``cuMemFree``: that would wait for the device, which another thread's capture forbids)."""
 
     __slots__ = ("address", "stream")
 
@@ -57,8 +69,7 @@ class DeviceBuffer:
 
     def __del__(self) -> None:
         try:
-            if driver.cuMemFreeAsync(self.address, self.stream)[0] != driver.CUresult.CUDA_SUCCESS:
-                driver.cuMemFree(self.address)  # its stream is gone: free once the device is idle
+            driver.cuMemFreeAsync(self.address, self.stream)
         except Exception:  # interpreter shutdown
             pass
 
@@ -88,15 +99,19 @@ def pointer(view: TensorView, ctx: CallContext) -> tuple[Any, int]:
         if entry is None:
             entry = table[ctx.device] = _own(ctx)
         return entry
-    key = (ctx.device, 0 if stream in _LEGACY else stream)
+    legacy = stream in _LEGACY
+    key = (ctx.device, 0 if legacy else stream)
     entry = _buffers.get(key)
     if entry is None:
         with _lock:
             entry = _buffers.get(key)
             if entry is None:
-                if len(_buffers) >= MAX_STREAMS:
-                    _buffers.pop(next(iter(_buffers)))
+                kept = _streams_kept.get(ctx.device, 0)
+                if not legacy and kept >= MAX_STREAMS:
+                    return _own(ctx)  # this call's alone, freed into its stream when the caller drops it
                 entry = _buffers[key] = _own(ctx)
+                if not legacy:
+                    _streams_kept[ctx.device] = kept + 1
     return entry
 
 
