@@ -69,3 +69,45 @@ def test_ci_runs_the_readme_test_command_then_ruff_and_mypy():
     lines = ci.read_text().splitlines()
     assert install_and_test in lines
     assert "ruff check . && ruff format --check src tests scripts benchmarks" in lines and "mypy src" in lines
+
+
+def test_import_gemmbridge_torch_without_torch_names_the_extra():
+    hidden = "import sys; sys.modules['torch'] = None; import gemmbridge.torch"
+    result = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("gemmbridge.errors.MissingPackageError: gemmbridge.torch needs torch (")
+    assert last.endswith("pip install 'gemmbridge[torch]'")
+
+
+def _hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    for name in modules:  # import name → ImportError, whether or not it was imported before
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_adapter_checkpoints_without_safetensors_name_the_extra(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    import gemmbridge.torch as gt
+    from gemmbridge.errors import MissingPackageError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    gt.apply_lora(model, ["0"], r=2, alpha=4)
+    _hide(monkeypatch, "safetensors", "safetensors.torch")
+    for call in (gt.save_adapters, gt.load_adapters):
+        with pytest.raises(MissingPackageError, match=r"needs safetensors \(.*\): pip install 'gemmbridge\[lora\]'$"):
+            call(model, tmp_path / "adapters.safetensors")
+    assert not (tmp_path / "adapters.safetensors").exists()
+
+
+def test_the_peft_bridge_without_peft_names_the_extra(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from gemmbridge.errors import MissingPackageError
+    from gemmbridge.torch.peft import use_gemmbridge
+
+    _hide(monkeypatch, "peft", "peft.tuners", "peft.tuners.lora", "peft.tuners.lora.layer", "peft.tuners.tuners_utils")
+    with pytest.raises(
+        MissingPackageError, match=r"^use_gemmbridge needs peft \(.*\): pip install 'gemmbridge\[peft\]'$"
+    ):
+        use_gemmbridge(torch.nn.Linear(4, 4))
+    with pytest.raises(ImportError):  # what code catching a missing package expects
+        use_gemmbridge(torch.nn.Linear(4, 4))

@@ -5,9 +5,13 @@ Importing this module registers the ``gemmbridge::gemm``, ``::matmul``, ``::line
 The PEFT bridge is ``gemmbridge.torch.peft`` (it needs the optional ``peft`` package).
 """
 
-from .functional import linear, lora_linear, matmul, mlp
-from .lora import LoRALinear, apply_lora, load_adapters, save_adapters
-from .modules import MLP, Linear, convert_linears
+from .._optional import require
+
+require("torch", "torch", "gemmbridge.torch")  # before the modules below import it: the message names the extra
+
+from .functional import linear, lora_linear, matmul, mlp  # noqa: E402
+from .lora import LoRALinear, apply_lora, load_adapters, save_adapters  # noqa: E402
+from .modules import MLP, Linear, convert_linears  # noqa: E402
 
 __all__ = [
     "MLP",
