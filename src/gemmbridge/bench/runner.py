@@ -109,6 +109,10 @@ def _select(device: str, names: str | None) -> tuple[list[Candidate], list[dict[
             "reason": reason,
             "baseline": cand.name == BASELINES[device][0],
         })  # fmt: skip
+    if not active:
+        reasons = "; ".join(f"{c['name']}: {c['reason']}" for c in listing if wanted is None or c["name"] in wanted)
+        raise OptionError(f"--candidates {names}: none can run on {device} ({reasons})" if names else
+                          f"no candidate can run on {device} ({reasons})")  # fmt: skip
     return active, listing
 
 
