@@ -7,6 +7,8 @@ The sdist and the wheel are built offline with the project's own build backend (
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,3 +113,17 @@ def test_the_peft_bridge_without_peft_names_the_extra(monkeypatch):
         use_gemmbridge(torch.nn.Linear(4, 4))
     with pytest.raises(ImportError):  # what code catching a missing package expects
         use_gemmbridge(torch.nn.Linear(4, 4))
+
+
+def test_pytest_q_ends_with_the_fuzz_lines_and_why_tests_were_skipped():
+    env = {**os.environ, "GEMMBRIDGE_FUZZ_CPU": "25", "GEMMBRIDGE_FUZZ_GPU": "25", "GEMMBRIDGE_FUZZ_SEED": "7"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fuzz.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    dots = next(i for i, line in enumerate(lines) if re.fullmatch(r"[.sxXFE]+ +\[ *\d+%\]", line))
+    assert "fuzz" not in lines[dots]  # nothing printed among the dots
+    summary = lines[dots + 1 :]
+    assert "fuzz cpu/numpy: 25 problems, seed 7, 0 failures" in summary
+    if "fuzz gpu/torch: 25 problems, seed 7, 0 failures" not in summary:  # a machine without a GPU
+        assert "1 skipped: 1 GPU tests (marked gpu): no CUDA GPU here" in summary
