@@ -35,7 +35,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel, "out": tmp_path_factory.mktemp("sdist")}
 
 
-def test_the_sdist_carries_the_tests_docs_and_license(built):
+def test_the_sdist_carries_the_tests_what_they_run_docs_and_license(built):
     with tarfile.open(built["sdist"]) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
         archive.extractall(built["out"], filter="data")
@@ -43,6 +43,9 @@ def test_the_sdist_carries_the_tests_docs_and_license(built):
     assert tests <= names and "tests/conftest.py" in names
     assert {"docs/errors.md", "LICENSE", "README.md", "src/gemmbridge/py.typed",
             "src/gemmbridge/backends/cuda/kernels/skinny.cu"} <= names  # fmt: skip
+    referenced = set(re.findall(r'"(examples|benchmarks|scripts)" / "([\w.]+)"', "".join(
+        path.read_text() for path in (ROOT / "tests").glob("*.py"))))  # fmt: skip
+    assert referenced and {f"{folder}/{name}" for folder, name in referenced} <= names  # files the tests run
     (unpacked,) = built["out"].iterdir()
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                 "tests/test_cli.py", "tests/test_contract.py"], cwd=unpacked, capture_output=True,
@@ -127,3 +130,15 @@ def test_pytest_q_ends_with_the_fuzz_lines_and_why_tests_were_skipped():
     assert "fuzz cpu/numpy: 25 problems, seed 7, 0 failures" in summary
     if "fuzz gpu/torch: 25 problems, seed 7, 0 failures" not in summary:  # a machine without a GPU
         assert "1 skipped: 1 GPU tests (marked gpu): no CUDA GPU here" in summary
+
+
+def test_what_the_examples_and_the_readme_commands_write_is_ignored_by_git():
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    readme = (ROOT / "README.md").read_text()
+    written = set(re.findall(r"--(?:plot|json) ([\w.-]+\.(?:png|json))\b", readme))
+    for example in (ROOT / "examples").glob("*.py"):
+        written |= set(re.findall(r'default="([\w.-]+\.(?:png|json))"', example.read_text()))
+    assert {"losses.png", "train_transformer.png", "finetune_lora.png", "finetune_lora.json"} <= written
+    ignored = subprocess.run(["git", "check-ignore", *sorted(written)], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(written)
