@@ -25,7 +25,12 @@ examples:
   gemmbridge bench --device cpu --preset small
   gemmbridge bench --preset skinny --dtype bf16,fp16   # bandwidth-bound: % of copy bandwidth
 
-Small shapes also get host µs per call and, on CUDA, GPU µs per op (calls replayed from a CUDA graph).
+Candidates are timed in interleaved rounds until each one's best two rounds agree within --max-spread; a cell
+that never does is marked ~ (unstable) and left out of the geo-means. Ratios are to the row's baseline, the
+framework's matmul (numpy.matmul on the CPU, torch.matmul where numpy has no BLAS for the dtype, and on CUDA); the
+table names it and the geo-means are kept apart per baseline. Small shapes also get µs per call and, on CUDA, GPU
+µs per op (calls replayed from a CUDA graph). In a terminal the table is drawn with rich; piped or redirected it
+is plain text, one line per row.
 """
 
 STRESS_EPILOG = """\
@@ -269,7 +274,17 @@ def _parser() -> argparse.ArgumentParser:
         "--plot", metavar="PATH", help="write a PNG (needs matplotlib): a roofline chart per dtype, every candidate"
     )
     bench.add_argument("--rep-ms", type=float, help="timed milliseconds per measurement (default 60 cuda, 25 cpu)")
-    bench.add_argument("--rounds", type=int, help="interleaved rounds; each candidate keeps its best (2)")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds at least; each candidate keeps its best (2)")
+    bench.add_argument(
+        "--max-rounds", type=int, help="rounds in all, at most, for a candidate whose best two still differ (6)"
+    )
+    bench.add_argument(
+        "--max-spread",
+        type=float,
+        metavar="PCT",
+        help="a cell is stable when its best two rounds differ by at most PCT %% (5); unstable ones are marked ~ "
+        "and left out of the geo-means",
+    )
     bench.add_argument("--peak-size", type=int, help="M=N=K of the GEMM that measures the peak (8192 cuda, 1024 cpu)")
     bench.add_argument("--seed", type=int, help="seed of the random inputs (0)")
     bench.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
