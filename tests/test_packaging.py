@@ -142,3 +142,23 @@ def test_what_the_examples_and_the_readme_commands_write_is_ignored_by_git():
     assert {"losses.png", "train_transformer.png", "finetune_lora.png", "finetune_lora.json"} <= written
     ignored = subprocess.run(["git", "check-ignore", *sorted(written)], cwd=ROOT, capture_output=True, text=True)
     assert sorted(ignored.stdout.split()) == sorted(written)
+
+
+@pytest.mark.parametrize(("nvidia_smi", "extras"), [(None, "bench"), ("exit 9", "bench"), ("exit 0", "bench,cuda")])
+def test_the_readme_main_command_takes_the_cuda_wheels_only_where_there_is_a_driver(tmp_path, nvidia_smi, extras):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    (command,) = [line for line in (ROOT / "README.md").read_text().splitlines() if line.endswith("gemmbridge bench")]
+    install = re.fullmatch(r".* && pip install (.*) && gemmbridge bench", command)
+    assert install and command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install ")
+    if nvidia_smi:  # a driver that answers (exit 0), or an nvidia-smi without a working driver
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{nvidia_smi}\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    words = subprocess.run([bash, "-c", f"set -- {install.group(1)}; printf '%s\\n' \"$@\""], capture_output=True,
+                           text=True, env={"PATH": str(tmp_path)}, timeout=30)  # fmt: skip
+    assert words.stdout.split() == ["torch==2.13.0", "-e", f".[{extras}]"], words.stderr
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any(dep.startswith(("nvidia", "cuda", "nvmath")) for dep in extra["bench"])
+    assert any(dep.startswith("nvidia-cublas") for dep in extra["cuda"])
