@@ -123,17 +123,17 @@ def _cuda_seen() -> bool:
     return bool(torch is not None and torch.cuda.is_available())
 
 
-def _skip_reason(report: pytest.TestReport) -> str:
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     return reason.removeprefix("Skipped: ")
 
 
-def skip_summary(reports: list[pytest.TestReport], cuda: bool) -> list[str]:
+def skip_summary(reports: list[pytest.TestReport | pytest.CollectReport], cuda: bool) -> list[str]:
     """Why tests were skipped, in a few lines: the GPU tests at once when there is no GPU, then the commonest
     other reasons."""
     if not reports:
         return []
-    gpu = [r for r in reports if "gpu" in r.keywords] if not cuda else []
+    gpu = [r for r in reports if "gpu" in getattr(r, "keywords", ())] if not cuda else []  # a module: no keywords
     reasons = Counter(_skip_reason(r) for r in reports if r not in gpu)
     parts = [f"{len(gpu)} GPU tests (marked gpu): no CUDA GPU here"] if gpu else []
     parts += [f"{count} other tests" if gpu else f"{count} tests" for count in [sum(reasons.values())] if count]

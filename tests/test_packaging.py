@@ -162,3 +162,22 @@ def test_the_readme_main_command_takes_the_cuda_wheels_only_where_there_is_a_dri
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert not any(dep.startswith(("nvidia", "cuda", "nvmath")) for dep in extra["bench"])
     assert any(dep.startswith("nvidia-cublas") for dep in extra["cuda"])
+
+
+def test_the_skip_summary_counts_gpu_tests_and_whole_skipped_modules():
+    from conftest import skip_summary
+
+    def test(name: str, reason: str, gpu: bool = False) -> pytest.TestReport:
+        keywords = {name: 1, "gpu": 1} if gpu else {name: 1}
+        return pytest.TestReport(f"t.py::{name}", ("t.py", 1, name), keywords, "skipped", ("t.py", 1, reason), "call")
+
+    module = pytest.CollectReport("t2.py", "skipped", ("t2.py", 3, "Skipped: could not import 'cupy'"), [])
+    reports = [test("a", "Skipped: needs a CUDA GPU", gpu=True), test("b", "Skipped: needs a CUDA GPU", gpu=True),
+               test("c", "Skipped: no triton"), module]  # fmt: skip
+    assert skip_summary(reports, cuda=False) == [
+        "4 skipped: 2 GPU tests (marked gpu): no CUDA GPU here, 2 other tests",
+        "      1  no triton",
+        "      1  could not import 'cupy'",
+    ]
+    assert skip_summary(reports, cuda=True)[:2] == ["4 skipped: 4 tests", "      2  needs a CUDA GPU"]
+    assert skip_summary([], cuda=False) == []

@@ -309,7 +309,8 @@ def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
         row["baseline"] = next((name for name in BASELINES[device] if name in ok), None)
         base = ok[row["baseline"]] if row["baseline"] else None
         for r in ok.values():
-            r["pct_of_roofline"] = 100 * r["tflops"] / row["roofline_tflops"] if row["roofline_tflops"] else None
+            # (the ratio first: the cell that set the peak is exactly 100 %, never a rounding over it)
+            r["pct_of_roofline"] = 100 * (r["tflops"] / row["roofline_tflops"]) if row["roofline_tflops"] else None
             r["ratio"] = r["tflops"] / base["tflops"] if base else None
             r["ratio_stable"] = None if base is None else r["stable"] is not False and base["stable"] is not False
             r.update(bandwidth_use(row["bytes"], r["ms"], bandwidth))
