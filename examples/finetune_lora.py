@@ -21,7 +21,7 @@ run that never settles is marked ~ as unstable). Prints each run's loss curve, b
 the step time over the floor's, peak memory (CUDA: the largest allocation of the run, weights included) and the
 largest gap between the bridge's loss curve and PEFT's; saves a plot (matplotlib, looked for first) and, with
 ``--json``, the figures. Needs torch, peft and transformers (``pip install 'gemmbridge[peft]'``); the CPU run takes
-about a minute on 2 cores.
+a few minutes on 2 cores.
 
     python examples/finetune_lora.py                 # the GPU: hidden 2048, 4 layers, batch 4 × 1024, bf16
     python examples/finetune_lora.py --small         # a tiny float32 model on the CPU (the default without a GPU)
