@@ -3,6 +3,9 @@
 Tests build every operand from float64 numpy data through a ``Framework`` (``gemmbridge.testing``) and
 read results back with ``to_numpy64``, so one suite runs unchanged on numpy, torch, JAX and CuPy, on the
 CPU and (marked ``gpu``) on CUDA. What this machine lacks (``testing.Unavailable``) skips the test.
+
+After the run, a few lines say why tests were skipped (GPU tests without a GPU, missing packages) and what the
+fuzz tests covered (``summary_line``), below the progress dots rather than among them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import zlib
-from collections.abc import Generator, Iterator
+from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import pytest
@@ -113,3 +117,48 @@ def cuda_torch():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch
+
+
+SUMMARY = pytest.StashKey[list[str]]()
+SKIP_REASONS_SHOWN = 5
+
+
+@pytest.fixture
+def summary_line(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``summary_line(text)``: ``text`` is printed after the run, with the skip summary (never among the dots)."""
+    return request.config.stash.setdefault(SUMMARY, []).append
+
+
+def _cuda_seen() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def skip_summary(reports: list[pytest.TestReport | pytest.CollectReport], cuda: bool) -> list[str]:
+    """Why tests were skipped, in a few lines: the GPU tests at once when there is no GPU, then the commonest
+    other reasons."""
+    if not reports:
+        return []
+    gpu = [r for r in reports if "gpu" in getattr(r, "keywords", ())] if not cuda else []  # a module: no keywords
+    reasons = Counter(_skip_reason(r) for r in reports if r not in gpu)
+    parts = [f"{len(gpu)} GPU tests (marked gpu): no CUDA GPU here"] if gpu else []
+    parts += [f"{count} other tests" if gpu else f"{count} tests" for count in [sum(reasons.values())] if count]
+    lines = [f"{len(reports)} skipped: " + ", ".join(parts)]
+    for reason, count in reasons.most_common(SKIP_REASONS_SHOWN):
+        lines.append(f"  {count:5}  {reason}")
+    if len(reasons) > SKIP_REASONS_SHOWN:
+        rest = sum(count for _, count in reasons.most_common()[SKIP_REASONS_SHOWN:])
+        lines.append(f"  {rest:5}  for {len(reasons) - SKIP_REASONS_SHOWN} other reasons (pytest -rs lists each)")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The fuzz tests' lines, then why tests were skipped."""
+    lines = config.stash.get(SUMMARY, []) + skip_summary(terminalreporter.stats.get("skipped", []), _cuda_seen())
+    for line in lines:
+        terminalreporter.write_line(line)

@@ -6,7 +6,10 @@ CPU tests run everywhere; the ``gpu`` ones check the CUDA candidates (Triton ker
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,9 +87,14 @@ def test_cli_writes_a_table_a_valid_json_and_a_plot(tmp_path: Path):
             assert r["status"] == "ok", r
             assert r["rel_err"] < DTYPES[row["dtype"]].tolerance
             assert r["tflops"] > 0 and r["ms"] == min(r["ms_runs"]) and r["host_us"] > 0  # tiny shapes: host µs too
+            assert r["host_us"] == pytest.approx(r["ms"] * 1e3)  # on the CPU: the same measurement, never two
             assert r["pct_of_roofline"] > 0  # timing decides whether a cache-resident shape passes 100 %
         assert row["results"]["numpy"]["ratio"] == pytest.approx(1.0)
     assert doc["peaks"]["fp32"]["tflops"] > 0 and doc["bandwidth"]["bytes_per_s"] > 0
+    assert "┃" not in result.stdout and "│" not in result.stdout  # piped: the plain table
+    table = result.stdout.splitlines()[3:7]
+    assert [line.split()[:2] for line in table] == [["fp32", "32×48×16"], ["fp32", "3×"], ["fp64", "32×48×16"],
+                                                    ["fp64", "3×"]]  # one line per row  # fmt: skip
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
 
 
@@ -109,16 +117,25 @@ def test_missing_candidates_are_listed_with_reasons_never_dropped():
 
 def test_half_types_skip_numpy_with_a_reason_and_fall_back_to_torch():
     pytest.importorskip("torch")
-    doc = tiny(shapes=["32x16x24"], dtypes="bf16,tf32")
+    doc = tiny(shapes=["32x16x24"], dtypes="bf16,tf32", max_spread=1e9)
     assert doc["settings"]["dtypes"] == ["bf16"] and "tf32 skipped" in doc["notes"][0]
     row = doc["rows"][0]
     assert row["results"]["numpy"]["status"] == "skipped" and "plain loop" in row["results"]["numpy"]["reason"]
     assert row["baseline"] == "torch" and row["results"]["gemmbridge"]["status"] == "ok"
     footer = report.footer(doc)
     assert "skipped on all rows: numpy multiplies bfloat16 in a plain loop, not its BLAS" in "\n".join(footer)
-    mixed = report.footer(tiny(shapes=["8x8x8"], dtypes="fp32,bf16", candidates="gemmbridge,numpy,torch"))
+    mixed_doc = tiny(shapes=["8x8x8"], dtypes="fp32,bf16", candidates="gemmbridge,numpy,torch", max_spread=1e9)
+    mixed = report.footer(mixed_doc)
     assert any(line.endswith("skipped on 1/2 rows: numpy multiplies bfloat16 in a plain loop, not its BLAS")
                for line in mixed)  # fmt: skip
+    # the baseline changes with the dtype: the table says so, and the geo-means are never mixed
+    assert "ratios are to the row's baseline, the framework's matmul: numpy on fp32 rows; torch on bf16 rows (numpy: " \
+        "numpy multiplies bfloat16 in a plain loop, not its BLAS)" in mixed  # fmt: skip
+    ratios = mixed_doc["summary"]["gemmbridge"]["ratios"]
+    assert set(ratios) == {"numpy", "torch"} and ratios["torch"]["rows"] == ratios["numpy"]["rows"] == 1
+    assert ratios["torch"]["geomean"] == pytest.approx(mixed_doc["rows"][1]["results"]["gemmbridge"]["ratio"])
+    (standing,) = [line for line in mixed if line.startswith("  gemmbridge ")]
+    assert "× numpy over 1 row (min" in standing and "× torch over 1 row (min" in standing
 
 
 class _Wrong(candidates.Gemmbridge):
@@ -175,10 +192,12 @@ def test_an_80_column_table_cuts_no_number():
     doc = tiny(shapes=["8x8x8", "2048x11008x64", "16x8x4x2"], candidates="gemmbridge,numpy,torch")
     for row in doc["rows"]:  # as on CUDA: five candidates, host µs of three digits, GPU µs per op of two
         row["results"]["numpy"] = {"status": "skipped", "reason": "runs on the CPU only; this run is on CUDA"}
+        row["in_cache"] = False
         for name in ("gemmbridge", "torch", "triton", "cupy", "nvmath"):
-            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7, "gpu_us": 12.25}
+            row["results"][name] = {**row["results"]["gemmbridge"], "host_us": 136.7, "gpu_us": 12.25, "stable": True,
+                                    "ratio_stable": True}  # fmt: skip
     text = io.StringIO()
-    report.render(doc, file=text, width=80)
+    report.render(doc, file=text, width=80, rich=True)  # a terminal 80 columns wide
     lines = text.getvalue().splitlines()
     assert max(map(len, lines)) <= 80 and "…" not in text.getvalue()
     table = "\n".join(line for line in lines if line[:1] in "┃│")
@@ -213,14 +232,23 @@ def test_the_plot_draws_the_roofline_as_a_line():
     assert min(x) <= min(r["intensity"] for r in doc["rows"]) and max(x) >= max(r["intensity"] for r in doc["rows"])
 
 
-def test_plain_table_without_rich(monkeypatch):
-    doc = tiny(shapes=["8x8x8", "16x8x4x2"], candidates="gemmbridge,numpy")
-    monkeypatch.setitem(sys.modules, "rich.console", None)  # import rich.console → ImportError
+@pytest.mark.parametrize("rich", ["missing", "not a terminal"])
+def test_the_plain_table_has_one_line_per_row_and_aligned_columns(monkeypatch, rich):
+    doc = tiny(shapes=["8x8x8", "16x8x4x2", "200x100x50"], candidates="gemmbridge,numpy")
+    if rich == "missing":
+        monkeypatch.setitem(sys.modules, "rich.console", None)  # import rich.console → ImportError
     text = io.StringIO()
-    report.render(doc, file=text)
+    report.render(doc, file=text, rich=None if rich == "missing" else False)
     lines = text.getvalue().splitlines()
-    assert lines[1].split()[:4] == ["dtype", "shape", "M×N×K", "preset"]
-    assert any(line.startswith("fp32") and "2× 16×8×4" in line for line in lines)
+    assert "┃" not in text.getvalue() and "│" not in text.getvalue()
+    assert lines[1].split() == ["gemmbridge", "numpy"] and lines[2].split()[:4] == ["dtype", "shape", "M×N×K", "preset"]
+    body = lines[3:6]
+    assert [line.split()[:2] for line in body] == [["fp32", "8×8×8"], ["fp32", "2×"], ["fp32", "200×100×50"]]
+    start = lines[1].index("gemmbridge")
+    ends = {tuple(match.end() for match in re.finditer("µs|×|%|base", line[start:])) for line in body}
+    assert len(ends) == 1 and len(ends.pop()) == 2 * 3  # each part of both candidates ends in one column
+    assert start < lines[2].index("TFLOP/s", start) < lines[1].index("numpy")  # the name over its columns
+    assert lines[6].startswith("measured peak fp32") and not any(line.startswith(" ") for line in lines[6:9])
 
 
 # -- CUDA: the candidates and the Triton kernel are right (run on a GPU machine) -------------------------------
@@ -266,3 +294,80 @@ def test_a_negative_seed_is_refused_in_one_line():
     found = subprocess.run([sys.executable, "-m", "gemmbridge.cli", "bench", "--seed", "-1", "--device", "cpu"],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert found.returncode == 2 and found.stderr == "gemmbridge bench: --seed -1: at least 0\n", found.stderr
+
+
+def test_rounds_repeat_until_the_best_two_agree():
+    from gemmbridge.bench.timing import settle, spread
+
+    times = {"steady": [10.0, 10.2], "noisy": [10.0, 30.0, 25.0, 20.0, 18.0, 16.0], "late": [50.0, 20.0, 20.5],
+             "broken": [math.nan]}  # fmt: skip
+    given = {name: iter(values) for name, values in times.items()}
+    calls: list[str] = []
+
+    def measure(name: str) -> float:
+        calls.append(name)
+        return next(given[name])
+
+    got = settle(list(times), measure, rounds=2, max_rounds=6, max_spread=0.05)
+    assert {k: v for k, v in got.items() if k != "broken"} == {k: v for k, v in times.items() if k != "broken"}
+    assert len(got["broken"]) == 1 and math.isnan(got["broken"][0])  # a failed measurement is not repeated
+    assert calls[:7] == ["steady", "noisy", "late", "broken", "steady", "noisy", "late"]  # interleaved
+    assert spread([10.0, 10.2, 12.0]) == pytest.approx(0.02) and spread([1.0]) is None
+    assert spread(got["noisy"]) == pytest.approx(0.6)  # still 60 % apart after six rounds: unstable
+
+
+def test_unstable_cells_are_marked_and_left_out_of_the_geo_means(monkeypatch):
+    from gemmbridge.bench import measure
+
+    drift = itertools.count(1.0)  # gemmbridge's every round slower than its last: never settles
+
+    def device_ms(fn, device, rep_ms):
+        return float(next(drift)) if fn.__qualname__.startswith("Gemmbridge.") else 1.0
+
+    monkeypatch.setattr(measure, "device_ms", device_ms)
+    doc = tiny(shapes=["8x8x8", "16x8x8"], candidates="gemmbridge,numpy", rounds=2, max_rounds=4)
+    report.validate(doc)
+    for row in doc["rows"]:
+        mine, base = row["results"]["gemmbridge"], row["results"]["numpy"]
+        assert len(mine["ms_runs"]) == 4 and mine["stable"] is False and mine["spread"] > 0.05
+        assert len(base["ms_runs"]) == 2 and base["stable"] is True and base["spread"] == 0
+        assert mine["ratio_stable"] is False and base["ratio_stable"] is True
+        assert report.cell_parts(mine, baseline=False)["tflops"].startswith(report.UNSTABLE)
+        assert report.cell_parts(base, baseline=True)["ratio"] == "base"
+    summary = doc["summary"]["gemmbridge"]
+    assert summary["ratios"] == {} and summary["unstable_rows"] == 2
+    footer = "\n".join(report.footer(doc))
+    assert "2 cell(s) still did (~: unstable, left out of the geo-means)" in footer
+    assert "gemmbridge timed on 2/2 rows (2 rows left out: unstable)" in footer
+
+
+def test_operands_in_the_cpu_cache_are_bounded_by_the_peak_alone():
+    fits = roofline(Shape(64, 64, 64), DTYPES["fp32"], peak_tflops=1.0, bytes_per_s=1e9, cache_bytes=1 << 20)
+    assert fits == {"intensity": pytest.approx(64 / 6), "in_cache": True, "roofline_tflops": 1.0, "bound": "compute"}
+    out = roofline(Shape(64, 64, 64), DTYPES["fp32"], peak_tflops=1.0, bytes_per_s=1e9, cache_bytes=1 << 10)
+    assert out["bound"] == "memory" and not out["in_cache"]
+    doc = tiny(shapes=["8x8x8", "64x64x64"], candidates="gemmbridge,numpy")
+    if doc["bandwidth"]["cache_bytes"] is None:
+        pytest.skip("the CPU's cache sizes are not readable here")
+    assert all(row["in_cache"] and row["bound"] == "compute" for row in doc["rows"])
+    assert all(r["pct_of_roofline"] <= 100 * (1 + 1e-12) for row in doc["rows"] for r in row["results"].values()
+               if r["status"] == "ok")  # fmt: skip
+    assert not any("over 100 %" in line for line in report.footer(doc))
+
+
+def test_a_busy_host_is_noted():
+    from gemmbridge.bench.runner import busy_note
+
+    assert busy_note([0.4, 3.1], 2) == ("the host was busy: load average up to 3.1 on 2 cores while timing; timings "
+                                        "include other processes' work (see the unstable cells)")  # fmt: skip
+    assert busy_note([0.5, None], 2) is None and busy_note([None, None], 2) is None
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [({"max_rounds": 1, "rounds": 2}, "--max-rounds 1: at least --rounds (2)"),
+     ({"max_spread": 0.0}, "--max-spread 0: a positive percentage")],
+)  # fmt: skip
+def test_settling_options_that_cannot_run_are_refused(given, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        tiny(shapes=["8x8x8"], **given)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import gemmbridge
 from gemmbridge import cli, info
 
 
@@ -133,3 +134,43 @@ def test_stress_repeats_the_problem_set_it_is_given(tmp_path):
                      "--max-dim", "20", "--no-progress", "--json", str(path))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "a set of 5 problems" in result.stdout and json.loads(path.read_text())["problems"] == 5
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"gemmbridge {gemmbridge.__version__}\n"
+
+
+def test_info_json_takes_a_path_as_bench_stress_and_tune_do(tmp_path):
+    path = tmp_path / "info.json"
+    result = run_cli("info", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("gemmbridge ") and result.stdout.rstrip().endswith(f"wrote {path}")
+    assert json.loads(path.read_text())["versions"]["gemmbridge"] == gemmbridge.__version__
+    printed = run_cli("info", "--json", "-")
+    assert json.loads(printed.stdout)["versions"]["gemmbridge"] == gemmbridge.__version__
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(("--shapes", "64x64x64", "--tokens", "10"), "--tokens 10 goes with --model; with --shapes, each shape's M is "
+      "its rows"),
+     (("--shapes", "0x0x0"), "--shapes '0x0x0' has a zero dimension"),
+     (("--shapes", "64x64"), "--shapes '64x64' is not MxNxK"),
+     (("--model", "m:f", "--tokens", "0"), "--tokens 0: a positive number of rows"),
+     (("--model", "m:f", "--tokens", "8", "--transpose-b"), "--transpose-a / --transpose-b go with --shapes")],
+)  # fmt: skip
+def test_tune_names_the_option_at_fault(capsys, args, message):
+    status, out, err = _main(capsys, "tune", *args)
+    assert status == 2 and out == "" and err.startswith(f"gemmbridge tune: {message}")
+
+
+def test_bench_refuses_a_selection_that_cannot_run_here(monkeypatch, capsys):
+    from gemmbridge.bench import runner
+
+    monkeypatch.setattr(runner, "copy_bandwidth", _never)
+    status, out, err = _main(capsys, "bench", "--device", "cpu", "--candidates", "cupy,nvmath", "--no-progress")
+    assert status == 2 and out == ""
+    assert err == "gemmbridge bench: --candidates cupy,nvmath: none can run on cpu (cupy: runs on CUDA only; this " \
+        "run is on the CPU; nvmath: runs on CUDA only; this run is on the CPU)\n"  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -30,15 +31,14 @@ def gpu(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     gb.clear_cache()
 
 
-def test_fuzz_through_the_emulated_cuda_backend(gpu, capsys: pytest.CaptureFixture) -> None:
+def test_fuzz_through_the_emulated_cuda_backend(gpu, summary_line: Callable[[str], None]) -> None:
     examples = int(os.environ.get("GEMMBRIDGE_FUZZ_EMULATED", 1500))
     _run(EmulatedFramework(), ("contiguous", "transposed", "row_strided", "col_strided", "offset", "negative"),
          examples, "emulated-cuda")  # fmt: skip
-    with capsys.disabled():
-        print(
-            f"\nfuzz emulated-cuda: {COUNTS['emulated-cuda']} problems ({len(gpu[0].kernels.launches)} on the "
-            f"skinny kernel), seed {SEED}, 0 failures"
-        )
+    summary_line(
+        f"fuzz emulated-cuda: {COUNTS['emulated-cuda']} problems ({len(gpu[0].kernels.launches)} on the "
+        f"skinny kernel), seed {SEED}, 0 failures"
+    )
     assert gpu[0].matmuls > 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -133,21 +134,19 @@ def _run(fw: Framework, layouts: tuple[str, ...], examples: int, label: str) -> 
     fuzz()
 
 
-def test_fuzz_cpu(capsys: pytest.CaptureFixture) -> None:
+def test_fuzz_cpu(summary_line: Callable[[str], None]) -> None:
     examples = int(os.environ.get("GEMMBRIDGE_FUZZ_CPU", 10_000))
     _run(Framework("numpy", "cpu"), ("contiguous", "transposed", "row_strided", "col_strided", "offset", "negative"),
          examples, "cpu/numpy")  # fmt: skip
-    with capsys.disabled():
-        print(f"\nfuzz cpu/numpy: {COUNTS['cpu/numpy']} problems, seed {SEED}, 0 failures")
+    summary_line(f"fuzz cpu/numpy: {COUNTS['cpu/numpy']} problems, seed {SEED}, 0 failures")
 
 
 @pytest.mark.gpu
-def test_fuzz_gpu(capsys: pytest.CaptureFixture) -> None:
+def test_fuzz_gpu(summary_line: Callable[[str], None]) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     examples = int(os.environ.get("GEMMBRIDGE_FUZZ_GPU", 2_000))
     _run(Framework("torch", "cuda"), ("contiguous", "transposed", "row_strided", "col_strided", "offset"),
          examples, "gpu/torch")  # fmt: skip
-    with capsys.disabled():
-        print(f"\nfuzz gpu/torch: {COUNTS['gpu/torch']} problems, seed {SEED}, 0 failures")
+    summary_line(f"fuzz gpu/torch: {COUNTS['gpu/torch']} problems, seed {SEED}, 0 failures")

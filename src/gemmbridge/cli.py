@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any
 
+from . import __version__
 from .errors import GemmError, OptionError
 
 BENCH_EPILOG = """\
@@ -24,7 +25,12 @@ examples:
   gemmbridge bench --device cpu --preset small
   gemmbridge bench --preset skinny --dtype bf16,fp16   # bandwidth-bound: % of copy bandwidth
 
-Small shapes also get host µs per call and, on CUDA, GPU µs per op (calls replayed from a CUDA graph).
+Candidates are timed in interleaved rounds until each one's best two rounds agree within --max-spread; a cell
+that never does is marked ~ (unstable) and left out of the geo-means. Ratios are to the row's baseline, the
+framework's matmul (numpy.matmul on the CPU, torch.matmul where numpy has no BLAS for the dtype, and on CUDA); the
+table names it and the geo-means are kept apart per baseline. Small shapes also get µs per call and, on CUDA, GPU
+µs per op (calls replayed from a CUDA graph). In a terminal the table is drawn with rich; piped or redirected it
+is plain text, one line per row.
 """
 
 STRESS_EPILOG = """\
@@ -55,42 +61,53 @@ examples:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .bench.report import write_json
     from .info import report
 
+    to_file = args.json not in (None, "-")
+    if to_file:
+        _writable("--json", args.json)
     result = report()
-    if args.json:
+    if args.json == "-":
         print(json.dumps(result, indent=1))
     else:
-        print("gemmbridge " + result["versions"]["gemmbridge"])
-        print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v and k != "gemmbridge"))
-        missing = [k for k, v in result["versions"].items() if v is None]
-        if missing:
-            print("not installed: " + ", ".join(missing))
-        cuda = result["cuda"]
-        if cuda.get("cuda_driver") or cuda.get("cuda_runtime") or cuda.get("cublasLt"):
-            names = {
-                "cuda_driver": "driver",
-                "cuda_runtime": "runtime",
-                "cublasLt": "cuBLASLt",
-                "torch_cuda": "torch built for",
-            }
-            print("cuda: " + ", ".join(f"{names[k]} {cuda[k] or 'unknown'}" for k in names if k in cuda))
-        else:
-            print(f"cuda: none ({cuda.get('cuda_note', 'no CUDA device')})")
-        for check in result["checks"]:
-            if check.get("ok") is None or "rel_err" not in check:
-                print(f"  {check['backend']:5} {'skipped' if check.get('ok') is None else 'FAILED'}: {check['reason']}")
-                continue
-            status = "ok" if check["ok"] else "FAILED"
-            print(
-                f"  {check['backend']:5} {check['device']:28} {check['library']:32} "
-                f"self-check fp32 matmul+bias+gelu rel err {check['rel_err']:.1e} {status}"
-            )
-        print("caches:")
-        for cache in result["caches"]:
-            state = "" if cache["exists"] is None else (" (exists)" if cache["exists"] else " (not created yet)")
-            print(f"  {cache['name']:22} {cache['location']}{state}")
+        _print_info(result)
+    if to_file:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
     return 0 if all(c.get("ok") is not False for c in result["checks"]) else 1
+
+
+def _print_info(result: dict[str, Any]) -> None:
+    print("gemmbridge " + result["versions"]["gemmbridge"])
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v and k != "gemmbridge"))
+    missing = [k for k, v in result["versions"].items() if v is None]
+    if missing:
+        print("not installed: " + ", ".join(missing))
+    cuda = result["cuda"]
+    if cuda.get("cuda_driver") or cuda.get("cuda_runtime") or cuda.get("cublasLt"):
+        names = {
+            "cuda_driver": "driver",
+            "cuda_runtime": "runtime",
+            "cublasLt": "cuBLASLt",
+            "torch_cuda": "torch built for",
+        }
+        print("cuda: " + ", ".join(f"{names[k]} {cuda[k] or 'unknown'}" for k in names if k in cuda))
+    else:
+        print(f"cuda: none ({cuda.get('cuda_note', 'no CUDA device')})")
+    for check in result["checks"]:
+        if check.get("ok") is None or "rel_err" not in check:
+            print(f"  {check['backend']:5} {'skipped' if check.get('ok') is None else 'FAILED'}: {check['reason']}")
+            continue
+        status = "ok" if check["ok"] else "FAILED"
+        print(
+            f"  {check['backend']:5} {check['device']:28} {check['library']:32} "
+            f"self-check fp32 matmul+bias+gelu rel err {check['rel_err']:.1e} {status}"
+        )
+    print("caches:")
+    for cache in result["caches"]:
+        state = "" if cache["exists"] is None else (" (exists)" if cache["exists"] else " (not created yet)")
+        print(f"  {cache['name']:22} {cache['location']}{state}")
 
 
 def _options(cls: Any, args: argparse.Namespace, **extra: Any) -> Any:
@@ -179,11 +196,15 @@ def _tune(args: argparse.Namespace) -> int:
         raise OptionError("give --shapes MxNxK[,...] or --model module:callable (one of them)")
     if args.model and args.tokens is None:
         raise OptionError("--model needs --tokens T (the rows of the activations: batch × sequence length)")
-    if args.tokens is not None and (args.shapes or args.tokens < 1):
-        raise OptionError(f"--tokens {args.tokens}: a positive number of rows, with --model")
+    if args.shapes and args.tokens is not None:
+        raise OptionError(f"--tokens {args.tokens} goes with --model; with --shapes, each shape's M is its rows")
+    if args.model and (args.transpose_a or args.transpose_b):
+        raise OptionError("--transpose-a / --transpose-b go with --shapes; a model's layers have their own layouts")
+    if args.tokens is not None and args.tokens < 1:
+        raise OptionError(f"--tokens {args.tokens}: a positive number of rows")
     if not args.budget > 0:
         raise OptionError(f"--budget {args.budget}: seconds per GEMM, > 0")
-    shapes = [parse_shape(s) for s in ",".join(args.shapes or []).split(",") if s.strip()]
+    shapes = [parse_shape(s, "--shapes") for s in ",".join(args.shapes or []).split(",") if s.strip()]
     dtypes = parse_dtypes(args.dtype) if args.dtype else None
     if args.json:
         _writable("--json", args.json)
@@ -215,9 +236,12 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmbridge", description="Vendor GEMM for any framework's tensors.")
+    parser.add_argument("--version", action="version", version=f"gemmbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="backends, devices, versions, caches, and a self-check matmul per backend")
-    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    info.add_argument(
+        "--json", nargs="?", const="-", metavar="PATH", help="write the report as JSON to PATH (alone or '-': print it)"
+    )
     info.set_defaults(run=_info)
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -250,7 +274,17 @@ def _parser() -> argparse.ArgumentParser:
         "--plot", metavar="PATH", help="write a PNG (needs matplotlib): a roofline chart per dtype, every candidate"
     )
     bench.add_argument("--rep-ms", type=float, help="timed milliseconds per measurement (default 60 cuda, 25 cpu)")
-    bench.add_argument("--rounds", type=int, help="interleaved rounds; each candidate keeps its best (2)")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds at least; each candidate keeps its best (2)")
+    bench.add_argument(
+        "--max-rounds", type=int, help="rounds in all, at most, for a candidate whose best two still differ (6)"
+    )
+    bench.add_argument(
+        "--max-spread",
+        type=float,
+        metavar="PCT",
+        help="a cell is stable when its best two rounds differ by at most PCT %% (5); unstable ones are marked ~ "
+        "and left out of the geo-means",
+    )
     bench.add_argument("--peak-size", type=int, help="M=N=K of the GEMM that measures the peak (8192 cuda, 1024 cpu)")
     bench.add_argument("--seed", type=int, help="seed of the random inputs (0)")
     bench.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

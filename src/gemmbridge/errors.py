@@ -42,6 +42,10 @@ class BackendUnavailableError(GemmError, RuntimeError):
     """The backend the operands need is not installed or cannot start."""
 
 
+class MissingPackageError(GemmError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
+
+
 class VendorError(GemmError, RuntimeError):
     """The vendor library returned an error status for a problem."""
 

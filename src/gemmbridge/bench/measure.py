@@ -2,13 +2,16 @@
 
 A candidate that is wrong (relative error over the dtype's tolerance, or NaN) or that raises is reported
 with the reason and is not timed. Timing interleaves the candidates (A B C A B C) and keeps each one's best
-median; a small shape also gets host µs per call and, on CUDA, GPU µs per op replayed from a CUDA graph (a
-candidate that cannot be captured keeps its timings, with the reason under ``gpu_us_reason``).
+median, repeating rounds until each one's best two agree (``timing.settle``; one that never does is marked
+unstable); a small shape also gets host µs per call (on the CPU: the timed time per call itself) and, on CUDA,
+GPU µs per op replayed from a CUDA graph (a candidate that cannot be captured keeps its timings, with the reason
+under ``gpu_us_reason``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +20,7 @@ import numpy as np
 from .candidates import Candidate
 from .data import DType, make_inputs, poison, reference, rel_err
 from .presets import Shape
-from .timing import device_ms, gpu_us_per_op, host_us_per_call
+from .timing import MAX_ROUNDS, MAX_SPREAD, device_ms, gpu_us_per_op, host_us_per_call, settle, spread
 
 
 def _error(error: BaseException) -> str:
@@ -37,8 +40,11 @@ def check_and_time(
     rng: np.random.Generator,
     rep_ms: float,
     rounds: int,
+    max_rounds: int = MAX_ROUNDS,
+    max_spread: float = MAX_SPREAD,
 ) -> dict[str, dict[str, Any]]:
-    """Each candidate's result on ``shape``: status, reason, rel_err, ms, ms_runs, tflops, host_us, gpu_us."""
+    """Each candidate's result on ``shape``: status, reason, rel_err, ms (the best of ``ms_runs``), spread, stable,
+    tflops, host_us, gpu_us. Timing rounds: ``timing.settle``."""
     results: dict[str, dict[str, Any]] = {}
     fns: dict[str, Callable[[], Any]] = {}
     graph = {cand.name: cand.graph for cand in candidates}
@@ -68,19 +74,30 @@ def check_and_time(
             results[cand.name] = {"status": "ok", "reason": None, "rel_err": err, "ms_runs": []}
             fns[cand.name] = fn
         del ref
-        for _ in range(rounds):
-            for name, fn in list(fns.items()):
-                try:
-                    results[name]["ms_runs"].append(device_ms(fn, device, rep_ms))
-                except Exception as error:
-                    results[name] = {"status": "error", "reason": _error(error), "rel_err": results[name]["rel_err"]}
-                    del fns[name]
+
+        def measure(name: str) -> float:
+            try:
+                return device_ms(fns[name], device, rep_ms)
+            except Exception as error:
+                results[name] = {"status": "error", "reason": _error(error), "rel_err": results[name]["rel_err"]}
+                return math.nan
+
+        for name, times in settle(list(fns), measure, rounds, max_rounds, max_spread).items():
+            if results[name]["status"] == "ok":
+                results[name]["ms_runs"] = times
+            else:
+                del fns[name]
         for name, fn in list(fns.items()):
             result = results[name]
             result["ms"] = min(result["ms_runs"])
+            result["spread"] = spread(result["ms_runs"])
+            result["stable"] = None if result["spread"] is None else result["spread"] <= max_spread
             result["tflops"] = shape.flops / (result["ms"] * 1e-3) / 1e12
             result["host_us"] = result["gpu_us"] = None
             if not shape.small:
+                continue
+            if device == "cpu":  # the time per call: the timed measurement itself, not a second one to disagree
+                result["host_us"] = result["ms"] * 1e3
                 continue
             try:
                 result["host_us"] = host_us_per_call(fn, device, budget_ms=rep_ms)

@@ -173,12 +173,12 @@ def preset_shapes(device: str, names: list[str]) -> list[Shape]:
 _SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)(?:x(\d+))?$")
 
 
-def parse_shape(text: str) -> Shape:
-    """``MxNxK`` or ``MxNxKxBATCH`` (``×`` works too) → Shape."""
+def parse_shape(text: str, flag: str = "--shape") -> Shape:
+    """``MxNxK`` or ``MxNxKxBATCH`` (``×`` works too) → Shape; errors name ``flag``, the option it came from."""
     match = _SHAPE.match(text.strip().lower().replace("×", "x"))
     if not match:
-        raise OptionError(f"--shape {text!r} is not MxNxK or MxNxKxBATCH (e.g. 4096x4096x4096)")
+        raise OptionError(f"{flag} {text!r} is not MxNxK or MxNxKxBATCH (e.g. 4096x4096x4096)")
     m, n, k, batch = (int(g) if g else 1 for g in match.groups())
     if min(m, n, k, batch) < 1:
-        raise OptionError(f"--shape {text!r} has a zero dimension")
+        raise OptionError(f"{flag} {text!r} has a zero dimension")
     return Shape(m, n, k, batch)

@@ -27,15 +27,21 @@ from .data import DType, parse_dtypes
 from .measure import check_and_time, skipped
 from .peaks import bandwidth_use, compute_peak, copy_bandwidth, roofline
 from .presets import DEFAULT_PRESETS, PEAK_SIZE, SKINNY_TARGET_PCT, Shape, parse_shape, preset_shapes
-from .timing import GRAPH_CALLS, GRAPH_REPLAYS
+from .timing import GRAPH_CALLS, GRAPH_REPLAYS, MAX_ROUNDS, MAX_SPREAD
 
 DEFAULT_DTYPE = {"cuda": "bf16", "cpu": "fp32"}
 DEFAULT_REP_MS = {"cuda": 60.0, "cpu": 25.0}
 METHOD = (
     "inputs standard normal, fresh per shape; each candidate checked against a float64 reference before it is "
-    "timed; device time: {timer}, warm-up excluded; candidates interleaved A B C A B C, {rounds} round(s), best "
-    "median kept; host µs/call (small shapes): eager calls without synchronization, then one, median of 5; {gpu}"
+    "timed; device time: {timer}, warm-up excluded; candidates interleaved A B C A B C, at least {rounds} round(s), "
+    "then more rounds (at most {max_rounds} in all) for each candidate whose best two medians differ by more than "
+    "{max_spread:g} %, best median kept, marked unstable if they still differ; host µs/call (small shapes): {host}; "
+    "{gpu}"
 )
+HOST_METHOD = {
+    "cuda": "eager calls without synchronization, then one, median of 5",
+    "cpu": "the timed time per call itself (on the CPU there is nothing to wait for)",
+}
 GPU_METHOD = {
     "cuda": "GPU µs/op (small shapes): {calls} calls captured in one CUDA graph (torch's; CuPy's for cupy), "
     "median of {replays} event-timed replays / {calls}",
@@ -51,7 +57,9 @@ class BenchOptions:
     shapes: list[str] = field(default_factory=list)  # MxNxK[xBATCH]
     candidates: str | None = None  # comma list to keep; the others are listed as not selected
     rep_ms: float | None = None  # timed milliseconds per measurement
-    rounds: int = 2
+    rounds: int = 2  # at least
+    max_rounds: int = MAX_ROUNDS  # in all, for a candidate whose best two times differ by more than max_spread
+    max_spread: float = 100 * MAX_SPREAD  # percent
     peak_size: int | None = None
     seed: int = 0
     progress: bool = True
@@ -109,6 +117,10 @@ def _select(device: str, names: str | None) -> tuple[list[Candidate], list[dict[
             "reason": reason,
             "baseline": cand.name == BASELINES[device][0],
         })  # fmt: skip
+    if not active:
+        reasons = "; ".join(f"{c['name']}: {c['reason']}" for c in listing if wanted is None or c["name"] in wanted)
+        raise OptionError(f"--candidates {names}: none can run on {device} ({reasons})" if names else
+                          f"no candidate can run on {device} ({reasons})")  # fmt: skip
     return active, listing
 
 
@@ -134,10 +146,27 @@ ENV_PREFIXES = (
 )
 
 
+def load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
+def busy_note(loads: list[float | None], cores: int | None) -> str | None:
+    """A note when other work kept the host's cores busy while timing (load average over half the cores)."""
+    seen = [load for load in loads if load is not None]
+    if not seen or not cores or max(seen) <= cores / 2:
+        return None
+    return (f"the host was busy: load average up to {max(seen):.1f} on {cores} cores while timing; timings include "
+            "other processes' work (see the unstable cells)")  # fmt: skip
+
+
 def _environment() -> dict[str, Any]:
     """What else shapes the numbers: thread counts and the variables that change BLAS or TF32 behaviour."""
     found: dict[str, Any] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     found["cpu_count"] = os.cpu_count()
+    found["load_average"] = [load_average()]  # at the start; the end's is added after the run
     from .. import tuning
 
     found["tuning_cache"] = tuning.cache_dir() if tuning.enabled else "off"  # tuned choices a GPU plan may use
@@ -171,6 +200,11 @@ def run(options: BenchOptions) -> dict[str, Any]:
             raise OptionError(f"{flag} {value:g}: a positive number")
     if options.seed < 0:
         raise OptionError(f"--seed {options.seed}: at least 0")
+    if not options.max_spread > 0:
+        raise OptionError(f"--max-spread {options.max_spread:g}: a positive percentage")
+    if not options.max_rounds >= rounds:
+        raise OptionError(f"--max-rounds {options.max_rounds}: at least --rounds ({rounds})")
+    settling: dict[str, Any] = {"max_rounds": options.max_rounds, "max_spread": options.max_spread / 100}
     active, listing = _select(device, options.candidates)
     unavailable = {c["name"]: c["reason"] for c in listing if not c["available"]}
     rng = np.random.default_rng(options.seed)
@@ -189,13 +223,20 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(device),
         "method": METHOD.format(
-            timer=timer, rounds=rounds, gpu=GPU_METHOD[device].format(calls=GRAPH_CALLS, replays=GRAPH_REPLAYS)
+            timer=timer,
+            rounds=rounds,
+            max_rounds=options.max_rounds,
+            max_spread=options.max_spread,
+            host=HOST_METHOD[device],
+            gpu=GPU_METHOD[device].format(calls=GRAPH_CALLS, replays=GRAPH_REPLAYS),
         ),
         "settings": {
             "dtypes": [d.label for d in dtypes],
             "presets": sorted({s.preset for s in shapes}),
             "rep_ms": rep_ms,
             "rounds": rounds,
+            "max_rounds": options.max_rounds,
+            "max_spread_pct": options.max_spread,
             "peak_size": peak_size,
             "seed": options.seed,
             "tolerances": {d.label: d.tolerance for d in dtypes},
@@ -220,10 +261,13 @@ def run(options: BenchOptions) -> dict[str, Any]:
                 progress.advance()
                 for shape in shapes:
                     progress.step(f"{dtype.label} {shape}")
-                    measured = check_and_time(device, shape, dtype, active, rng, rep_ms, rounds)
+                    measured = check_and_time(device, shape, dtype, active, rng, rep_ms, rounds, **settling)
                     by_name = {c["name"]: measured.get(c["name"]) or skipped(unavailable[c["name"]]) for c in listing}
                     result["rows"].append(_row(shape, dtype, by_name))
                     progress.advance()
+    result["environment"]["load_average"].append(load_average())
+    note = busy_note(result["environment"]["load_average"], os.cpu_count())
+    result["notes"] += [note] if note else []
     _finish(result, device, dtypes)
     return result
 
@@ -248,8 +292,9 @@ def _row(shape: Shape, dtype: DType, results: dict[str, dict[str, Any]]) -> dict
 
 def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
     """Peaks raised to the best seen, then each row's roofline, % of it, bandwidth used (and the skinny target met or
-    not), and ratio to the framework's matmul."""
-    bandwidth = result["bandwidth"]["bytes_per_s"]
+    not), and ratio to the framework's matmul (the row's baseline); the summary's geo-means, one per baseline, over
+    the rows where the candidate and the baseline were stable."""
+    bandwidth, cache = result["bandwidth"]["bytes_per_s"], result["bandwidth"]["cache_bytes"]
     for dtype in dtypes:
         peak = result["peaks"][dtype.label]
         for row in result["rows"]:
@@ -261,24 +306,31 @@ def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
     for row in result["rows"]:
         dtype = dtype_of[row["dtype"]]
         shape = Shape(row["m"], row["n"], row["k"], row["batch"], row["preset"])
-        row.update(roofline(shape, dtype, result["peaks"][dtype.label]["tflops"], bandwidth))
+        row.update(roofline(shape, dtype, result["peaks"][dtype.label]["tflops"], bandwidth, cache))
         ok = {name: r for name, r in row["results"].items() if r["status"] == "ok"}
         row["baseline"] = next((name for name in BASELINES[device] if name in ok), None)
-        base = ok[row["baseline"]]["tflops"] if row["baseline"] else None
+        base = ok[row["baseline"]] if row["baseline"] else None
         for r in ok.values():
-            r["pct_of_roofline"] = 100 * r["tflops"] / row["roofline_tflops"] if row["roofline_tflops"] else None
-            r["ratio"] = r["tflops"] / base if base else None
+            # (the ratio first: the cell that set the peak is exactly 100 %, never a rounding over it)
+            r["pct_of_roofline"] = 100 * (r["tflops"] / row["roofline_tflops"]) if row["roofline_tflops"] else None
+            r["ratio"] = r["tflops"] / base["tflops"] if base else None
+            r["ratio_stable"] = None if base is None else r["stable"] is not False and base["stable"] is not False
             r.update(bandwidth_use(row["bytes"], r["ms"], bandwidth))
             target = row["target_pct_of_copy"]
             r["target_met"] = None if target is None or r["pct_of_copy"] is None else r["pct_of_copy"] >= target
     summary: dict[str, Any] = {}
     for cand in result["candidates"]:
         name = cand["name"]
-        ratios = [
-            row["results"][name]["ratio"]
-            for row in result["rows"]
-            if row["results"][name].get("ratio") and row["baseline"] != name
-        ]
+        ratios: dict[str, list[float]] = {}  # by baseline: a geo-mean never mixes two
+        unstable = 0
+        for row in result["rows"]:
+            r = row["results"][name]
+            if not r.get("ratio") or row["baseline"] == name:
+                continue
+            if r["ratio_stable"]:
+                ratios.setdefault(row["baseline"], []).append(r["ratio"])
+            else:
+                unstable += 1
         failed = [
             f"{label} peak {'x'.join(map(str, peak['shape']))}: {peak['by_candidate'][name]['reason']}"
             for label, peak in result["peaks"].items()
@@ -292,8 +344,11 @@ def _finish(result: dict[str, Any], device: str, dtypes: list[DType]) -> None:
         summary[name] = {
             "timed_rows": sum(row["results"][name]["status"] == "ok" for row in result["rows"]),
             "baseline_rows": sum(row["baseline"] == name for row in result["rows"]),
-            "geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None,
-            "min_ratio": min(ratios) if ratios else None,
+            "ratios": {
+                base: {"rows": len(got), "geomean": math.exp(sum(map(math.log, got)) / len(got)), "min": min(got)}
+                for base, got in ratios.items()
+            },
+            "unstable_rows": unstable,
             "targets_met": sum(row["results"][name].get("target_met") is True for row in result["rows"]),
             "targets_missed": sum(row["results"][name].get("target_met") is False for row in result["rows"]),
             "failures": failed,

@@ -1,4 +1,4 @@
-"""Timing: device time per call, and host µs per call.
+"""Timing: device time per call, host µs per call, and rounds repeated until the best times agree.
 
 GPU: ``triton.testing.do_bench`` (median, warm-up excluded, L2 flushed before each call) when Triton is
 installed, else CUDA events around each call with the L2 flushed the same way (a 256 MiB buffer zeroed before
@@ -6,8 +6,12 @@ each call; median). CPU: ``time.perf_counter`` around loops of calls
 long enough to measure, median of the loops. Candidates are interleaved (A B C A B C ...) and each keeps
 its best median, so that clock and thermal drift hit every candidate alike.
 
-Host µs per call: N eager calls with no synchronization, then one, divided by N (on the CPU this is just
-the time per call).
+Rounds (``settle``): every measurement runs once per round, interleaved, for at least ``rounds`` rounds; one
+whose best two times still differ by more than ``max_spread`` (relative: ``spread``) gets further rounds, up to
+``max_rounds`` in all. One that never settles is reported as unstable, with its spread.
+
+Host µs per call: N eager calls with no synchronization, then one, divided by N (on the CPU this is the time per
+call, so ``gemmbridge bench`` takes it from the timed measurement rather than from a second one).
 
 GPU µs per op (tiny shapes, CUDA only): ``calls`` calls captured into one CUDA graph (torch's, or CuPy's for
 CuPy), the graph replayed between two CUDA events; the median replay time over ``calls``. The host is out of
@@ -17,10 +21,45 @@ the picture, so this is what each op costs the GPU when launches are free (insid
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+MAX_SPREAD = 0.05  # a measurement is stable when its best two times lie within 5 % of each other
+MAX_ROUNDS = 6  # rounds in all, at most, for a measurement that has not settled
+
+
+def spread(times: list[float]) -> float | None:
+    """How far the second-best time lies above the best, ``(t₂ − t₁) / t₁``; None with fewer than two times."""
+    best = sorted(t for t in times if not math.isnan(t))[:2]
+    return (best[1] - best[0]) / best[0] if len(best) == 2 and best[0] > 0 else None
+
+
+def settle(
+    names: list[str], measure: Callable[[str], float], rounds: int, max_rounds: int, max_spread: float
+) -> dict[str, list[float]]:
+    """Each name's times: ``measure(name)`` once per round for every name (interleaved), at least ``rounds``
+    rounds, then more rounds for the names whose ``spread`` is over ``max_spread`` (or unknown), up to
+    ``max_rounds`` in all. A measurement that returns NaN (it failed) is not repeated."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    def settled(got: list[float]) -> bool:
+        found = spread(got)
+        return found is not None and found <= max_spread
+
+    for done in range(max(rounds, max_rounds)):
+        pending = [
+            name
+            for name, got in times.items()
+            if not (got and math.isnan(got[-1])) and (done < rounds or not settled(got))
+        ]
+        if not pending:
+            break
+        for name in pending:
+            times[name].append(measure(name))
+    return times
 
 
 def synchronize(device: str) -> None:

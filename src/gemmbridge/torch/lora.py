@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._optional import require
 from ..errors import OptionError, ShapeError
 from .functional import linear, lora_linear
 from .modules import Linear
@@ -162,7 +163,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapters(model: nn.Module, path: str | Path) -> list[str]:
     """Save only the adapters of ``model``'s ``LoRALinear`` layers to a safetensors file; returns their names."""
-    from safetensors.torch import save_file
+    save_file = require("safetensors.torch", "lora", "save_adapters").save_file
 
     tensors = {name: t.detach().contiguous() for name, t in adapter_state_dict(model).items()}
     if not tensors:
@@ -176,7 +177,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> list[str]:
     """Load adapters saved by ``save_adapters`` into ``model``'s ``LoRALinear`` layers (copied in place, cast to
     each adapter's dtype). The file's names and shapes must be exactly the model's adapters; a layer that is
     merged is refused (unmerge it first)."""
-    from safetensors.torch import load_file
+    load_file = require("safetensors.torch", "lora", "load_adapters").load_file
 
     own = adapter_state_dict(model)
     saved = load_file(str(path), device="cpu")

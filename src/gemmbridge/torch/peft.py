@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from torch import Tensor, nn
 
+from .._optional import require
 from .functional import lora_linear
 
 
@@ -80,8 +81,8 @@ def _is_bridged(module: Any) -> bool:
 def use_gemmbridge(model: nn.Module) -> BridgeReport:
     """Route ``model``'s (a ``PeftModel``, ``LoraModel`` or any module holding PEFT LoRA layers) LoRA linear layers
     through the fused op, in place; returns which layers are served and which are not, and why."""
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    PeftLoraLinear = require("peft.tuners.lora.layer", "peft", "use_gemmbridge").Linear
+    BaseTunerLayer = require("peft.tuners.tuners_utils", "peft", "use_gemmbridge").BaseTunerLayer
 
     report = BridgeReport()
     for name, module in model.named_modules():
