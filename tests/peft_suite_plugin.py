@@ -3,11 +3,14 @@
 PEFT's tuners inject their adapters through ``BaseTuner.inject_adapter`` (``get_peft_model``, ``add_adapter``,
 ``inject_adapter_in_model``, ``PeftModel.from_pretrained`` …); the plugin calls ``use_gemmbridge`` on the model
 after each injection, so the bridge serves whatever LoRA layers it can, as a user's ``use_gemmbridge`` would.
-Without the option the plugin changes nothing but stand-ins for two packages that PEFT's test helpers import at
-module level and the tests run here do not use (``diffusers``, ``datasets``), so the baseline and bridged runs
-differ in the bridge alone. ``tests/test_peft_suite.py`` runs it; by hand, from an unpacked PEFT source tree::
+Without the option the plugin changes nothing but a seed at the start of each test and stand-ins for two packages
+that PEFT's test helpers import at module level and the tests run here do not use (``diffusers``, ``datasets``),
+so the baseline and bridged runs differ in the bridge alone. ``tests/test_peft_suite.py`` runs it; by hand, from
+an unpacked PEFT source tree (with an empty ``pytest.ini`` beside it, and ``tests/__init__.py`` created), the larger
+LoRA set, once without and once with ``--gemmbridge-bridge``::
 
-    PYTHONPATH=<gemmbridge>/tests pytest -p peft_suite_plugin --gemmbridge-bridge tests/test_custom_models.py
+    PYTHONPATH=<gemmbridge>/tests pytest -c ../pytest.ini --rootdir . -p peft_suite_plugin \
+        tests/test_custom_models.py --gemmbridge-select "LoRA|LoraConfig" [--gemmbridge-bridge]
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         kept = [item for item in items if selected.search(item.nodeid)]
         config.hook.pytest_deselected(items=[item for item in items if not selected.search(item.nodeid)])
         items[:] = kept
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test starts from seed 0: its random weights do not depend on which tests ran before it (the selection),
+    so a test compares the same numbers in a subset as in the whole run, baseline and bridged alike."""
+    import torch
+
+    torch.manual_seed(0)
 
 
 def _stand_in(name: str, attributes: tuple[str, ...]) -> None:
