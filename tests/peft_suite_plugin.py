@@ -16,6 +16,7 @@ LoRA set, once without and once with ``--gemmbridge-bridge``::
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import importlib.util
 import re
 import sys
@@ -57,6 +58,7 @@ def _stand_in(name: str, attributes: tuple[str, ...]) -> None:
         raise ModuleNotFoundError(f"{name} is not installed (a stand-in from peft_suite_plugin)")
 
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # what importlib.util.find_spec returns for it
     for attribute in attributes:
         setattr(module, attribute, missing)
     sys.modules[name] = module
