@@ -43,8 +43,9 @@ def test_a_short_soak_on_the_cpu_writes_both_runs_judged(tmp_path):
 
 def test_growth_after_the_warm_up_past_a_tolerance_fails_the_run():
     judge = load_script().judge
-    samples = [{"step": step, "host_rss": 100 + step, "plans": 5 + (step >= 20)} for step in range(0, 40, 10)]
+    rss = [100, 130, 110, 120, 150]  # grows during the warm-up (steps 0, 10), churns below its peak, then grows
+    samples = [{"step": 10 * i, "host_rss": rss[i], "plans": 5 + (i >= 3)} for i in range(5)]
     growth, exceeded = judge(samples, 10, {"host_rss": 30, "plans": 0})
     assert growth == {"host_rss": 20, "plans": 1} and exceeded == {"plans": 1}
-    assert judge(samples, 10, {"host_rss": 10, "plans": 1})[1] == {"host_rss": 20}
-    assert judge(samples, 50, {"host_rss": 0}) == ({}, {})
+    assert judge(samples[:4], 10, {"host_rss": 0, "plans": 1}) == ({"host_rss": -10, "plans": 1}, {})
+    assert judge(samples, 40, {"host_rss": 0}) == ({}, {})
