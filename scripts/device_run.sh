@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
 # each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune,
-# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, stress, rsscontrol, sanitize, freshvenv, tune.
+# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, stress, rsscontrol, soak, sanitize, freshvenv, tune.
 # STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -129,6 +129,12 @@ for step in ${STEPS:-tests}; do
         done; done
         python3 -c "import glob,json,sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/rss-*.json'))], open(sys.argv[1], 'w'), indent=1)" "$OUT/rss-control.json"
       } 2>&1 | tee "$OUT/rss-control.txt" ;;
+    soak)
+      # LoRA training soak: apply_lora and the PEFT bridge, SOAK_STEPS steps each, shapes changing every 5 steps;
+      # memory, plans and graphs must stay flat after the warm-up (scripts/soak_training.py; exit 1 if not)
+      { header "scripts/soak_training.py --steps ${SOAK_STEPS:-10000} ${SOAK_ARGS:-}"
+        timeout ${STEP_TIMEOUT:-300} python3 scripts/soak_training.py --steps ${SOAK_STEPS:-10000} ${SOAK_ARGS:-} \
+          --json "$OUT/soak-training.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/soak-training.txt" ;;
     freshvenv)
       # the README's main job from a fresh venv. No package registry here: the machine's torch, cupy and jax stay
       # visible (--system-site-packages; python3 here may itself be a venv, whose packages that flag would not

@@ -203,6 +203,55 @@ def test_merge_and_unmerge_round_trip(device):
         lin.unmerge()
 
 
+def test_merge_and_unmerge_compute_in_the_base_weight_s_precision():
+    """A float64 frozen weight with float32 adapters: W ± s·B·A in float64, so a round trip with B = 0 is exact."""
+    torch.manual_seed(0)
+    lin = gt.LoRALinear(12, 7, r=3, alpha=6, dtype=torch.float64, adapter_dtype=torch.float32)
+    w0 = lin.weight.detach().clone()
+    lin.merge()
+    lin.unmerge()
+    assert torch.equal(lin.weight, w0)
+    torch.nn.init.normal_(lin.lora_b)
+    lin.merge()
+    want = w0 + 2.0 * lin.lora_b.detach().double() @ lin.lora_a.detach().double()
+    torch.testing.assert_close(lin.weight, want, rtol=1e-15, atol=1e-15)
+    lin.unmerge()
+    torch.testing.assert_close(lin.weight, w0, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: gt.LoRALinear(2, 2, r=True), "r True is not a positive integer"),
+        (lambda: gt.LoRALinear(2, 2, r=2.0), "r 2.0 is not a positive integer"),
+        (lambda: gt.LoRALinear(2, 2, r=1, dropout="0.1"), "dropout '0.1' is not a number"),
+        (lambda: gt.LoRALinear(2, 2, r=1, dropout=float("nan")), "dropout nan is not a number in"),
+        (lambda: gt.LoRALinear(2, 2, r=1, alpha=10**400), "alpha 1000.* is not a finite number"),
+        (lambda: gt.LoRALinear(2, 2, r=1, alpha="2"), "alpha '2' is not a finite number"),
+        (lambda: gt.LoRALinear(2, 2, r=1, adapter_dtype=torch.int64), "dtype torch.int64 is not a floating"),
+        (lambda: gt.LoRALinear.from_linear(torch.nn.Linear(2, 2), r=0), "r 0 is not"),
+        (lambda: gt.apply_lora(small_model(), 0, r=1), "apply_lora: pattern 0 is not a string"),
+        (lambda: gt.apply_lora(small_model(), ["*.q", None], r=1), "apply_lora: pattern None is not a string"),
+        (lambda: gt.apply_lora(small_model(), [], r=1), "apply_lora: no pattern given"),
+        (lambda: gt.apply_lora(small_model(), "*.q", r=1, dropout=2), "apply_lora: dropout 2 is not"),
+        (lambda: gt.convert_linears(small_model(), None), "convert_linears: pattern None is not a string"),
+        (lambda: gt.convert_linears(small_model(), "*", activation="tanh"), "activation 'tanh' is not one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_options_are_refused_naming_them(call, match):
+    with pytest.raises(gb.OptionError, match=match):
+        call()
+
+
+def test_apply_lora_with_a_bad_option_leaves_the_model_as_it_was():
+    model = small_model()
+    with pytest.raises(gb.OptionError, match="r -1"):
+        gt.apply_lora(model, "*.q", r=-1)
+    assert all(p.requires_grad for p in model.parameters())
+    assert type(model["blocks"][0]["q"]) is torch.nn.Linear
+
+
 def small_model(device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
     block = torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8), "v": torch.nn.Linear(8, 8), "out": torch.nn.Linear(8, 4)})

@@ -182,3 +182,158 @@ def test_an_adapter_added_after_bridging_is_checked_when_it_runs():
     model.eval()
     x = torch.randn(5, 64)
     torch.testing.assert_close(model(x), type(layer).forward(layer, x))
+
+
+# -- pickling, checkpoints ---------------------------------------------------------------------------------
+
+
+def small_peft_model() -> torch.nn.Module:
+    """Two linear layers with LoRA on both, B random (so the adapters change the output)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"])
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return model
+
+
+def count_fused_calls(monkeypatch) -> list:  # type: ignore[no-untyped-def]
+    from gemmbridge.torch import peft as bridge
+
+    calls: list = []
+    monkeypatch.setattr(bridge, "lora_linear", lambda *args: calls.append(args) or gt.lora_linear(*args))
+    return calls
+
+
+def test_a_bridged_model_survives_torch_save_load_and_deepcopy(monkeypatch):
+    import io
+
+    model = small_peft_model()
+    served = use_gemmbridge(model).served
+    x = torch.randn(3, 16)
+    want = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copied in (loaded, copy.deepcopy(model)):
+        calls = count_fused_calls(monkeypatch)
+        torch.testing.assert_close(copied(x), want)
+        assert len(calls) == 2  # still bridged, on the copy's own weights
+        assert calls[0][3] is copied.base_model.model[0].lora_A["default"].weight
+        assert undo_gemmbridge(copied) == served
+
+
+def test_save_adapters_of_a_peft_model_points_to_save_pretrained(tmp_path):
+    pytest.importorskip("safetensors")
+    model = small_peft_model()
+    with pytest.raises(gt.lora.OptionError, match=r"PEFT model .*save_pretrained"):
+        gt.save_adapters(model, tmp_path / "a.safetensors")
+    with pytest.raises(gt.lora.OptionError, match=r"PEFT model .*load_adapter"):
+        gt.load_adapters(model, tmp_path / "a.safetensors")
+
+
+# -- hooks: the bridge never runs a layer while bypassing one ------------------------------------------------
+
+HOOKS = {
+    "forward_pre": lambda m, log: m.register_forward_pre_hook(lambda *a: log.append(1)),
+    "forward": lambda m, log: m.register_forward_hook(lambda *a: log.append(1)),
+    "forward_kwargs": lambda m, log: m.register_forward_hook(lambda *a: log.append(1), with_kwargs=True),
+    "full_backward": lambda m, log: m.register_full_backward_hook(lambda *a: log.append(1)),
+    "full_backward_pre": lambda m, log: m.register_full_backward_pre_hook(lambda *a: log.append(1)),
+}
+
+
+@pytest.mark.parametrize("part", ["base_layer", "lora_A", "lora_B", "lora_dropout"])
+@pytest.mark.parametrize("kind", HOOKS)
+@pytest.mark.parametrize("when", ["before", "after"], ids=["hooked-then-bridged", "bridged-then-hooked"])
+def test_hooks_on_the_layers_peft_calls_run_as_under_peft(monkeypatch, part, kind, when):
+    """A hook on a module PEFT's forward calls (the base layer, an adapter) fires as often bridged as under PEFT:
+    a layer hooked when bridged is listed as skipped; a hook added later makes that call run PEFT's forward."""
+    ref, model = small_peft_model(), small_peft_model()
+    if when == "after":
+        assert len(use_gemmbridge(model).served) == 2
+    logs: dict = {"ref": [], "bridged": []}
+    for key, m in (("ref", ref), ("bridged", model)):
+        layer = m.base_model.model[0]
+        hooked = getattr(layer, part) if part == "base_layer" else getattr(layer, part)["default"]
+        handle = HOOKS[kind](hooked, logs[key])
+    if when == "before":
+        report = use_gemmbridge(model)
+        assert report.served == ["base_model.model.2"]
+        assert "hooks" in report.skipped["base_model.model.0"], report.skipped
+    calls = count_fused_calls(monkeypatch)
+    x = torch.randn(3, 16, requires_grad=True)
+    for m in (ref, model):
+        m(x).sum().backward()
+    assert len(logs["bridged"]) == len(logs["ref"]) >= 1
+    assert len(calls) == 1  # the other layer stays on the fused op
+    torch.testing.assert_close(model(x), ref(x))
+    handle.remove()
+    calls.clear()
+    model(x)
+    assert len(calls) == (2 if when == "after" else 1)  # hook gone: a bridged layer is fused again
+
+
+def test_a_global_module_hook_makes_every_call_run_peft_s_forward(monkeypatch):
+    model = small_peft_model()
+    use_gemmbridge(model)
+    calls, log = count_fused_calls(monkeypatch), []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: log.append(type(m).__name__))
+    try:
+        model(torch.randn(3, 16))
+    finally:
+        handle.remove()
+    assert not calls and log.count("Linear") >= 6  # each LoRA layer, its base layer, lora_A and lora_B
+    model(torch.randn(3, 16))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("order", ["offload-then-bridge", "bridge-then-offload"])
+def test_accelerate_offload_hooks_are_honoured(monkeypatch, order):
+    """accelerate's ``cpu_offload`` keeps the weights on the meta device and brings them in through a hook that
+    replaces each module's ``forward``: the bridge leaves such layers to PEFT's forward, which calls it."""
+    accelerate = pytest.importorskip("accelerate")
+    model = small_peft_model()
+    x = torch.randn(3, 16)
+    want = model(x)
+    if order == "bridge-then-offload":
+        assert len(use_gemmbridge(model).served) == 2
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.base_model.model[0].base_layer.weight.device.type == "meta"
+    if order == "offload-then-bridge":
+        report = use_gemmbridge(model)
+        assert not report.served and all("accelerate" in why for why in report.skipped.values()), report
+    calls = count_fused_calls(monkeypatch)
+    torch.testing.assert_close(model(x), want)
+    assert not calls
+
+
+def test_peft_s_input_dtype_casting_hooks_run(monkeypatch):
+    """PEFT's own test of ``disable_input_dtype_casting``: a float16 model whose hooks cast each module's parameters
+    to float32 before its forward and back after; bridged, it behaves exactly as under PEFT."""
+    from peft.helpers import disable_input_dtype_casting
+
+    def to_fp32(module, args):  # type: ignore[no-untyped-def]
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def to_fp16(module, args, output):  # type: ignore[no-untyped-def]
+        for p in module.parameters(recurse=False):
+            p.data = p.data.half()
+
+    model = small_peft_model().half()
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(to_fp32)
+            module.register_forward_hook(to_fp16)
+    report = use_gemmbridge(model)
+    assert not report.served and len(report.skipped) == 2
+    x = torch.randn(4, 16)
+    with disable_input_dtype_casting(model, active=True):
+        assert model(x).dtype == torch.float32
+    with pytest.raises(RuntimeError, match=r"expected m.*1 and m.*2 to have the same dtype"):
+        model(x)

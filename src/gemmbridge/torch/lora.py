@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 from .._optional import require
 from ..errors import OptionError, ShapeError
 from .functional import linear, lora_linear
-from .modules import Linear
+from .modules import check_pattern, is_plain_linear, replace_child
 
 ADAPTERS = ("lora_a", "lora_b")
 
@@ -68,12 +70,9 @@ class LoRALinear(nn.Module):
         self, weight: Tensor, bias: Tensor | None, r: int, alpha: float | None, dropout: float,
         adapter_dtype: torch.dtype | None,
     ) -> None:  # fmt: skip
-        if not (isinstance(r, int) and r >= 1):
-            raise OptionError(f"LoRALinear: r {r!r} is not a positive integer")
-        if not 0.0 <= dropout < 1.0:
-            raise OptionError(f"LoRALinear: dropout {dropout!r} is not in [0, 1)")
+        alpha = check_options("LoRALinear", r, alpha, dropout, adapter_dtype)
         self.out_features, self.in_features = weight.shape
-        self.r, self.alpha, self.dropout = r, float(r if alpha is None else alpha), float(dropout)
+        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.scale = self.alpha / r
         self.merged = False
         self.weight = weight.requires_grad_(False)
@@ -83,15 +82,16 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Linear's argument name: a drop-in takes the same keywords
         if self.merged:
-            return linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scale, self.dropout,
+            return linear(input, self.weight, self.bias)
+        return lora_linear(input, self.weight, self.bias, self.lora_a, self.lora_b, self.scale, self.dropout,
                            self.training)  # fmt: skip
 
     def delta_weight(self) -> Tensor:
-        """``(alpha / r) · B · A`` in float32 (or float64 for float64 adapters)."""
-        dtype = torch.float64 if self.lora_a.dtype == torch.float64 else torch.float32
+        """``(alpha / r) · B · A`` in the widest of float32, W's dtype and the adapters' (float64 for a float64 W)."""
+        dtype = functools.reduce(torch.promote_types, (self.weight.dtype, self.lora_a.dtype, self.lora_b.dtype))
+        dtype = torch.promote_types(dtype, torch.float32)
         return (self.lora_b.detach().to(dtype) @ self.lora_a.detach().to(dtype)) * self.scale
 
     @torch.no_grad()
@@ -99,7 +99,8 @@ class LoRALinear(nn.Module):
         """``W += (alpha / r) · B · A``, rounded once to W's dtype; the forward is then the frozen layer's alone."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapters are merged already")
-        self.weight.copy_(self.weight.to(self.delta_weight().dtype) + self.delta_weight())
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) + delta)
         self.merged = True
 
     @torch.no_grad()
@@ -107,7 +108,8 @@ class LoRALinear(nn.Module):
         """``W -= (alpha / r) · B · A`` (exact only up to W's rounding when W is a half type)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapters are not merged")
-        self.weight.copy_(self.weight.to(self.delta_weight().dtype) - self.delta_weight())
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -115,10 +117,25 @@ class LoRALinear(nn.Module):
                 f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, merged={self.merged}")  # fmt: skip
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a gemmbridge ``Linear`` without activation, not a subclass (``MultiheadAttention``'s
-    ``out_proj`` is one, and reads its weight without calling it)."""
-    return type(module) is nn.Linear or (type(module) is Linear and module.activation == "none")
+def check_options(where: str, r: object, alpha: object, dropout: object, adapter_dtype: object) -> float:
+    """LoRA's options checked, or an ``OptionError`` naming the one that is wrong; returns alpha (``r`` if None)."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise OptionError(f"{where}: r {r!r} is not a positive integer")
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= float(dropout) < 1.0:
+        raise OptionError(f"{where}: dropout {dropout!r} is not a number in [0, 1)")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise OptionError(f"{where}: the adapters' dtype {adapter_dtype!r} is not a floating-point torch.dtype")
+    if alpha is None:
+        return float(r)
+    value = math.nan
+    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        try:
+            value = float(alpha)
+        except OverflowError:
+            value = math.inf
+    if not math.isfinite(value):
+        raise OptionError(f"{where}: alpha {alpha!r} is not a finite number")
+    return value
 
 
 def apply_lora(
@@ -131,10 +148,16 @@ def apply_lora(
 ) -> list[str]:
     """Replace, in place, every ``nn.Linear`` (or gemmbridge ``Linear`` without activation) whose qualified name
     matches one of ``patterns`` (``fnmatch``, e.g. ``"*.q_proj"``) by a ``LoRALinear`` on the same weight and bias,
-    and freeze every other parameter of ``model``, as PEFT does: only the adapters train. ``dtype``: the adapters'
-    (None: each weight's). Returns the names replaced; a pattern that matches no such layer is refused."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    linears = [(name, module) for name, module in model.named_modules() if _plain_linear(module)]
+    and freeze every other parameter of ``model``, as PEFT does: only the adapters train. Each new layer keeps the
+    replaced one's train/eval mode and hooks. ``dtype``: the adapters' (None: each weight's). Returns the names
+    replaced; a pattern that matches no such layer is refused."""
+    patterns = list(patterns) if isinstance(patterns, Iterable) and not isinstance(patterns, str) else [patterns]
+    if not patterns:
+        raise OptionError("apply_lora: no pattern given")
+    for pattern in patterns:
+        check_pattern("apply_lora", pattern)
+    check_options("apply_lora", r, alpha, dropout, dtype)
+    linears = [(name, module) for name, module in model.named_modules() if name and is_plain_linear(module)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in linears)]
     if unmatched:
         raise OptionError(f"apply_lora: no linear layer without activation of the model matches "
@@ -145,8 +168,9 @@ def apply_lora(
     for name, module in linears:
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, LoRALinear.from_linear(module, r, alpha, dropout, dtype))
+            replace_child(
+                model.get_submodule(parent_name), child, LoRALinear.from_linear(module, r, alpha, dropout, dtype)
+            )
             replaced.append(name)
     return replaced
 
@@ -161,13 +185,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
+def _no_lora_layer(where: str, model: nn.Module, peft_way: str) -> OptionError:
+    """The error for a model without ``LoRALinear`` layers; a PEFT model is pointed to PEFT's own checkpoints."""
+    peft_layers = [name for name, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        return OptionError(f"{where}: the model has no gemmbridge LoRALinear layer; it is a PEFT model "
+                           f"({peft_layers[0] or type(model).__qualname__} …), whose adapters PEFT saves and loads "
+                           f"itself: {peft_way}")  # fmt: skip
+    return OptionError(f"{where}: the model has no LoRALinear layer")
+
+
 def save_adapters(model: nn.Module, path: str | Path) -> list[str]:
     """Save only the adapters of ``model``'s ``LoRALinear`` layers to a safetensors file; returns their names."""
     save_file = require("safetensors.torch", "lora", "save_adapters").save_file
 
     tensors = {name: t.detach().contiguous() for name, t in adapter_state_dict(model).items()}
     if not tensors:
-        raise OptionError("save_adapters: the model has no LoRALinear layer")
+        raise _no_lora_layer("save_adapters", model, "model.save_pretrained(directory)")
     save_file(tensors, str(path), metadata={"format": "gemmbridge-lora/1"})
     return sorted(tensors)
 
@@ -180,6 +214,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> list[str]:
     load_file = require("safetensors.torch", "lora", "load_adapters").load_file
 
     own = adapter_state_dict(model)
+    if not own:
+        raise _no_lora_layer("load_adapters", model, "model.load_adapter(directory, adapter_name)")
     saved = load_file(str(path), device="cpu")
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     if missing or unexpected:

@@ -1,18 +1,21 @@
 """The PEFT bridge: route a ``peft`` model's LoRA linear layers through ``gemmbridge.torch.lora_linear``.
 
 ``use_gemmbridge(model)`` gives each LoRA ``Linear`` it can serve a forward of its own (an instance
-attribute over the class's ``forward``): the model's modules, parameters, adapter names, scaling, dropout
-modules and ``state_dict`` stay PEFT's. Per call, the fused op runs when exactly one active adapter of the
-layer is plain LoRA and the adapters are neither disabled nor merged, with no extra arguments
-(``adapter_names`` …); otherwise PEFT's own forward runs. Layers it cannot serve — other adapter types,
-DoRA and the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``, a base layer that is not a plain
-``nn.Linear`` (quantised ones) — are left as they are and listed with the reason. ``undo_gemmbridge(model)``
-puts PEFT's forward back. Needs the optional ``peft`` package (``pip install gemmbridge[peft]``).
+attribute over the class's ``forward``, picklable: ``torch.save`` / ``torch.load`` and ``copy.deepcopy`` keep
+it): the model's modules, parameters, adapter names, scaling, dropout modules and ``state_dict`` stay PEFT's.
+Per call, the fused op runs when exactly one active adapter of the layer is plain LoRA and the adapters are
+neither disabled nor merged, with no extra arguments (``adapter_names`` …), and no hook would be bypassed: the
+fused op reads the base layer's and the adapters' weights without calling those modules, so when one of them
+carries a hook (forward or backward, a replaced ``forward`` such as accelerate's offload and ``device_map``
+hooks, or a global module hook) PEFT's own forward runs and calls them. Layers it cannot serve — other adapter
+types, DoRA and the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``, a base layer that is not a plain
+``nn.Linear`` (quantised ones), hooked ones — are left as they are and listed with the reason.
+``undo_gemmbridge(model)`` puts PEFT's forward back. Needs the optional ``peft`` package
+(``pip install gemmbridge[peft]``).
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from .._optional import require
 from .functional import lora_linear
+from .modules import GLOBAL_HOOKS, hook_on
 
 
 @dataclass
@@ -30,40 +34,69 @@ class BridgeReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _fused_forward(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """PEFT's LoRA ``Linear.forward`` on the fused op where one plain LoRA adapter is active, else PEFT's own.
-    The active adapter is checked on every call: one added after ``use_gemmbridge`` (DoRA, say) may not be plain."""
-    active = [name for name in self.active_adapters if name in self.lora_A]
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or _adapter_why_not(self, active[0]):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    base, dropout = self.base_layer, self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                       float(self.scaling[name]), p, dropout.training)  # fmt: skip
+class _FusedForward:
+    """A bridged layer's ``forward``: PEFT's LoRA ``Linear.forward`` on the fused op where one plain LoRA adapter is
+    active and no hook would be bypassed, else PEFT's own. The conditions are checked on every call (an adapter, DoRA
+    say, or a hook added after ``use_gemmbridge`` may need PEFT's forward), reading the modules' own dictionaries:
+    a few dictionary lookups, not ``nn.Module.__getattr__``'s. An object rather than a bound method, so that pickling
+    a bridged model stores it by its class and ``torch.load`` restores it."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        layer = self.layer
+        if not (args or kwargs or any(GLOBAL_HOOKS) or layer.disable_adapters or layer.merged):
+            adapters = layer._modules["lora_A"]._modules
+            active = [name for name in layer.active_adapters if name in adapters]
+            base = layer._modules["base_layer"]
+            if len(active) == 1 and _plain_linear_why_not(base) is None and _adapter_why_not(layer, active[0]) is None:
+                name = active[0]
+                dropout = layer._modules["lora_dropout"]._modules[name]
+                p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+                weight, bias = base._parameters["weight"], base._parameters["bias"]
+                lora_a = adapters[name]._parameters["weight"]
+                lora_b = layer._modules["lora_B"]._modules[name]._parameters["weight"]
+                return lora_linear(x, weight, bias, lora_a, lora_b, float(layer.scaling[name]), p, dropout.training)
+        return type(layer).forward(layer, x, *args, **kwargs)
 
 
-def _adapter_why_not(module: Any, name: str) -> str | None:
+def _plain_linear_why_not(module: nn.Module) -> str | None:
+    """Why the fused op cannot read ``module`` as a weight (and bias), or None: a plain ``nn.Linear`` without hooks."""
+    if type(module) is not nn.Linear or "weight" not in module._parameters or "bias" not in module._parameters:
+        return f"{type(module).__qualname__} is not a plain nn.Linear (quantised or wrapped)"
+    hook = hook_on(module)
+    return None if hook is None else f"{hook}, which only PEFT's forward runs (it calls the module)"
+
+
+def _adapter_why_not(layer: Any, name: str) -> str | None:
     """Why the fused op cannot serve adapter ``name`` of this PEFT layer, or None when it can."""
-    variant = getattr(module, "lora_variant", {}).get(name)
-    if variant is not None or module.use_dora.get(name):
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None or layer.use_dora.get(name):
         return f"adapter {name!r} is a LoRA variant ({type(variant).__name__}: DoRA or another)"
-    if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
-        return f"adapter {name!r} is not a pair of nn.Linear"
-    if module.lora_B[name].bias is not None:
+    lora_a, lora_b = layer._modules["lora_A"]._modules[name], layer._modules["lora_B"]._modules[name]
+    for part, module in (("lora_A", lora_a), ("lora_B", lora_b)):
+        reason = _plain_linear_why_not(module)
+        if reason is not None:
+            return f"adapter {name!r}'s {part}: {reason}"
+    if lora_b._parameters["bias"] is not None:
         return f"adapter {name!r} has lora_bias"
-    if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
-        return f"adapter {name!r} has dropout {type(module.lora_dropout[name]).__qualname__}"
-    return None
+    dropout = layer._modules["lora_dropout"]._modules[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return f"adapter {name!r} has dropout {type(dropout).__qualname__}"
+    hook = hook_on(dropout)
+    return None if hook is None else f"adapter {name!r}'s lora_dropout has {hook}"
 
 
 def _why_not(module: Any, lora_linear_type: Any) -> str | None:
     """Why the bridge cannot serve this PEFT layer, or None when it can."""
     if type(module) is not lora_linear_type:
         return f"{type(module).__module__}.{type(module).__qualname__} is not peft's LoRA Linear"
-    base = module.base_layer
-    if type(base) is not nn.Linear:
-        return f"base layer {type(base).__qualname__} is not a plain nn.Linear (quantised or wrapped)"
+    if "forward" in module.__dict__ and not _is_bridged(module):
+        return "its forward is replaced already (an accelerate hook or another wrapper), which the bridge would undo"
+    reason = _plain_linear_why_not(module.base_layer)
+    if reason is not None:
+        return f"base layer: {reason}"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out (a Conv1D-style weight)"
     for name in module.lora_A:
@@ -74,8 +107,7 @@ def _why_not(module: Any, lora_linear_type: Any) -> str | None:
 
 
 def _is_bridged(module: Any) -> bool:
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _fused_forward
+    return isinstance(module.__dict__.get("forward"), _FusedForward)
 
 
 def use_gemmbridge(model: nn.Module) -> BridgeReport:
@@ -93,7 +125,7 @@ def use_gemmbridge(model: nn.Module) -> BridgeReport:
             report.skipped[name] = reason
             continue
         if not _is_bridged(module):
-            cast(Any, module).forward = types.MethodType(_fused_forward, module)
+            cast(Any, module).forward = _FusedForward(module)
         report.served.append(name)
     return report
 
