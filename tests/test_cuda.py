@@ -399,18 +399,22 @@ def test_captures_on_64_streams_each_in_its_own_thread():
     assert count > workspace.MAX_STREAMS
     streams, handles = _own_streams(count)
     lock, errors, checked = threading.Lock(), [], []
+    # every random draw made here, before any capture: torch's default CUDA generator joins a capture under way,
+    # and a draw from another thread meanwhile fails ('Offset increment outside graph capture')
+    data = [(rand(48 + i % 8, 96), rand(96, 80), rand(48 + i % 8, 96)) for i in range(count)]
+    torch.cuda.synchronize()
 
     def work(i: int) -> None:
         stream = streams[i]
         try:
             with torch.cuda.stream(stream):
-                x, y = rand(48 + i % 8, 96), rand(96, 80)
+                x, y, fresh = data[i]
                 for _ in range(3):  # the same pointers: recorded, then replayed, as a graph of gemmbridge's own
                     gb.matmul(x, y, allow_tf32=False)
                 graph = torch.cuda.CUDAGraph()
                 with lock, torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     out = gb.matmul(x, y, allow_tf32=False)
-                x.copy_(rand(*x.shape))
+                x.copy_(fresh)
                 graph.replay()
                 stream.synchronize()
                 checked.append(rel_err(out, x.double() @ y.double()))

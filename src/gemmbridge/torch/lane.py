@@ -278,4 +278,6 @@ def traced(
                                    and (allow_tf32 is None or a.dtype != torch.float32)):  # fmt: skip
         return _formula(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, out, True)
     d, extra = torch.ops.gemmbridge.gemm(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, allow_tf32)
-    return (d if out is None else out.copy_(d)), extra
+    kind = epilogues.TABLE[epilogue]
+    returns = kind.aux_out != "none" or kind.bias_grad != "none"  # else the op's extra is an empty placeholder
+    return (d if out is None else out.copy_(d)), extra if returns else None
