@@ -170,7 +170,7 @@ def dy_candidates(sets: Sets) -> Candidates:
 
     def operands(i: int) -> tuple[Operands, Operands]:
         dy = ptr["dy"](i)
-        return Operands(dy, ptr["B"](i), 0, ptr["g"](i)), Operands(dy, ptr["xa"](i), 0, ptr["dB"](i))
+        return Operands(dy, ptr["B"](i), 0, ptr["g"](i), 0, 0, 0), Operands(dy, ptr["xa"](i), 0, ptr["dB"](i), 0, 0, 0)
 
     plans = []
     for problem in (problem_g, problem_db):
