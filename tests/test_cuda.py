@@ -377,8 +377,12 @@ def _own_streams(count: int) -> tuple[list, list]:
     ``torch.cuda.Stream()`` hands the same ones to threads 0 and 32)."""
     from cuda.bindings import driver
 
+    torch.cuda.init()  # the driver calls below need the primary context current on this thread
+    torch.cuda.synchronize()
     flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
-    handles = [driver.cuStreamCreate(flags)[1] for _ in range(count)]
+    created = [driver.cuStreamCreate(flags) for _ in range(count)]
+    assert all(result == driver.CUresult.CUDA_SUCCESS for result, _ in created), created[:2]
+    handles = [handle for _, handle in created]
     streams = [torch.cuda.ExternalStream(int(h)) for h in handles]
     assert len({s.cuda_stream for s in streams}) == count
     return streams, handles
