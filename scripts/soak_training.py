@@ -89,10 +89,12 @@ def shapes(count: int) -> list[tuple[int, int]]:
 
 
 def gemmbridge_objects() -> dict[str, int]:
-    """Live plans, CUDA plan states and captured graphs, wherever they are held (the garbage collector's view)."""
+    """Live plans, CUDA plan states and captured graphs, wherever they are held (the garbage collector's view), and
+    the layouts the torch layer's launch lane has resolved (its GEMMs' launchers, aten's or gemmbridge's)."""
     from gemmbridge.plan import Plan
+    from gemmbridge.torch import lane, lora_kernels
 
-    counts = {"plans": 0, "plan_states": 0, "graphs": 0}
+    counts = {"plans": 0, "plan_states": 0, "graphs": 0, "lane_layouts": lane.resolved() + lora_kernels.resolved()}
     cuda_state, graph_cache = None, None
     if torch.cuda.is_available():
         from gemmbridge.backends.cuda import PlanState
@@ -155,7 +157,7 @@ def soak(name: str, base: nn.Module, args: argparse.Namespace) -> dict[str, Any]
     tolerances = {
         "host_rss": int(args.rss_tolerance_mb * MIB),
         "device_used": int(args.device_tolerance_mb * MIB),
-        **dict.fromkeys(("torch_allocated", "plan_cache", "plans", "plan_states", "graphs"), 0),
+        **dict.fromkeys(("torch_allocated", "plan_cache", "plans", "plan_states", "graphs", "lane_layouts"), 0),
     }
     growth, exceeded = judge(samples, args.warmup, tolerances)
     return {

@@ -38,7 +38,7 @@ def test_a_short_soak_on_the_cpu_writes_both_runs_judged(tmp_path):
         assert [s["step"] for s in run["samples"]] == [0, 4, 8, 12, 15]
         assert run["judged_from_step"] == 8 and math.isfinite(run["loss_last"])
         assert {"host_rss", "plan_cache", "plans"} <= run["growth"].keys()
-        assert all(s["plans"] > 0 for s in run["samples"])  # gemmbridge's plans are seen: the GEMMs are its own
+        assert all(s["lane_layouts"] > 0 for s in run["samples"])  # the lane's resolved GEMMs are seen
 
 
 def test_growth_after_the_warm_up_past_a_tolerance_fails_the_run():

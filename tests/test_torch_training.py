@@ -605,3 +605,89 @@ def test_torch_func_transforms_are_refused_clearly():
     y = gt.linear(x, w.requires_grad_(), b)
     with pytest.raises(gb.OptionError, match="torch.func transforms"):
         torch.autograd.grad(y, w, torch.randn(2, *y.shape), is_grads_batched=True)
+
+
+# -- what a review of the launch lane found ----------------------------------------------------------------------
+
+
+def test_autocast_neither_rounds_a_float32_bias_gradient_nor_recasts_a_backward_run_inside_it():
+    """The bias gradient of half activations is summed in float32; a backward run inside the autocast region gives
+    the same gradients as one run after it (the lane's GEMMs are never cast again)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(64, 32), torch.randn(16, 32, requires_grad=True), torch.randn(16, requires_grad=True)
+    dy = torch.randn(64, 16)
+    grads = []
+    for inside in (False, True):
+        w.grad = b.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = gt.linear(x, w, b)
+            if inside:
+                y.backward(dy.bfloat16())
+        if not inside:
+            y.backward(dy.bfloat16())
+        grads.append((w.grad.clone(), b.grad.clone()))
+    want_b = dy.bfloat16().double().sum(0)
+    assert ((grads[0][1].double() - want_b).norm() / want_b.norm()).item() < 1e-6
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_gb_matmul_casts_nothing_under_autocast_and_serves_the_whole_contract_without_grad():
+    a, b = torch.randn(6, 8), torch.randn(8, 5)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.compile(lambda a, b: gb.matmul(a, b), fullgraph=True)(a, b).dtype == torch.float32
+    bias, out = torch.randn(5), torch.empty(6, 5)
+    with torch.no_grad():
+        want_d, want_aux = gb.matmul(a, b, bias=bias, epilogue="gelu_aux")
+        d, aux = torch.compile(lambda a, b: gb.matmul(a, b, bias=bias, epilogue="gelu_aux"), fullgraph=True)(a, b)
+        written = torch.compile(lambda a, b: gb.matmul(a, b, out=out), fullgraph=True)(a, b)
+    torch.testing.assert_close(d, want_d)
+    torch.testing.assert_close(aux, want_aux)
+    assert written is out
+    torch.testing.assert_close(out, a @ b)
+
+
+def test_a_layout_seen_before_with_other_dtypes_is_checked_again():
+    bf = torch.bfloat16
+    x = torch.randn(4, 8, dtype=bf)
+    gt.linear(x, torch.randn(3, 8, dtype=bf))
+    with pytest.raises(gb.DTypeError, match="differ"):
+        gt.linear(x, torch.randn(3, 8))
+
+
+def test_beta_zero_ignores_c_on_the_traced_path_too(device):
+    a, b = rand(2, 3, 4, device=device), rand(4, 5, device=device, grad=False)
+    c = torch.full((2, 3, 5), float("nan"), dtype=torch.float64, device=device)
+    for path in ("eager", "traced"):
+        assert torch.isfinite(on_path(path, lambda a, b, c: gb.matmul(a, b, c=c, beta=0.0))(a, b, c)).all(), path
+
+
+def test_options_are_checked_on_the_traced_path_too():
+    a, b = rand(3, 4), rand(4, 5)
+    with pytest.raises(gb.OptionError, match="transpose_b must be True or False"):
+        on_path("traced", lambda a, b: gt.matmul(a, b, transpose_b="no"))(a, b)
+
+
+def test_the_lanes_table_stays_bounded_and_whole_under_threads(monkeypatch):
+    import threading
+
+    from gemmbridge.torch import lane
+
+    monkeypatch.setattr(lane, "MAX_LAUNCHERS", 4)
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            for n in range(1, 40):
+                x = torch.randn(n % 7 + i + 1, 3)
+                lane.gemm(x, torch.randn(2, 3), None, None, None, False, True, 1.0, 0.0, "none", None)
+        except Exception as error:  # reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and lane.resolved() <= 4

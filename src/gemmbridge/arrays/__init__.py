@@ -20,9 +20,9 @@ _BY_ROOT: dict[str, TensorView] = {}
 
 def _new_view(root: str) -> TensorView | None:
     if root == "torch":
-        from .torch import TorchArrays
+        from .torch import VIEW
 
-        return cast(TensorView, TorchArrays())
+        return cast(TensorView, VIEW)
     if root == "numpy":
         from .numpy import NumpyArrays
 

@@ -37,14 +37,10 @@ _increment_version = torch._C._increment_version  # type: ignore[attr-defined]
 _is_compiling = torch.compiler.is_compiling
 
 
-def records(a: torch.Tensor, b: torch.Tensor, c: Any, bias: Any) -> bool:
-    """True when autograd must record a call on these operands: grad mode is on and an input requires grad."""
-    return _is_grad_enabled() and (
-        a.requires_grad
-        or b.requires_grad
-        or (c is not None and c.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
+def records(*tensors: Any) -> bool:
+    """True when autograd must record a call on these operands (None for an absent one): grad mode is on and an
+    input requires grad."""
+    return _is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class TorchLayer:
@@ -228,3 +224,6 @@ class TorchArrays:
 
     def device_guard(self, index: int) -> AbstractContextManager:
         return torch.cuda.device(index)
+
+
+VIEW: Any = TorchArrays()  # the one view of torch tensors (stateless): the registry's, the training layer's

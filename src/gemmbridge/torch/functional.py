@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..arrays.torch import DTYPES, TorchArrays
+from .. import epilogues
+from ..arrays.torch import DTYPES, VIEW
 from ..errors import OperandTypeError, OptionError, ShapeError
-from ..plan import check_scalar
+from ..plan import check_flag, check_scalar, check_tf32
 from ..problem import dtype_name
 from . import functions as f
 from . import library, lora_kernels
 
 ACTIVATIONS = ("none", "relu", "gelu")
-_VIEW: Any = TorchArrays()
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -181,19 +181,35 @@ def matmul(
     out_dtype: Any = None,
     allow_tf32: bool | None = None,
     **outputs: Any,
-) -> Tensor:
-    """``gemmbridge.matmul`` recorded by autograd: differentiable in ``a``, ``b``, ``c`` and ``bias``.
+) -> Any:
+    """``gemmbridge.matmul`` of torch tensors where autograd records it or ``torch.compile`` traces it: differentiable
+    in ``a``, ``b``, ``c`` and ``bias``.
 
-    ``epilogue`` is none, relu or gelu; outputs written in place (``out``, ``aux``, ``bias_grad``)
-    cannot be recorded and are refused, as ``torch.mm(out=...)`` refuses them.
+    Recorded, ``epilogue`` is none, relu or gelu, and outputs written in place (``out``, ``aux``, ``bias_grad``) are
+    refused, as ``torch.mm(out=...)`` refuses them. Where nothing records, the whole contract holds (traced: aten's
+    GEMM, or the ``gemmbridge::gemm`` op for what only gemmbridge does; eager: ``gemmbridge.matmul`` itself).
     """
     f.no_transforms("matmul")
-    _check_tensors("matmul", a=a, b=b, c=c, bias=bias)
+    _check_tensors("matmul", a=a, b=b, c=c, bias=bias, **outputs)
+    transpose_a, transpose_b = (check_flag(VIEW, a, b, name, flag) for name, flag in
+                                (("transpose_a", transpose_a), ("transpose_b", transpose_b)))  # fmt: skip
+    allow_tf32 = check_tf32(VIEW, a, b, allow_tf32)
+    alpha = alpha if type(alpha) is float else check_scalar(VIEW, a, b, "alpha", alpha)
+    beta = beta if type(beta) is float else check_scalar(VIEW, a, b, "beta", beta)
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        out_dtype = DTYPES.get(dtype_name(out_dtype), out_dtype)
+    options = {"transpose_a": transpose_a, "transpose_b": transpose_b, "c": c, "alpha": alpha, "beta": beta,
+               "bias": bias, "epilogue": epilogue, "out_dtype": out_dtype, "allow_tf32": allow_tf32}  # fmt: skip
+    recorded = f.requires_grad(a, b, c, bias)
+    if not recorded and not _is_compiling():  # gemmbridge.torch.matmul called directly, nothing to record
+        from ..ops import matmul as plain
+
+        return plain(a, b, **options, **outputs)
     given = [name for name, value in outputs.items() if value is not None]
-    if given or epilogue not in ACTIVATIONS:
+    if recorded and (given or epilogue not in ACTIVATIONS):
         from ..problem import names
 
-        operands = names(_VIEW.meta(a), _VIEW.meta(b))
+        operands = names(VIEW.meta(a), VIEW.meta(b))
         if given:
             raise OptionError(
                 f"{operands} — {', '.join(given)} given while inputs require grad: autograd cannot record a write "
@@ -203,14 +219,12 @@ def matmul(
             f"{operands} — epilogue {epilogue!r} with inputs that require grad: autograd records none, relu and "
             "gelu; the training epilogues are the building blocks of backward passes: call them under torch.no_grad()"
         )
+    if not recorded and (given or epilogue not in ACTIVATIONS):
+        return _traced_contract(a, b, options, outputs)
     for name, flag, x in (("transpose_a", transpose_a, a), ("transpose_b", transpose_b, b)):
         if flag and x.dim() == 1:  # as gemmbridge.matmul refuses it: a 1-D operand has nothing to transpose
             raise OptionError(f"matmul: a is {tuple(a.shape)}, b is {tuple(b.shape)} — {name} needs a matrix, "
                               f"{name[-1]} is 1-D")  # fmt: skip
-    alpha = alpha if type(alpha) is float else check_scalar(_VIEW, a, b, "alpha", alpha)
-    beta = beta if type(beta) is float else check_scalar(_VIEW, a, b, "beta", beta)
-    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        out_dtype = DTYPES.get(dtype_name(out_dtype), out_dtype)
     a2 = a.unsqueeze(0) if a.dim() == 1 else a
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b
     c2 = c
@@ -218,7 +232,7 @@ def matmul(
         c2 = c.unsqueeze(-1) if b.dim() == 1 else c
         c2 = c2.unsqueeze(-2) if a.dim() == 1 else c2
     args = (a2, b2, c2, bias, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype)
-    if f.requires_grad(a, b, c, bias):
+    if recorded:
         d = library._Matmul.apply(*args, allow_tf32)
     else:
         d = f.matmul_forward(*args, False, allow_tf32)[0]
@@ -226,4 +240,24 @@ def matmul(
         d = d.squeeze(-1)
     if a.dim() == 1:
         d = d.squeeze(-2) if b.dim() > 1 else d.squeeze(-1)
+    return d
+
+
+def _traced_contract(a: Tensor, b: Tensor, options: dict[str, Any], outputs: dict[str, Any]) -> Any:
+    """A traced ``gemmbridge.matmul`` that nothing records, with given outputs or a training epilogue: the
+    ``gemmbridge::gemm`` op (the contract's own shapes and aux forms), then the results written into what was given."""
+    o = options
+    d, extra = torch.ops.gemmbridge.gemm(a, b, o["c"], o["bias"], outputs.get("aux"), o["transpose_a"],
+                                         o["transpose_b"], o["alpha"], o["beta"], o["epilogue"], o["out_dtype"],
+                                         o["allow_tf32"])  # fmt: skip
+    out = outputs.get("out")
+    if out is not None:
+        d = out.copy_(d)
+    kind = epilogues.TABLE[o["epilogue"]]
+    if kind.aux_out != "none":
+        aux = outputs.get("aux")
+        return d, extra if aux is None else aux.copy_(extra)
+    if kind.bias_grad != "none":
+        bias_grad = outputs.get("bias_grad")
+        return d, extra if bias_grad is None else bias_grad.copy_(extra)
     return d

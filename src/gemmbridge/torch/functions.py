@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..arrays.torch import records as requires_grad  # noqa: F401 (the ops' "must autograd record this call")
 from ..errors import OptionError
 from ..ops import matmul
 from . import lora_kernels
-from .lane import gemm, traced
+from .lane import HALF, gemm, traced, uncast
 
-HALF = (torch.float16, torch.bfloat16)
 _gelu_backward = torch.ops.aten.gelu_backward
 _threshold_backward = torch.ops.aten.threshold_backward
 _is_compiling = torch.compiler.is_compiling
@@ -30,6 +30,7 @@ _transforms_active = torch._C._are_functorch_transforms_active
 _is_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
+@uncast
 def direct_gemm(
     a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, transpose_a: bool,
     transpose_b: bool, alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None,
@@ -401,8 +402,3 @@ def matmul_backward(
     if needs[3] and bias is not None:
         grads[3] = dp.reshape(-1, dp.shape[-1]).sum(0).to(bias.dtype)
     return tuple(grads)
-
-
-def requires_grad(*tensors: Any) -> bool:
-    """True when autograd must record a call on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -24,12 +24,14 @@ Launchers (docs/architecture.md, "The launch lane"):
 Under ``torch.compile`` the same choice is made from the fake tensors: aten's ops, or the ``gemmbridge::gemm``
 custom op for what aten lacks; the compiled graph holds no gemmbridge Python.
 
-In aten's form ``relu_aux``'s aux is the ReLU output itself and ``gelu_aux``'s the unpadded pre-activation:
-``drelu`` / ``dgelu`` read either form (the backward always meets the form its own forward made).
+aten's forms cover the epilogues the ops ask of them (none, relu, gelu, gelu_aux, dgelu, bgrad_a); ``gelu_aux``'s aux
+is then the unpadded pre-activation, which ``dgelu`` reads as it reads the padded one. Autocast is off for every GEMM
+here (``uncast``): the ops cast their inputs themselves.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +39,8 @@ import torch
 from torch import Tensor
 
 from .. import epilogues, plan
-from ..arrays.torch import TorchArrays, TorchCall
+from ..arrays.torch import VIEW, TorchCall
+from ..errors import OptionError
 from ..problem import describe
 
 Launcher = Callable[..., tuple[Tensor, Any]]
@@ -46,11 +49,28 @@ _is_compiling = torch.compiler.is_compiling
 _gelu: Any = torch._C._nn.gelu
 _gelu_backward = torch.ops.aten.gelu_backward.default
 _threshold_backward = torch.ops.aten.threshold_backward.default
-_VIEW: Any = TorchArrays()
+
+_autocast_enabled = torch.is_autocast_enabled
 
 MAX_LAUNCHERS = 1024  # layouts kept; the oldest is forgotten first (shapes that vary every step stay bounded)
 _launchers: dict[tuple, Launcher] = {}
+_lock = threading.Lock()  # a miss inserts and may evict: autograd's backward thread resolves layouts too
 _zeros: dict[tuple, Tensor] = {}  # a 0-d zero per (dtype, device): addmm's ignored input when beta = 0
+
+
+def uncast(gemm: Callable[..., Any]) -> Callable[..., Any]:
+    """``gemm`` with autocast off for its call where it is on for the operands' device: the ops cast their inputs
+    themselves (or, for ``matmul``, never), so none of their GEMMs may be cast again — a backward run inside an
+    autocast region, or a compiled graph traced under one, would otherwise round float32 products to the half type."""
+
+    def run(a: Tensor, *args: Any, **kwargs: Any) -> Any:
+        kind = a.device.type
+        if _autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return gemm(a, *args, **kwargs)
+        return gemm(a, *args, **kwargs)
+
+    return run
 
 
 def gemm(
@@ -64,6 +84,7 @@ def gemm(
     return launch(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype, out)
 
 
+@uncast
 def launch(
     a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, transpose_a: bool,
     transpose_b: bool, alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None,
@@ -72,25 +93,40 @@ def launch(
     """``gemm`` on real tensors: the layout's launcher, resolved the first time (the ``gemmbridge::gemm`` op's
     implementation calls this, never the traced form)."""
     key = (
-        a.shape, a.stride(), b.shape, b.stride(), a.dtype, a.device,
-        None if c is None else (c.shape, c.stride(), c.dtype, c is out),
-        None if bias is None else (bias.shape, bias.stride(), bias.dtype),
-        None if aux is None else (aux.shape, aux.stride(), aux.dtype),
-        None if out is None else (out.shape, out.stride(), out.dtype),
+        a.shape, a.stride(), a.dtype, a.device, a.is_neg(), b.shape, b.stride(), b.dtype, b.device, b.is_neg(),
+        None if c is None else (*layout(c), c is out), None if bias is None else layout(bias),
+        None if aux is None else layout(aux), None if out is None else layout(out),
         transpose_a, transpose_b, epilogue, out_dtype,
     )  # fmt: skip
     found = _launchers.get(key)
     if found is None:
         found = _resolve(a, b, c, bias, aux, transpose_a, transpose_b, epilogue, out_dtype, out)
-        if len(_launchers) >= MAX_LAUNCHERS:
-            _launchers.pop(next(iter(_launchers)), None)
-        _launchers[key] = found
+        remember(_launchers, key, found)
     return found(a, b, c, bias, aux, alpha, beta, out)
+
+
+def layout(t: Tensor) -> tuple:
+    """What a resolved launcher relies on of an operand besides its address."""
+    return t.shape, t.stride(), t.dtype, t.device, t.is_neg()
+
+
+def remember(table: dict, key: tuple, value: Any) -> None:
+    """Keep ``value`` under ``key`` in one of the lane's tables, the oldest entry forgotten past ``MAX_LAUNCHERS``."""
+    with _lock:
+        if len(table) >= MAX_LAUNCHERS:
+            table.pop(next(iter(table)), None)
+        table[key] = value
+
+
+def resolved() -> int:
+    """How many layouts the lane holds."""
+    return len(_launchers)
 
 
 def clear() -> None:
     """Forget every resolved launcher (``gemmbridge.set_kernels`` and ``clear_cache`` call it)."""
-    _launchers.clear()
+    with _lock:
+        _launchers.clear()
 
 
 def _aten_serves(dtype: torch.dtype, epilogue: str, out_dtype: torch.dtype | None, c: Any, bias: Any) -> bool:
@@ -104,13 +140,13 @@ def _resolve(
 ) -> Launcher:  # fmt: skip
     """The launcher of one layout (module doc); the problem is validated here, once."""
     if a.device.type != "cuda":  # the product validated as gemmbridge.matmul would (aten's aux has its own form)
-        meta = _VIEW.meta
+        meta = VIEW.meta
         metas: list[Any] = [None if x is None else meta(x) for x in (a, b, c, out, bias)]
         reads_aux = epilogues.TABLE[epilogue].aux_in != "none"
         describe(metas[0], metas[1], c=metas[2], out=metas[3], bias=metas[4], transpose_a=ta, transpose_b=tb,
                  epilogue="none" if reads_aux else epilogue, out_dtype=out_dtype)  # fmt: skip
         return _aten(a, b, ta, tb, epilogue, out_dtype)
-    whole = plan.Plan.for_call(_VIEW, (), a, b, c, bias, out, aux, None, (ta, tb, epilogue, out_dtype))
+    whole = plan.Plan.for_call(VIEW, (), a, b, c, bias, out, aux, None, (ta, tb, epilogue, out_dtype))
     device, backend, problem = whole.device, plan.cuda(), whole.problem
     if _aten_serves(a.dtype, epilogue, out_dtype, c, bias) and not backend.prefers_own_launch(problem, device):
         return _aten(a, b, ta, tb, epilogue, out_dtype)
@@ -122,7 +158,7 @@ def _resolve(
 def _backend_launch(backend: Any, state: Any, device: int) -> Launcher:
     """The CUDA backend's hot path on a plan resolved once: allocate, read pointers and stream, launch."""
     kind = epilogues.TABLE[state.problem.epilogue]
-    run, view, returns = backend.run, _VIEW, kind.aux_out != "none" or kind.bias_grad != "none"
+    run, view, aux_out, grad_out = backend.run, VIEW, kind.aux_out != "none", kind.bias_grad != "none"
 
     def on_device(a: Tensor, b: Tensor, c: Any, bias: Any, aux: Any, alpha: float, beta: float, out: Any) -> Any:
         if torch._C._cuda_getDevice() != device:  # type: ignore[attr-defined]
@@ -130,7 +166,7 @@ def _backend_launch(backend: Any, state: Any, device: int) -> Launcher:
                 return on_device(a, b, c, bias, aux, alpha, beta, out)
         d, aux, bias_grad = run(state, view, TorchCall(device, a), a, b, c, out, bias, aux, None, None, alpha, beta,
                                 None)  # fmt: skip
-        return d, (aux if aux is not None else bias_grad) if returns else None
+        return d, aux if aux_out else bias_grad if grad_out else None
 
     return on_device
 
@@ -200,7 +236,7 @@ def _product(
     p = torch.matmul(a.mT if ta else a, b.mT if tb else b)  # batches: the differentiable gemmbridge.matmul's shapes
     if alpha != 1.0:
         p = p * alpha
-    if c is not None:
+    if c is not None and beta != 0.0:  # beta = 0 ignores c, NaN and Inf in it included
         p = p + c * beta if beta != 1.0 else p + c
     if bias is not None:
         p = p + bias
@@ -214,12 +250,11 @@ def _formula(
     a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, ta: bool, tb: bool,
     alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None, out: Tensor | None, traced_: bool,
 ) -> tuple[Tensor, Any]:  # fmt: skip
-    """The epilogue's formula over aten's GEMM (``gemmbridge.epilogues``)."""
+    """The epilogue's formula over aten's GEMM (``gemmbridge.epilogues``), for the epilogues the ops ask of it."""
     if epilogue == "none":
         return _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, out, traced_), None
-    if epilogue in ("relu", "relu_aux"):
-        d = _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, out, traced_).relu_()
-        return d, d if epilogue == "relu_aux" else None
+    if epilogue == "relu":
+        return _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, out, traced_).relu_(), None
     if epilogue in ("gelu", "gelu_aux"):
         pre = _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, None if epilogue == "gelu_aux" else out,
                        traced_)  # fmt: skip
@@ -228,27 +263,17 @@ def _formula(
                     _gelu(pre, approximate="tanh", out=out)), None  # fmt: skip
         d = _gelu(pre, approximate="tanh") if out is None else _gelu(pre, approximate="tanh", out=out)
         return d, pre
+    if epilogue not in ("dgelu", "bgrad_a"):
+        raise OptionError(f"gemmbridge.torch: the launch lane has no aten form of epilogue {epilogue!r}")
     p = _product(a, b, c, bias, ta, tb, alpha, beta, out_dtype, None, traced_)
-    kind = epilogues.TABLE[epilogue]
-    if kind.aux_in != "none":
+    if epilogue == "dgelu":
         assert aux is not None
-        n = p.shape[-1]
-        d = (_threshold_backward(p, aux[..., :n], 0) if kind.aux == "relu" else
-             _gelu_backward(p, aux[..., :n], approximate="tanh"))  # fmt: skip
-    else:
-        d = p
-    if out is not None:
-        d = out.copy_(d)
-    if kind.bias_grad == "none":
+        p = _gelu_backward(p, aux[..., : p.shape[-1]], approximate="tanh")
+    d = p if out is None else out.copy_(p)
+    if epilogue == "dgelu":
         return d, None
-    wide = torch.float32 if d.dtype in HALF else None
-    if kind.bias_grad == "a":  # Σ_k op(a)
-        reduced = (a.t() if ta else a).sum(-1, dtype=wide)
-    elif epilogue == "bgrad_b":  # Σ_k op(b)
-        reduced = (b.t() if tb else b).sum(0, dtype=wide)
-    else:  # the d*_bgrad forms: Σ_m D
-        reduced = d.sum(0, dtype=wide)
-    return d, reduced.to(d.dtype)
+    op_a = a.t() if ta else a  # bgrad_a: Σ_k op(a), summed in float32 for half inputs, in the result's dtype
+    return d, op_a.sum(-1, dtype=torch.float32 if op_a.dtype in HALF else None).to(d.dtype)
 
 
 def _aten(a: Tensor, b: Tensor, ta: bool, tb: bool, epilogue: str, out_dtype: torch.dtype | None) -> Launcher:
@@ -267,13 +292,14 @@ def _aten(a: Tensor, b: Tensor, ta: bool, tb: bool, epilogue: str, out_dtype: to
     return formula
 
 
+@uncast
 def traced(
     a: Tensor, b: Tensor, c: Tensor | None, bias: Tensor | None, aux: Tensor | None, ta: bool, tb: bool,
     alpha: float, beta: float, epilogue: str, out_dtype: torch.dtype | None, out: Tensor | None,
     allow_tf32: bool | None = None,
 ) -> tuple[Tensor, Any]:  # fmt: skip
     """``gemm`` where ``torch.compile`` traces: aten's ops where they serve, else the ``gemmbridge::gemm`` op
-    (``allow_tf32`` given for float32: the op, which honours it)."""
+    (``allow_tf32`` given for float32: the op, which honours it). Autocast is off for them (``uncast``)."""
     if a.device.type != "cuda" or (_aten_serves(a.dtype, epilogue, out_dtype, c, bias)
                                    and (allow_tf32 is None or a.dtype != torch.float32)):  # fmt: skip
         return _formula(a, b, c, bias, aux, ta, tb, alpha, beta, epilogue, out_dtype, out, True)

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from .. import epilogues
-from ..arrays.torch import DTYPES, TorchArrays
+from ..arrays.torch import DTYPES, VIEW
 from ..errors import OptionError
 from ..problem import describe, names
 from . import functions as f
 from . import lane
 
 LIBRARY = "gemmbridge"
-_META = TorchArrays().meta
+_META = VIEW.meta
 
 # -- gemmbridge::gemm ----------------------------------------------------------------------------------------
 

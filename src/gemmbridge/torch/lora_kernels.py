@@ -23,13 +23,11 @@ import torch
 from torch import Tensor
 
 from .. import plan
-from ..arrays.torch import TorchArrays
+from ..arrays.torch import VIEW
 from ..errors import GemmError
 from ..problem import Operands, describe
-from .lane import MAX_LAUNCHERS
+from .lane import HALF, remember, uncast
 
-HALF = (torch.float16, torch.bfloat16)
-_VIEW: Any = TorchArrays()
 _raw_stream: Any = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _masked: dict[tuple, Callable[..., Tensor]] = {}
 _dy_once: dict[tuple, Any] = {}
@@ -65,12 +63,32 @@ def clear() -> None:
     _dy_once.clear()
 
 
+def resolved() -> int:
+    """How many layouts these kernels' tables hold."""
+    return len(_masked) + len(_dy_once)
+
+
 def _meta(x: Tensor | None) -> Any:
-    return None if x is None else _VIEW.meta(x)
+    return None if x is None else VIEW.meta(x)
 
 
 def _key(*tensors: Tensor | None) -> tuple:
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.is_neg()) for t in tensors)
+
+
+def _on_device(launch: Callable[..., Any], device: int) -> Callable[..., Any]:
+    """``launch`` with ``device`` current (its kernel runs in the current context) and its primary context made
+    current on this thread."""
+    ensure = plan.cuda().ensure_context
+
+    def run(*args: Any) -> Any:
+        if torch._C._cuda_getDevice() != device:  # type: ignore[attr-defined]
+            with torch.cuda.device(device):
+                return run(*args)
+        ensure(device)
+        return launch(*args)
+
+    return run
 
 
 def seed_for(x: Tensor) -> Tensor:
@@ -78,6 +96,7 @@ def seed_for(x: Tensor) -> Tensor:
     return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=x.device)
 
 
+@uncast
 def masked(
     a: Tensor, b: Tensor, c: Tensor | None, ta: bool, tb: bool, alpha: float, beta: float, role: str, keep: float,
     seed: Tensor, out_dtype: torch.dtype | None = None, out: Tensor | None = None,
@@ -86,10 +105,8 @@ def masked(
     key = (*_key(a, b, c, out), c is out, ta, tb, role, keep, out_dtype)
     launch = _masked.get(key)
     if launch is None:
-        launch = _resolve_masked(a, b, c, ta, tb, role, keep, out_dtype, out)
-        if len(_masked) >= MAX_LAUNCHERS:
-            _masked.pop(next(iter(_masked)), None)
-        _masked[key] = launch
+        launch = _on_device(_resolve_masked(a, b, c, ta, tb, role, keep, out_dtype, out), a.device.index)
+        remember(_masked, key, launch)
     return launch(a, b, c, alpha, beta, seed, out)
 
 
@@ -102,18 +119,20 @@ def _resolve_masked(
     problem = describe(_meta(a), _meta(b), c=_meta(c), out=_meta(out), transpose_a=ta, transpose_b=tb,
                        out_dtype=out_dtype)  # fmt: skip
     device, shape, dtype = a.device.index, problem.out_shape, out_dtype or a.dtype
+    unfused = _unfused(problem, ta, tb, role, keep, dtype)
     try:
         gemm = dropout.MaskedGemm(problem, device, role, keep)
     except GemmError:
-        return _unfused(problem, ta, tb, role, keep, dtype)
-    ensure = plan.cuda().ensure_context
+        return unfused
 
     def fused(a: Tensor, b: Tensor, c: Any, alpha: float, beta: float, seed: Tensor, out: Any) -> Tensor:
         d = a.new_empty(shape, dtype=dtype) if out is None else out
-        pd = d.data_ptr()
-        ensure(device)
-        gemm.launch(Operands(a.data_ptr(), b.data_ptr(), pd if c is None else c.data_ptr(), pd, 0, 0, 0), alpha,
-                    beta if c is not None else 0.0, seed.data_ptr(), _raw_stream(device))  # fmt: skip
+        pa, pb, pd = a.data_ptr(), b.data_ptr(), d.data_ptr()
+        pc = pd if c is None else c.data_ptr()
+        if (pa | pb | pc | pd) & 15:  # the kernel reads 16-byte pieces: a view off that alignment takes the bytes
+            return unfused(a, b, c, alpha, beta, seed, out)
+        gemm.launch(Operands(pa, pb, pc, pd, 0, 0, 0), alpha, beta if c is not None else 0.0, seed.data_ptr(),
+                    _raw_stream(device))  # fmt: skip
         return d
 
     return fused
@@ -123,13 +142,11 @@ def _unfused(problem: Any, ta: bool, tb: bool, role: str, keep: float, dtype: to
     """The same mask written out as bytes, then aten's GEMM (a layout the kernel does not serve)."""
     from ..backends.cuda.kernels import dropout
 
-    ensure = plan.cuda().ensure_context
     rows, cols = {"a": (problem.m, problem.k), "b": (problem.k, problem.n), "d": (problem.m, problem.n)}[role]
 
     def unfused(a: Tensor, b: Tensor, c: Any, alpha: float, beta: float, seed: Tensor, out: Any) -> Tensor:
         device = a.device.index
         mask = torch.empty((rows, cols), dtype=torch.uint8, device=a.device)
-        ensure(device)
         dropout.fill_mask(seed.data_ptr(), mask.data_ptr(), rows, cols, keep, _raw_stream(device), device=device)
         am, bm = (a.t() if ta else a).to(dtype), (b.t() if tb else b).to(dtype)
         if role == "a":
@@ -153,20 +170,9 @@ def dy_once(dy: Tensor, lora_b: Tensor, xs: Tensor, alpha_g: float, db_dtype: to
     key = (*_key(dy, lora_b, xs), db_dtype)
     found = _dy_once.get(key, False)
     if found is False:
-        found = _dy_once[key] = _resolve_dy_once(dy, lora_b, xs, db_dtype)
-    if found is None:
-        return None
-    kernel, g_shape, db_shape, db_torch = found
-    device = dy.device.index
-    g = dy.new_empty(g_shape)
-    db = dy.new_empty(db_shape, dtype=db_torch)
-    workspace = dy.new_empty((kernel.workspace_bytes,), dtype=torch.uint8)
-    plan.cuda().ensure_context(device)
-    pdy = dy.data_ptr()
-    kernel.launch(Operands(pdy, lora_b.data_ptr(), 0, g.data_ptr(), 0, 0, 0),
-                  Operands(pdy, xs.data_ptr(), db.data_ptr(), db.data_ptr(), 0, 0, 0), alpha_g, 1.0, 0.0,
-                  workspace.data_ptr(), _raw_stream(device))  # fmt: skip
-    return g, db
+        found = _resolve_dy_once(dy, lora_b, xs, db_dtype)
+        remember(_dy_once, key, found)
+    return None if found is None else found(dy, lora_b, xs, alpha_g)
 
 
 def _resolve_dy_once(dy: Tensor, lora_b: Tensor, xs: Tensor, db_dtype: torch.dtype | None) -> Any:
@@ -174,8 +180,23 @@ def _resolve_dy_once(dy: Tensor, lora_b: Tensor, xs: Tensor, db_dtype: torch.dty
 
     problem_g = describe(_meta(dy), _meta(lora_b))
     problem_db = describe(_meta(dy), _meta(xs), transpose_a=True, out_dtype=db_dtype)
+    device = dy.device.index
     try:
-        kernel = lora.DyOnce(problem_g, problem_db, dy.device.index)
+        kernel = lora.DyOnce(problem_g, problem_db, device)
     except GemmError:
         return None
-    return kernel, problem_g.out_shape, problem_db.out_shape, db_dtype or dy.dtype
+    g_shape, db_shape, db_torch = problem_g.out_shape, problem_db.out_shape, db_dtype or dy.dtype
+
+    def launch(dy: Tensor, lora_b: Tensor, xs: Tensor, alpha_g: float) -> Any:
+        pdy, pb, pxs = dy.data_ptr(), lora_b.data_ptr(), xs.data_ptr()
+        if (pdy | pb | pxs) & 15:  # a view off the kernels' 16-byte alignment: two GEMMs serve it
+            return None
+        g = dy.new_empty(g_shape)
+        db = dy.new_empty(db_shape, dtype=db_torch)
+        workspace = dy.new_empty((kernel.workspace_bytes,), dtype=torch.uint8)
+        pg, pdb = g.data_ptr(), db.data_ptr()
+        kernel.launch(Operands(pdy, pb, 0, pg, 0, 0, 0), Operands(pdy, pxs, pdb, pdb, 0, 0, 0), alpha_g, 1.0, 0.0,
+                      workspace.data_ptr(), _raw_stream(device))  # fmt: skip
+        return g, db
+
+    return _on_device(launch, device)
