@@ -163,7 +163,7 @@ def main() -> None:
             "F.linear": lambda x, w: F.linear(x, w),
             "probe::mm_co": lambda x, w: torch.ops.probe.mm_co(x, w.t()),
             "probe::mm_def": lambda x, w: torch.ops.probe.mm_def(x, w.t()),
-            "gemmbridge::linear": lambda x, w: gt.linear(x, w),
+            "gemmbridge.torch.linear": lambda x, w: gt.linear(x, w),
         }.items():
             compiled = torch.compile(fn, fullgraph=False)
             compiled(x, w)
