@@ -436,14 +436,17 @@ def test_captures_on_64_streams_each_in_its_own_thread():
     assert errors == [] and len(checked) == count and max(checked) < 1e-5, errors[:4]
 
 
-def test_tuning_and_graph_recording_leave_another_threads_global_capture_intact(monkeypatch):
+@pytest.mark.parametrize("workspaces", ["kept", "first_of_the_stream", "per_call"])
+def test_tuning_and_graph_recording_leave_another_threads_global_capture_intact(workspaces, monkeypatch):
     """While one thread captures in CUDA's global mode (torch's default), another tunes a new plan (waiting for
-    events, capturing host-bound candidates into graphs) and records a small call as a graph. Those calls, unsafe
-    during a global capture, are made with the thread's capture mode thread-local: neither fails, and the capture
-    stays valid."""
+    events, capturing host-bound candidates into graphs) and records a small call as a graph, with its stream's
+    workspace kept from before, made during the capture, or made and freed by each call (the table full). Those
+    calls, unsafe during a global capture, are made with the thread's capture mode thread-local: neither fails, and
+    the capture stays valid (the GPU suite's run in 8 processes once saw it invalidated)."""
     import threading
 
     from gemmbridge import tuning
+    from gemmbridge.backends.cuda import workspace
 
     monkeypatch.setattr(tuning, "enabled", False)
     capture_stream, side = torch.cuda.Stream(), torch.cuda.Stream()
@@ -457,6 +460,10 @@ def test_tuning_and_graph_recording_leave_another_threads_global_capture_intact(
         reserve = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
         del reserve  # torch's allocator serves the side thread from this block: no cudaMalloc during the capture
     torch.cuda.synchronize()
+    if workspaces != "kept":  # the kept buffers stay alive in monkeypatch's hands
+        monkeypatch.setattr(workspace, "_buffers", {})
+        full = workspace.MAX_STREAMS if workspaces == "per_call" else 0
+        monkeypatch.setattr(workspace, "_streams_kept", {torch.cuda.current_device(): full})
     begun, done, errors, results = threading.Event(), threading.Event(), [], {}
 
     def other() -> None:

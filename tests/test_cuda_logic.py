@@ -35,11 +35,22 @@ class RecordingDriver:
     CUresult = real_driver.CUresult
     CUstream_flags = real_driver.CUstream_flags
     CUstreamCaptureMode = real_driver.CUstreamCaptureMode
-    UNSAFE = ("cuStreamCreate", "cuGraphInstantiate", "cuGraphDestroy", "cuGraphExecDestroy", "cuEventSynchronize")
+    UNSAFE = (
+        "cuStreamCreate",
+        "cuGraphInstantiate",
+        "cuGraphDestroy",
+        "cuGraphExecDestroy",
+        "cuEventSynchronize",
+        "cuGraphUpload",
+        "cuLibraryLoadData",
+        "cuLibraryGetKernel",
+        "cuKernelSetAttribute",
+    )
 
     def __init__(self) -> None:
         self.calls: list = []
         self.exposed: list[str] = []
+        self.uploaded: set = set()  # graph executables on the device: launching one is then a plain stream operation
         self.mode = real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL  # the thread's, as CUDA starts
 
     def cuThreadExchangeStreamCaptureMode(self, mode):  # type: ignore[no-untyped-def]
@@ -47,12 +58,16 @@ class RecordingDriver:
         return OK, before
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        results = {"cuStreamCreate": 11, "cuStreamEndCapture": "graph", "cuGraphInstantiate": 77}
+        results = {"cuStreamCreate": 11, "cuStreamEndCapture": "graph", "cuGraphInstantiate": 77,
+                   "cuLibraryLoadData": "library", "cuLibraryGetKernel": 55}  # fmt: skip
 
         def call(*args):  # type: ignore[no-untyped-def]
             self.calls.append((name, *args))
-            if name in self.UNSAFE and self.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL:
+            unsafe = name in self.UNSAFE or (name == "cuGraphLaunch" and args[0] not in self.uploaded)  # uploads first
+            if unsafe and self.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL:
                 self.exposed.append(name)
+            if name == "cuGraphUpload":
+                self.uploaded.add(args[0])
             return (OK, results[name]) if name in results else (OK,)
 
         return call
@@ -87,7 +102,7 @@ def test_first_sighting_runs_eagerly_second_captures_third_replays(driver: Recor
     assert launch(cache, signature, enqueued.append) is True
     names = [c[0] for c in driver.calls]
     assert names == ["cuStreamCreate", "cuStreamBeginCapture", "cuStreamEndCapture", "cuGraphInstantiate",
-                     "cuGraphDestroy", "cuGraphLaunch"]  # fmt: skip
+                     "cuGraphDestroy", "cuGraphUpload", "cuGraphLaunch"]  # fmt: skip
     assert enqueued == [11]  # captured on the private stream, launched on the caller's (5)
     assert driver.calls[-1][-1] == 5
     driver.calls.clear()
@@ -146,3 +161,21 @@ def test_a_driver_error_in_graph_launch_is_a_vendor_error(driver: RecordingDrive
                         raising=False)  # fmt: skip
     with pytest.raises(VendorError, match="cuGraphLaunch failed"):
         cache.replay((1,), 5)
+
+
+def test_loading_a_kernel_leaves_another_threads_global_capture_alone(driver: RecordingDriver, monkeypatch):
+    """The project's kernels are loaded on a plan's first call (a tuning may make one while another thread captures
+    in CUDA's global mode): loading a library and raising a kernel's shared-memory limit are made thread-local."""
+    from gemmbridge.backends.cuda.kernels import compiler, launch
+
+    monkeypatch.setattr(launch, "driver", driver)
+    monkeypatch.setattr(launch, "_kernels", {})
+    monkeypatch.setattr(launch, "_ready", set())
+    monkeypatch.setattr(compiler, "cubin", lambda config, target, fresh=False: b"cubin")
+
+    class Big:
+        kernel_name = b"gemmbridge_test"
+        smem_bytes = 100 * 1024  # over the default limit: the attribute is set
+
+    assert launch.kernel(Big(), 0, "sm_90") == 55
+    assert [c[0] for c in driver.calls] == ["cuLibraryLoadData", "cuLibraryGetKernel", "cuKernelSetAttribute"]

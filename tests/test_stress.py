@@ -5,6 +5,7 @@ refused, and host RSS is judged only once the per-shape caches have met the whol
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,8 +272,11 @@ def test_short_run_on_cuda():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    result = run(device="cuda", short=True, iterations=300)
-    assert result["ok"], result["log"]
+    # cudaMemGetInfo counts the whole GPU: beside other test processes (pytest -n) their allocations show up as this
+    # run's growth, so the device figure is judged only when this process runs alone (``STEPS=stress`` judges it)
+    shared = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+    result = run(device="cuda", short=True, iterations=300, **({"device_tolerance_mb": 1e6} if shared else {}))
+    assert result["ok"], "\n".join(result["log"])
     assert result["growth_after_warmup"]["torch_allocated"] == 0
 
 

@@ -90,16 +90,19 @@ def test_the_first_streams_keep_theirs_and_further_streams_take_one_per_call():
 
 
 class StreamOrderedPool:
-    """cuMemAllocAsync / cuMemFreeAsync of cuda.bindings.driver, with the streams each thread is on and the streams
-    under capture: ``misplaced`` lists every free into a stream other than the freeing thread's own or into a stream
-    being captured (it would land in another thread's capture, fail and invalidate it)."""
+    """cuMemAllocAsync / cuMemFreeAsync of cuda.bindings.driver, with the streams each thread is on, the streams
+    under capture (in CUDA's global mode) and each thread's capture interaction mode: ``misplaced`` lists every free
+    into a stream other than the freeing thread's own or into a stream being captured (it would land in another
+    thread's capture, fail and invalidate it), and every allocation or free made in the global mode while another
+    thread captures (the pool may grow or shrink: CUDA refuses it and invalidates that capture)."""
 
     def __init__(self) -> None:
         from cuda.bindings import driver
 
         self.CUresult, self.ok = driver.CUresult, driver.CUresult.CUDA_SUCCESS
+        self.CUstreamCaptureMode = driver.CUstreamCaptureMode
         self.addresses = itertools.count(1 << 30, 1 << 25)
-        self.on = threading.local()  # the stream this thread is calling on
+        self.on = threading.local()  # the stream this thread is calling on, and its capture interaction mode
         self.capturing: set[int] = set()
         self.allocated: dict[int, int] = {}  # address → stream
         self.misplaced: list[str] = []
@@ -109,15 +112,30 @@ class StreamOrderedPool:
     def CUstream(handle: int) -> int:
         return handle
 
+    def cuThreadExchangeStreamCaptureMode(self, mode: object) -> tuple:
+        before = getattr(self.on, "mode", self.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
+        self.on.mode = mode
+        return self.ok, before
+
+    def _exposed(self, what: str) -> None:
+        """Record ``what`` when this thread's mode is global while another thread's stream is being captured."""
+        mine = getattr(self.on, "stream", None)
+        if getattr(self.on, "mode", None) == self.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL:
+            return
+        if self.capturing - {mine}:
+            self.misplaced.append(f"{what} on stream {mine} in the global mode during another thread's capture")
+
     def cuMemAllocAsync(self, size: int, stream: int) -> tuple:
         address = next(self.addresses)
         with self.lock:
+            self._exposed("cuMemAllocAsync")
             self.allocated[address] = stream
         return self.ok, address
 
     def cuMemFreeAsync(self, address: int, stream: int) -> tuple:
         mine = getattr(self.on, "stream", None)
         with self.lock:
+            self._exposed("cuMemFreeAsync")
             if stream != mine or stream in self.capturing or self.allocated.pop(address) != stream:
                 self.misplaced.append(f"{address:#x} freed into stream {stream} by a thread on stream {mine}")
         return (self.ok,)
@@ -126,7 +144,8 @@ class StreamOrderedPool:
 def test_no_call_frees_into_a_stream_of_another_thread_or_under_capture(monkeypatch):
     """64 threads, each on its own stream, call again and again while others capture theirs. A workspace evicted
     from a full table was freed into its own stream by whichever thread evicted it, while that stream's thread could
-    be capturing: 2 of 64 captures failed so on an H200. Now each call allocates and frees only on its own stream."""
+    be capturing: 2 of 64 captures failed so on an H200. Now each call allocates and frees only on its own stream,
+    and in the thread-local capture mode (``graphs.isolated``): another thread's global capture is left alone."""
     from gemmbridge.backends.cuda.workspace import DeviceBuffer
 
     pool = StreamOrderedPool()
@@ -183,3 +202,24 @@ def test_with_graph_owned_memory_each_captured_call_takes_its_own_and_holds_noth
     held, first = workspace.pointer(View(), ctx)
     assert held is ctx.made[-1] and address(ctx) != first and len(ctx.made) == 2
     assert workspace._captures == {} and workspace._kept == []
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["first_buffer_of_a_kept_stream", "per_call_beyond_the_table"])
+def test_workspaces_are_made_and_freed_without_touching_another_threads_global_capture(kept, monkeypatch):
+    """While another thread captures stream 999 in CUDA's global mode, a call on a stream of this thread makes its
+    workspace — kept for the stream, or this call's alone once the table is full — and drops it. Made in the global
+    mode, the allocation and the free were refused and invalidated that capture (an H200 GPU run: a tuning thread
+    beside a global capture); they are made in the thread-local mode."""
+    from gemmbridge.backends.cuda.workspace import DeviceBuffer
+
+    pool = StreamOrderedPool()
+    monkeypatch.setattr(workspace, "driver", pool)
+    monkeypatch.setattr(workspace, "_own", lambda ctx: (lambda buf: (buf, buf.address))(DeviceBuffer(ctx.stream)))
+    monkeypatch.setattr(workspace, "MAX_STREAMS", workspace.MAX_STREAMS if kept else 0)
+    pool.on.stream = 40
+    pool.capturing.add(999)
+    held = workspace.pointer(View(), Ctx(40))
+    del held
+    assert pool.misplaced == []
+    assert pool.on.mode == pool.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL  # the thread's mode restored
+    assert len(pool.allocated) == (1 if kept else 0)

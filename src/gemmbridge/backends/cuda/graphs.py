@@ -97,8 +97,8 @@ def drain() -> None:
 
 
 def capture(device: int, enqueue: Callable[[int], None]) -> Any:
-    """An instantiated graph of what ``enqueue(stream)`` enqueues, captured on the device's private stream:
-    ``(exec, handle)`` for ``_launch``; the caller destroys it (``cuGraphExecDestroy``)."""
+    """An instantiated graph of what ``enqueue(stream)`` enqueues, captured on the device's private stream and
+    uploaded to the device: ``(exec, handle)`` for ``_launch``; the caller destroys it (``cuGraphExecDestroy``)."""
     with _capture_lock, isolated():
         stream = _capture_streams.get(device)
         if stream is None:
@@ -116,9 +116,14 @@ def capture(device: int, enqueue: Callable[[int], None]) -> Any:
         graph = check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
         try:
             graph_exec = check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-            return graph_exec, int(graph_exec)
         finally:
             driver.cuGraphDestroy(graph)
+        try:  # uploaded here, isolated: a first launch would upload it, unsafe during another thread's capture
+            check(driver.cuGraphUpload(graph_exec, stream), "cuGraphUpload")
+        except BaseException:
+            driver.cuGraphExecDestroy(graph_exec)
+            raise
+        return graph_exec, int(graph_exec)
 
 
 class GraphCache:

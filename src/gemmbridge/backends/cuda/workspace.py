@@ -43,7 +43,7 @@ from cuda.bindings import driver
 
 from ...arrays import CallContext, TensorView
 from .bindings import WORKSPACE_BYTES
-from .graphs import check
+from .graphs import check, isolated
 
 MAX_STREAMS = 16
 _LEGACY = (0, 1)
@@ -59,17 +59,21 @@ _lock = threading.Lock()
 
 class DeviceBuffer:
     """``WORKSPACE_BYTES`` from the device's stream-ordered pool, freed into the same stream when dropped (never a
-    synchronous ``cuMemFree``: that would wait for the device, which another thread's capture forbids)."""
+    synchronous ``cuMemFree``: that would wait for the device, which another thread's capture forbids). Both are
+    ``isolated``: the pool may grow or shrink, which CUDA deems unsafe while another thread captures in its global
+    mode — made so, the call would fail and invalidate that capture."""
 
     __slots__ = ("address", "stream")
 
     def __init__(self, stream: int) -> None:
         self.stream = driver.CUstream(stream)
-        self.address = int(check(driver.cuMemAllocAsync(WORKSPACE_BYTES, self.stream), "cuMemAllocAsync"))
+        with isolated(driver):
+            self.address = int(check(driver.cuMemAllocAsync(WORKSPACE_BYTES, self.stream), "cuMemAllocAsync"))
 
     def __del__(self) -> None:
         try:
-            driver.cuMemFreeAsync(self.address, self.stream)
+            with isolated(driver):
+                driver.cuMemFreeAsync(self.address, self.stream)
         except Exception:  # interpreter shutdown
             pass
 

@@ -17,7 +17,7 @@ from cuda.bindings import driver
 
 from ....errors import VendorError
 from ....problem import Operands, Problem
-from ..graphs import check
+from ..graphs import check, isolated
 from . import compiler
 from .config import Config
 
@@ -46,8 +46,9 @@ _lock = threading.Lock()
 
 def kernel(config: Loadable, device: int, target: str) -> Any:
     """The loaded kernel for ``config`` (a ``Config`` or another ``Loadable``) on ``device`` of architecture
-    ``target`` (``sm_90``), compiled (or read from the disk cache) the first time."""
-    with _lock:
+    ``target`` (``sm_90``), compiled (or read from the disk cache) the first time. Loading is ``isolated``: CUDA
+    deems it unsafe while another thread captures in its global mode (the caller's stream is not capturing)."""
+    with _lock, isolated(driver):
         found = _kernels.get((config, target))
         if found is None:
             loaded = driver.cuLibraryLoadData(compiler.cubin(config, target), None, None, 0, None, None, 0)
