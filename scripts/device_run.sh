@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
 # each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune,
-# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, stress, rsscontrol, soak, sanitize, freshvenv, tune.
+# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, kernels, stress, rsscontrol, soak, sanitize, freshvenv, tune.
 # STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -96,6 +96,11 @@ for step in ${STEPS:-tests}; do
         grep -E "=========.*(ERROR|SUMMARY|Invalid|Program hit)|passed|failed" /tmp/lora-kernels-memcheck.log | head -20
         head -c 4000000 /tmp/lora-kernels-memcheck.log > "$OUT/lora-kernels-memcheck.log"
         timeout ${STEP_TIMEOUT:-240} python3 benchmarks/lora_kernels.py --json "$OUT/lora-kernels.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/lora-kernels.txt" ;;
+    kernels)
+      # the LoRA kernels timed alone (benchmarks/lora_kernels.py KERNELS_ARGS), without the dropout step's tests
+      { header "benchmarks/lora_kernels.py ${KERNELS_ARGS:-}"
+        timeout ${STEP_TIMEOUT:-240} python3 benchmarks/lora_kernels.py ${KERNELS_ARGS:-} --json "$OUT/lora-kernels.json"
         echo "exit status $?"; } 2>&1 | tee "$OUT/lora-kernels.txt" ;;
     bench)
       # gemmbridge (first pick, autotuned, tuned by gemmbridge.tune) against torch, warmed to the power cap, rounds
