@@ -172,7 +172,6 @@ def host_rows() -> list[dict[str, Any]]:
     calls = {
         "F.linear": lambda: F.linear(x, w, b),
         "gemmbridge.torch.linear (eager path)": lambda: gt.linear(x, w, b),
-        "torch.ops.gemmbridge.linear (custom op)": lambda: torch.ops.gemmbridge.linear(x, w, b, "none", None, True),
     }
     rows = []
     for name, fn in calls.items():

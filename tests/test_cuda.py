@@ -496,6 +496,7 @@ def test_tuning_and_graph_recording_leave_another_threads_global_capture_intact(
         thread.join()
     assert errors == []
     a.copy_(rand(*a.shape))
+    capture_stream.wait_stream(torch.cuda.current_stream())  # the replay reads the new a
     with torch.cuda.stream(capture_stream):
         graph.replay()
     torch.cuda.synchronize()
