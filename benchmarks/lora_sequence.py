@@ -34,12 +34,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lora_kernels import GPU, STEADY_BYTES, clock_mhz, meta, stream, time_all
+from lora_kernels import GPU, STEADY_BYTES, clock_mhz, finish, meta, print_candidates, stream, time_all
 
 import gemmbridge as gb
 from gemmbridge import info
 from gemmbridge.backends.cuda.kernels import dropout, launch, lora
-from gemmbridge.bench import peaks, report, runner
+from gemmbridge.bench import peaks, runner
 from gemmbridge.problem import Operands, describe
 
 SCHEMA = "gemmbridge.lora-sequence/1"
@@ -253,18 +253,10 @@ def main() -> int:
                                 "clock": clock_mhz(), "candidates": timed})  # fmt: skip
             print(f"T={t} d={D} r={R} dropout {p}: least {moved / 2**20:.0f} MiB, PDL = serial bit for bit: {same} "
                   f"({doc['rows'][-1]['clock']})")  # fmt: skip
-            for name, result in timed.items():
-                err = f" err {result['rel_err']:.1e}" if result["rel_err"] is not None else ""
-                print(f"  {name:22} {result['us']:8.1f} µs {result['pct_of_copy']:5.1f} % of copy "
-                      f"{result['vs_no_pdl']:5.2f}× no PDL{err}")  # fmt: skip
+            print_candidates(timed, 22, "vs_no_pdl", "no PDL")
         del steps
         torch.cuda.empty_cache()
-    doc["clock_after"] = clock_mhz()
-    print(f"clock after: {doc['clock_after']}")
-    if args.json:
-        report.write_json(doc, args.json)
-        print(f"wrote {args.json}")
-    return 1 if failed else 0
+    return finish(doc, args.json, failed)
 
 
 if __name__ == "__main__":
