@@ -108,27 +108,29 @@ class Launch:
                  what: str) -> None:  # fmt: skip
         self.address, self.grid, self.threads, self.smem, self.what = address, grid, threads, smem, what
         self.programmatic = _launch_ex is not None and int(target.removeprefix("sm_")) >= _PDL_ARCH
-        self._configs: dict[int, Any] = {}  # stream → its CUlaunchConfig (immutable: threads may share it)
+        self._configs: dict[int, tuple[int, Any]] = {}  # stream → (address, CUlaunchConfig), never changed once made
 
-    def config(self, stream: int) -> Any:
-        """The CUlaunchConfig for ``stream``: grid, block, shared memory and the PDL attribute."""
+    def config(self, stream: int) -> tuple[int, Any]:
+        """The CUlaunchConfig for ``stream`` (grid, block, shared memory and the PDL attribute) and its address; the
+        caller holds the pair while it launches (another thread may drop it from the table, never change it)."""
         found = self._configs.get(stream)
         if found is None:
-            found = _v2.LaunchConfig()
-            found.grid_dim_x, found.grid_dim_y, found.grid_dim_z = self.grid
-            found.block_dim_x, found.block_dim_y, found.block_dim_z = self.threads, 1, 1
-            found.shared_mem_bytes, found.h_stream = self.smem, stream
-            found.attrs, found.num_attrs = _SERIALIZATION.ptr, 1
+            made = _v2.LaunchConfig()
+            made.grid_dim_x, made.grid_dim_y, made.grid_dim_z = self.grid
+            made.block_dim_x, made.block_dim_y, made.block_dim_z = self.threads, 1, 1
+            made.shared_mem_bytes, made.h_stream = self.smem, stream
+            made.attrs, made.num_attrs = _SERIALIZATION.ptr, 1
             if len(self._configs) >= _MAX_STREAMS:
                 self._configs.clear()
-            self._configs[stream] = found
+            found = self._configs[stream] = (made.ptr, made)
         return found
 
     def __call__(self, stream: int, params: int) -> None:
         global _pdl_refused
         if pdl and self.programmatic and not _pdl_refused:
+            config = self._configs.get(stream) or self.config(stream)
             try:
-                _launch_ex(self.config(stream).ptr, self.address, params, 0)
+                _launch_ex(config[0], self.address, params, 0)
                 return
             except _NOT_SUPPORTED:  # a driver without PDL: plain launches from now on
                 _pdl_refused = True
