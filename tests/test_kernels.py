@@ -326,6 +326,10 @@ def test_a_cached_cubin_the_driver_cannot_load_is_compiled_again(monkeypatch, tm
     class Driver:
         CUresult = real.CUresult
         CUfunction_attribute = real.CUfunction_attribute
+        CUstreamCaptureMode = real.CUstreamCaptureMode
+
+        def cuThreadExchangeStreamCaptureMode(self, mode):  # type: ignore[no-untyped-def]
+            return real.CUresult.CUDA_SUCCESS, mode
 
         def cuLibraryLoadData(self, data, *args):  # type: ignore[no-untyped-def]
             loaded.append(data)
