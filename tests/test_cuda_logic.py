@@ -190,3 +190,21 @@ def test_loading_a_kernel_leaves_a_global_capture_alone(own_capture: bool, drive
     assert launch.kernel(Big(), 0, "sm_90") == 55
     assert [c[0] for c in driver.calls] == ["cuLibraryLoadData", "cuLibraryGetKernel", "cuKernelSetAttribute"]
     assert driver.exposed == []
+
+
+def test_a_timer_that_fails_to_start_restores_the_threads_capture_mode(driver: RecordingDriver, monkeypatch):
+    """A tuning's timer isolates the thread for its whole life; when making its events fails, the thread's capture
+    mode is restored before the error leaves (it stayed thread-local while the error was held, and was later restored
+    by whichever thread collected it)."""
+    from gemmbridge.backends.cuda import timer
+    from gemmbridge.errors import VendorError
+
+    made = iter([(OK, "start"), (real_driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY,)])
+    monkeypatch.setattr(timer, "driver", driver)
+    monkeypatch.setattr(driver, "cuEventCreate", lambda flags: next(made), raising=False)
+    with pytest.raises(VendorError, match="cuEventCreate") as raised:
+        with timer.Timer(None, 1.0, 0.0, 0, 5, 0):  # type: ignore[arg-type]
+            pytest.fail("the timer started")
+    assert raised.value.__traceback__ is not None  # the error is still held, as a caller's handler holds it
+    assert driver.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
+    assert [c[0] for c in driver.calls] == ["cuEventDestroy"]  # the start event made, destroyed
