@@ -10,8 +10,9 @@ entries and every live plan, vendor plan state and captured CUDA graph (counted 
 objects, wherever they are held). After ``--warmup`` steps every shape has been met more than once, so each
 figure must stay flat: its largest value later on, less its largest value up to the warm-up's end, is judged
 against a tolerance (``--rss-tolerance-mb``, ``--device-tolerance-mb``; torch's live bytes and plans: 0). The
-graphs are a cache that fills within its bound as addresses recur (``GRAPHS_PER_PLAN`` a plan state): at every
-sample they must be within it; their growth is reported, not judged.
+graphs are a cache that fills within its bound as addresses recur (``GRAPHS_PER_PLAN`` a graph cache: one per plan
+of a plan state, a plan per pointer alignment and TF32 setting): at every sample they must be within it; their
+growth is reported, not judged.
 
     python scripts/soak_training.py --json soak.json                         # the GPU: 10,000 steps a run, bf16
     python scripts/soak_training.py --device cpu --steps 60 --every 2 --shapes 3 --warmup 24 --sample-every 6
@@ -91,12 +92,13 @@ def shapes(count: int) -> list[tuple[int, int]]:
 
 
 def gemmbridge_objects() -> dict[str, int]:
-    """Live plans, CUDA plan states and captured graphs, wherever they are held (the garbage collector's view), and
-    the layouts the torch layer's launch lane has resolved (its GEMMs' launchers, aten's or gemmbridge's)."""
+    """Live plans, CUDA plan states, graph caches and captured graphs, wherever they are held (the garbage collector's
+    view), and the layouts the torch layer's launch lane has resolved (its GEMMs' launchers, aten's or gemmbridge's)."""
     from gemmbridge.plan import Plan
     from gemmbridge.torch import lane, lora_kernels
 
-    counts = {"plans": 0, "plan_states": 0, "graphs": 0, "lane_layouts": lane.resolved() + lora_kernels.resolved()}
+    counts = {"plans": 0, "plan_states": 0, "graph_caches": 0, "graphs": 0,
+              "lane_layouts": lane.resolved() + lora_kernels.resolved()}  # fmt: skip
     cuda_state, graph_cache = None, None
     if torch.cuda.is_available():
         from gemmbridge.backends.cuda import PlanState
@@ -110,17 +112,18 @@ def gemmbridge_objects() -> dict[str, int]:
         elif kind is cuda_state:
             counts["plan_states"] += 1
         elif kind is graph_cache:
+            counts["graph_caches"] += 1
             counts["graphs"] += len(obj.execs)
     return counts
 
 
 def graph_bound(counts: dict[str, int]) -> int:
-    """The most graphs gemmbridge keeps for the plan states alive: ``GRAPHS_PER_PLAN`` each (none on the CPU)."""
+    """The most graphs gemmbridge keeps for the graph caches alive: ``GRAPHS_PER_PLAN`` each (none on the CPU)."""
     if not torch.cuda.is_available():
         return 0
     from gemmbridge.backends.cuda.graphs import GRAPHS_PER_PLAN
 
-    return GRAPHS_PER_PLAN * counts["plan_states"]
+    return GRAPHS_PER_PLAN * counts["graph_caches"]
 
 
 def snapshot(device: str, step: int) -> dict[str, int]:

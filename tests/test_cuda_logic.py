@@ -30,7 +30,8 @@ def test_compute_types_are_cublas_compute_types_not_the_library_wide_enum():
 class RecordingDriver:
     """Stands in for cuda.bindings.driver: records calls, returns success. ``exposed`` lists the calls CUDA deems
     unsafe during another thread's global-mode capture that were made outside thread-local mode (``graphs.isolated``):
-    each would have failed and invalidated that capture."""
+    each would have failed and invalidated that capture. With ``own_capture`` this thread has a capture of its own
+    under way (begun in the global mode, torch's default): then only the relaxed mode lets such a call through."""
 
     CUresult = real_driver.CUresult
     CUstream_flags = real_driver.CUstream_flags
@@ -52,6 +53,7 @@ class RecordingDriver:
         self.exposed: list[str] = []
         self.uploaded: set = set()  # graph executables on the device: launching one is then a plain stream operation
         self.mode = real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL  # the thread's, as CUDA starts
+        self.own_capture = False
 
     def cuThreadExchangeStreamCaptureMode(self, mode):  # type: ignore[no-untyped-def]
         before, self.mode = self.mode, mode
@@ -64,7 +66,10 @@ class RecordingDriver:
         def call(*args):  # type: ignore[no-untyped-def]
             self.calls.append((name, *args))
             unsafe = name in self.UNSAFE or (name == "cuGraphLaunch" and args[0] not in self.uploaded)  # uploads first
-            if unsafe and self.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL:
+            modes = real_driver.CUstreamCaptureMode
+            forbidding = (modes.CU_STREAM_CAPTURE_MODE_GLOBAL,) if not self.own_capture else (
+                modes.CU_STREAM_CAPTURE_MODE_GLOBAL, modes.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)  # fmt: skip
+            if unsafe and self.mode in forbidding:
                 self.exposed.append(name)
             if name == "cuGraphUpload":
                 self.uploaded.add(args[0])
@@ -163,15 +168,20 @@ def test_a_driver_error_in_graph_launch_is_a_vendor_error(driver: RecordingDrive
         cache.replay((1,), 5)
 
 
-def test_loading_a_kernel_leaves_another_threads_global_capture_alone(driver: RecordingDriver, monkeypatch):
-    """The project's kernels are loaded on a plan's first call (a tuning may make one while another thread captures
-    in CUDA's global mode): loading a library and raising a kernel's shared-memory limit are made thread-local."""
+@pytest.mark.parametrize("own_capture", [False, True], ids=["another_threads_capture", "the_callers_own_capture"])
+def test_loading_a_kernel_leaves_a_global_capture_alone(own_capture: bool, driver: RecordingDriver, monkeypatch):
+    """The project's kernels are loaded on a plan's first call: a tuning may make one while another thread captures
+    in CUDA's global mode, and a plan first met while the caller's own stream is being captured (``torch.cuda.graph``
+    without a warm-up) loads its kernel inside that capture, where the thread-local mode still forbids the load (it
+    failed, invalidated the capture and marked the kernel broken). Loading a library and raising a kernel's
+    shared-memory limit touch no stream: they are made in the relaxed mode."""
     from gemmbridge.backends.cuda.kernels import compiler, launch
 
     monkeypatch.setattr(launch, "driver", driver)
     monkeypatch.setattr(launch, "_kernels", {})
     monkeypatch.setattr(launch, "_ready", set())
     monkeypatch.setattr(compiler, "cubin", lambda config, target, fresh=False: b"cubin")
+    driver.own_capture = own_capture
 
     class Big:
         kernel_name = b"gemmbridge_test"
@@ -179,3 +189,22 @@ def test_loading_a_kernel_leaves_another_threads_global_capture_alone(driver: Re
 
     assert launch.kernel(Big(), 0, "sm_90") == 55
     assert [c[0] for c in driver.calls] == ["cuLibraryLoadData", "cuLibraryGetKernel", "cuKernelSetAttribute"]
+    assert driver.exposed == []
+
+
+def test_a_timer_that_fails_to_start_restores_the_threads_capture_mode(driver: RecordingDriver, monkeypatch):
+    """A tuning's timer isolates the thread for its whole life; when making its events fails, the thread's capture
+    mode is restored before the error leaves (it stayed thread-local while the error was held, and was later restored
+    by whichever thread collected it)."""
+    from gemmbridge.backends.cuda import timer
+    from gemmbridge.errors import VendorError
+
+    made = iter([(OK, "start"), (real_driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY,)])
+    monkeypatch.setattr(timer, "driver", driver)
+    monkeypatch.setattr(driver, "cuEventCreate", lambda flags: next(made), raising=False)
+    with pytest.raises(VendorError, match="cuEventCreate") as raised:
+        with timer.Timer(None, 1.0, 0.0, 0, 5, 0):  # type: ignore[arg-type]
+            pytest.fail("the timer started")
+    assert raised.value.__traceback__ is not None  # the error is still held, as a caller's handler holds it
+    assert driver.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
+    assert [c[0] for c in driver.calls] == ["cuEventDestroy"]  # the start event made, destroyed

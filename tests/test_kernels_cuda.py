@@ -3,6 +3,8 @@ graph capture and the other frameworks — each test also checks that the kernel
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -130,6 +132,30 @@ def test_inside_a_cuda_graph_and_on_other_streams(launches):
     for (a, b), result in zip(inputs, results):
         assert rel_err(result, a.double() @ b.double().T) < 1e-2
     assert len(launches) >= 6
+
+
+def test_a_kernel_first_loaded_inside_a_global_capture(launches, monkeypatch):
+    """A problem first met inside ``torch.cuda.graph`` (CUDA's global mode, no warm-up) with its kernel not loaded
+    yet: the library is loaded inside the capture (``graphs.isolated``, relaxed) without failing, invalidating the
+    capture or marking the kernel broken, and the kernel serves the replays."""
+    monkeypatch.setattr(launch, "_kernels", {})
+    monkeypatch.setattr(launch, "_ready", set())
+    x, lora_a = rand(3000, 2048), rand(16, 2048)  # a shape no other test plans
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a kernel that could not be loaded warns
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = gb.matmul(x, lora_a, transpose_b=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert launches and launch._kernels
+    for _ in range(2):
+        x.copy_(rand(3000, 2048))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, x.double() @ lora_a.double().T) < 1e-2
 
 
 def test_cupy_and_jax_arrays(launches):

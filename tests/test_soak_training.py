@@ -49,3 +49,26 @@ def test_growth_after_the_warm_up_past_a_tolerance_fails_the_run():
     assert growth == {"host_rss": 20, "plans": 1} and exceeded == {"plans": 1}
     assert judge(samples[:4], 10, {"host_rss": 0, "plans": 1}) == ({"host_rss": -10, "plans": 1}, {})
     assert judge(samples, 40, {"host_rss": 0}) == ({}, {})
+
+
+def test_the_graph_bound_counts_every_plan_of_a_plan_state(monkeypatch):
+    """A plan state keeps one plan (and graph cache, ``GRAPHS_PER_PLAN`` graphs at most) per pointer alignment and TF32
+    setting: one state with two full caches is within the bound (it was taken as ``GRAPHS_PER_PLAN`` a state)."""
+    import torch
+
+    pytest.importorskip("cuda.bindings.driver")
+    from gemmbridge.backends.cuda import PlanState, graphs
+
+    script = load_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(graphs, "_doomed", [])  # the caches' dummy executables go there when they are dropped
+    before = script.gemmbridge_objects()
+    caches = [graphs.GraphCache(), graphs.GraphCache()]
+    for cache in caches:
+        cache.execs.update({(i,): (None, i) for i in range(graphs.GRAPHS_PER_PLAN)})
+    state = PlanState.__new__(PlanState)
+    state.plans = {(key,): (None, cache, None) for key, cache in enumerate(caches)}
+    after = script.gemmbridge_objects()
+    assert after["graphs"] - before["graphs"] == 2 * graphs.GRAPHS_PER_PLAN
+    assert after["plan_states"] - before["plan_states"] == 1
+    assert script.graph_bound(after) - script.graph_bound(before) == 2 * graphs.GRAPHS_PER_PLAN

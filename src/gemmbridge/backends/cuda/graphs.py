@@ -69,13 +69,15 @@ def _launch(graph: Any, stream: int) -> None:
 
 
 @contextlib.contextmanager
-def isolated(api: Any = None) -> Iterator[None]:
+def isolated(api: Any = None, relaxed: bool = False) -> Iterator[None]:
     """The block's calls ignore other threads' captures (module doc): this thread's capture interaction mode is
     thread-local meanwhile (``cuThreadExchangeStreamCaptureMode``; ``api``: the driver module, ``driver`` when
-    None). The caller's own stream must not be capturing."""
+    None). The caller's own stream must not be capturing — unless ``relaxed``: the mode is relaxed, which lets the
+    calls through during this thread's own capture too (for calls that touch no stream, such as loading a kernel)."""
     api = driver if api is None else api
-    thread_local = api.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-    before = check(api.cuThreadExchangeStreamCaptureMode(thread_local), "cuThreadExchangeStreamCaptureMode")
+    modes = api.CUstreamCaptureMode
+    mode = modes.CU_STREAM_CAPTURE_MODE_RELAXED if relaxed else modes.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+    before = check(api.cuThreadExchangeStreamCaptureMode(mode), "cuThreadExchangeStreamCaptureMode")
     try:
         yield
     finally:

@@ -49,10 +49,14 @@ class Timer:
     def __enter__(self) -> Timer:
         held = self._held
         held.enter_context(graphs.isolated(driver))
-        self.start = check(driver.cuEventCreate(0), "cuEventCreate")
-        held.callback(driver.cuEventDestroy, self.start)
-        self.end = check(driver.cuEventCreate(0), "cuEventCreate")
-        held.callback(driver.cuEventDestroy, self.end)
+        try:
+            self.start = check(driver.cuEventCreate(0), "cuEventCreate")
+            held.callback(driver.cuEventDestroy, self.start)
+            self.end = check(driver.cuEventCreate(0), "cuEventCreate")
+            held.callback(driver.cuEventDestroy, self.end)
+        except BaseException:  # no __exit__ follows: the thread's capture mode is restored here, not when collected
+            held.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -46,9 +46,10 @@ _lock = threading.Lock()
 
 def kernel(config: Loadable, device: int, target: str) -> Any:
     """The loaded kernel for ``config`` (a ``Config`` or another ``Loadable``) on ``device`` of architecture
-    ``target`` (``sm_90``), compiled (or read from the disk cache) the first time. Loading is ``isolated``: CUDA
-    deems it unsafe while another thread captures in its global mode (the caller's stream is not capturing)."""
-    with _lock, isolated(driver):
+    ``target`` (``sm_90``), compiled (or read from the disk cache) the first time. Loading is ``isolated`` in the
+    relaxed mode: CUDA deems it unsafe while another thread captures in its global mode, and while the caller's own
+    stream captures (a plan first met inside ``torch.cuda.graph``); it touches no stream."""
+    with _lock, isolated(driver, relaxed=True):
         found = _kernels.get((config, target))
         if found is None:
             loaded = driver.cuLibraryLoadData(compiler.cubin(config, target), None, None, 0, None, None, 0)
