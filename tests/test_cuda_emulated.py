@@ -73,6 +73,40 @@ def test_any_other_vendor_error_changes_nothing(gpu, monkeypatch) -> None:
     assert [p.choice for p, _, _ in plan.state.plans.values()] == [0]
 
 
+def test_a_failing_call_drops_its_own_workspace_before_it_raises(gpu, monkeypatch) -> None:
+    """A call on a stream beyond the workspace table takes a workspace of its own, freed into its stream when the
+    call drops it. A failing call kept it in its frame, alive as long as the caller kept the error, then freed from
+    whichever thread collected it — maybe while that stream was being captured. It is dropped before the error
+    propagates."""
+    from gemmbridge.backends.cuda import workspace
+
+    fake, _ = gpu
+    fw = EmulatedFramework()
+    a, b = fw.from_numpy(np.ones((4, 3)), "float32"), fw.from_numpy(np.ones((3, 5)), "float32")
+    dropped: list[int] = []
+
+    class Buffer:
+        address = 1 << 20
+
+        def __del__(self) -> None:
+            dropped.append(self.address)
+
+    monkeypatch.setattr(workspace, "pointer", lambda view, ctx: (lambda buf: (buf, buf.address))(Buffer()))
+
+    def fail(*args):  # type: ignore[no-untyped-def]
+        raise fake.cuBLASLtError(13)  # CUBLAS_STATUS_EXECUTION_FAILED
+
+    monkeypatch.setattr(fake, "matmul", fail)
+    try:
+        gb.matmul(a, b)
+    except VendorError as error:
+        kept = error  # the caller holds the error, and with it the traceback's frames
+        assert dropped == [1 << 20], "the workspace outlived its failed call"
+    else:
+        raise AssertionError("the call did not fail")
+    del kept
+
+
 def test_threads_share_one_plan_and_compute_right(gpu) -> None:
     """Plans serve every thread: one plan, one vendor plan, each thread's alpha and bias its own."""
     fw = EmulatedFramework()

@@ -230,19 +230,21 @@ def run(
     ptrs = _new(Operands, (pa, pb, pc, pd, pbias, paux, pgrad))
     stream = ctx.stream
     workspace_buffer, ws = workspace.pointer(view, ctx)  # held until the call is enqueued
-    found = state.plans.get(key)
-    if found is None:
-        found = state.plan(key, view, ctx, ptrs, alpha, beta, ws)
-    plan, graph_cache, launch = found
-    if state.small and ctx.finish is None and not ctx.capturing:
-        signature = (ptrs, alpha, beta, stream, ws)
-        if not graph_cache.replay(signature, stream) and not graph_cache.record(
-            signature, state.device, stream, lambda on: launch(plan, ptrs, alpha, beta, ws, on)
-        ):
+    try:
+        found = state.plans.get(key)
+        if found is None:
+            found = state.plan(key, view, ctx, ptrs, alpha, beta, ws)
+        plan, graph_cache, launch = found
+        if state.small and ctx.finish is None and not ctx.capturing:
+            signature = (ptrs, alpha, beta, stream, ws)
+            if not graph_cache.replay(signature, stream) and not graph_cache.record(
+                signature, state.device, stream, lambda on: launch(plan, ptrs, alpha, beta, ws, on)
+            ):
+                launch(plan, ptrs, alpha, beta, ws, stream)
+        else:
             launch(plan, ptrs, alpha, beta, ws, stream)
-    else:
-        launch(plan, ptrs, alpha, beta, ws, stream)
-    del workspace_buffer
+    finally:  # dropped here even when the call fails: a traceback kept by the caller would hold it, to be freed
+        del workspace_buffer  # into its stream later, from any thread, maybe while that stream is being captured
     if ctx.finish is not None:
         ctx.finish()
     if d is not out and out is not None:
