@@ -187,9 +187,18 @@ def test_loading_a_kernel_leaves_a_global_capture_alone(own_capture: bool, drive
         kernel_name = b"gemmbridge_test"
         smem_bytes = 100 * 1024  # over the default limit: the attribute is set
 
-    assert launch.kernel(Big(), 0, "sm_90") == 55
+    big = Big()
+    assert launch.kernel(big, 0, "sm_90") == 55
     assert [c[0] for c in driver.calls] == ["cuLibraryLoadData", "cuLibraryGetKernel", "cuKernelSetAttribute"]
     assert driver.exposed == []
+    exchanges, exchange = [], driver.cuThreadExchangeStreamCaptureMode
+    counted = lambda mode: exchanges.append(mode) or exchange(mode)  # noqa: E731
+    monkeypatch.setattr(driver, "cuThreadExchangeStreamCaptureMode", counted)
+    driver.calls.clear()
+    assert launch.kernel(big, 0, "sm_90") == 55  # loaded and ready: no driver call, not even a mode exchange
+    assert driver.calls == [] and exchanges == []
+    assert launch.kernel(big, 1, "sm_90") == 55  # another device: its shared-memory limit is set, once
+    assert [c[0] for c in driver.calls] == ["cuKernelSetAttribute"] and len(exchanges) == 2
 
 
 def test_a_timer_that_fails_to_start_restores_the_threads_capture_mode(driver: RecordingDriver, monkeypatch):

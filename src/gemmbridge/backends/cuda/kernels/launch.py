@@ -48,7 +48,11 @@ def kernel(config: Loadable, device: int, target: str) -> Any:
     """The loaded kernel for ``config`` (a ``Config`` or another ``Loadable``) on ``device`` of architecture
     ``target`` (``sm_90``), compiled (or read from the disk cache) the first time. Loading is ``isolated`` in the
     relaxed mode: CUDA deems it unsafe while another thread captures in its global mode, and while the caller's own
-    stream captures (a plan first met inside ``torch.cuda.graph``); it touches no stream."""
+    stream captures (a plan first met inside ``torch.cuda.graph``); it touches no stream. A kernel loaded and ready
+    for ``device`` is returned at once (the unfused dropout fallback asks on every call)."""
+    found = _kernels.get((config, target))
+    if found is not None and (config.smem_bytes <= _DEFAULT_SMEM or (found, device) in _ready):
+        return found
     with _lock, isolated(driver, relaxed=True):
         found = _kernels.get((config, target))
         if found is None:
