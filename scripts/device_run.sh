@@ -10,6 +10,15 @@ header() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch,cupy,jax,nvmath,cuda.bindings as cb;from gemmbridge.backends.cuda import bindings as b;print('torch',torch.__version__,'cuda',torch.version.cuda,'cupy',cupy.__version__,'jax',jax.__version__,'nvmath',nvmath.__version__,'cuda-bindings',cb.__version__,'cuBLASLt',b.version())"
 }
+# run_script NAME LIMIT SCRIPT [ARGS...]: a header, then python3 SCRIPT ARGS --json $OUT/NAME.json bounded by
+# STEP_TIMEOUT (LIMIT s when unset), its exit status; all of it printed and kept in $OUT/NAME.txt
+run_script() {
+  local name=$1 limit=$2 script=$3
+  shift 3
+  { header "$script $*"
+    timeout "${STEP_TIMEOUT:-$limit}" python3 "$script" "$@" --json "$OUT/$name.json"
+    echo "exit status $?"; } 2>&1 | tee "$OUT/$name.txt"
+}
 for step in ${STEPS:-tests}; do
   case $step in
     tests) { header "gemmbridge GPU test suite: pytest ${TESTS:-tests}"
@@ -20,10 +29,7 @@ for step in ${STEPS:-tests}; do
       { header "scripts/host_overhead_ab.py: .ab/old-src against src"
         timeout ${STEP_TIMEOUT:-240} python3 scripts/host_overhead_ab.py --label old=.ab/old-src --label new=src \
           --rounds ${AB_ROUNDS:-3} --json "$OUT/host-ab.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/host-ab.txt" ;;
-    training)
-      { header "benchmarks/training_layers.py"
-        timeout ${STEP_TIMEOUT:-420} python3 benchmarks/training_layers.py ${TRAINING_ARGS:-} --json "$OUT/training-layers.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/training-layers.txt" ;;
+    training) run_script training-layers 420 benchmarks/training_layers.py ${TRAINING_ARGS:-} ;;
     e2e)
       # LoRA fine-tune step end to end (benchmarks/lora_e2e.py): one process per token count in E2E_TOKENS, each
       # bounded by STEP_TIMEOUT, with E2E_ARGS; several token counts are then merged into lora-e2e.json
@@ -37,9 +43,7 @@ for step in ${STEPS:-tests}; do
       } 2>&1 | tee "$OUT/lora-e2e.txt" ;;
     hostcost)
       # host µs per call of gemmbridge's training paths against torch's, one process, interleaved (HOSTCOST_ARGS)
-      { header "scripts/host_cost.py ${HOSTCOST_ARGS:-}"
-        timeout ${STEP_TIMEOUT:-300} python3 scripts/host_cost.py ${HOSTCOST_ARGS:-} --json "$OUT/host-cost.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/host-cost.txt" ;;
+      run_script host-cost 300 scripts/host_cost.py ${HOSTCOST_ARGS:-} ;;
     distributed)
       # DDP and FSDP2 on every GPU against one GPU (tests/test_distributed.py's GPU half: 20 steps, the LoRA runs with
       # float32 and bf16 adapters, dropout 0 and 0.05; -rA prints each run's gaps), then benchmarks/distributed_training.py:
@@ -54,20 +58,14 @@ for step in ${STEPS:-tests}; do
       } 2>&1 | tee "$OUT/distributed.txt" ;;
     lora)
       # LoRA: the op alone against PEFT, the composite and the frozen layer (LORA_ARGS=--quick: one shape)
-      { header "benchmarks/lora_linear.py ${LORA_ARGS:-}"
-        timeout ${STEP_TIMEOUT:-480} python3 benchmarks/lora_linear.py ${LORA_ARGS:-} --json "$OUT/lora-linear.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/lora-linear.txt" ;;
+      run_script lora-linear 480 benchmarks/lora_linear.py ${LORA_ARGS:-} ;;
     finetune)
       # LoRA end to end: the small Llama through PEFT and through the bridge, beside the frozen floor
-      { header "examples/finetune_lora.py ${FINETUNE_ARGS:-}"
-        timeout ${STEP_TIMEOUT:-420} python3 examples/finetune_lora.py ${FINETUNE_ARGS:-} --json "$OUT/finetune-lora.json" \
-          --plot "$OUT/finetune-lora.png"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/finetune-lora.txt" ;;
+      run_script finetune-lora 420 examples/finetune_lora.py ${FINETUNE_ARGS:-} --plot "$OUT/finetune-lora.png" ;;
     profile) python3 scripts/host_profile.py 2>&1 | tee "$OUT/host-profile.txt" ;;
     probe)
       # host µs of the ways a training op can reach a GEMM: aten, gb.matmul, resolved plans, custom-op registrations
-      { header "scripts/lane_probe.py"; timeout ${STEP_TIMEOUT:-300} python3 scripts/lane_probe.py --json "$OUT/lane-probe.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/lane-probe.txt" ;;
+      run_script lane-probe 300 scripts/lane_probe.py ;;
     tune)
       # the tuning tests, then gemmbridge tune on large shapes (first pick vs tuned), into a cache kept under $OUT
       { header "tuning: tests, gemmbridge tune ${TUNE_SHAPES:-4096x4096x4096,8192x8192x8192,16384x4096x4096}"
@@ -78,9 +76,7 @@ for step in ${STEPS:-tests}; do
           --json "$OUT/tune.json"; echo "exit status $?"; } 2>&1 | tee "$OUT/tune.txt" ;;
     skinny)
       # bandwidth-bound GEMMs: torch, gemmbridge on cuBLASLt, with its rule, with its kernel everywhere (SKINNY_ARGS)
-      { header "benchmarks/skinny_gemms.py ${SKINNY_ARGS:-}"
-        timeout ${STEP_TIMEOUT:-480} python3 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} --json "$OUT/skinny.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/skinny.txt" ;;
+      run_script skinny 480 benchmarks/skinny_gemms.py ${SKINNY_ARGS:-} ;;
     dropout)
       # the LoRA kernels (dropout inside the skinny kernel, dy read once): their GPU tests and the skinny kernel's,
       # memcheck on small shapes (the caching allocator off, so that an access outside a tensor is seen), then each
@@ -99,9 +95,7 @@ for step in ${STEPS:-tests}; do
         echo "exit status $?"; } 2>&1 | tee "$OUT/lora-kernels.txt" ;;
     kernels)
       # the LoRA kernels timed alone (benchmarks/lora_kernels.py KERNELS_ARGS), without the dropout step's tests
-      { header "benchmarks/lora_kernels.py ${KERNELS_ARGS:-}"
-        timeout ${STEP_TIMEOUT:-240} python3 benchmarks/lora_kernels.py ${KERNELS_ARGS:-} --json "$OUT/lora-kernels.json"
-        echo "exit status $?"; } 2>&1 | tee "$OUT/lora-kernels.txt" ;;
+      run_script lora-kernels 240 benchmarks/lora_kernels.py ${KERNELS_ARGS:-} ;;
     bench)
       # gemmbridge (first pick, autotuned, tuned by gemmbridge.tune) against torch, warmed to the power cap, rounds
       # interleaved and rotated; GPU time (graph replay) beside wall time, the SM clock per row (BENCH_ARGS: its
