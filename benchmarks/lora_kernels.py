@@ -317,17 +317,27 @@ def main() -> int:
                 doc["rows"].append({"t": t, "r": r, "d": D, "role": role, "bytes": fused_bytes(role, t, r),
                                     "fused_tile": chosen, "clock": clock_mhz(), "candidates": timed})  # fmt: skip
                 print(f"T={t} r={r} role {role} (fused: {chosen}; {doc['rows'][-1]['clock']})")
-                for name, result in timed.items():
-                    err = f" err {result['rel_err']:.1e}" if result["rel_err"] is not None else ""
-                    print(f"  {name:58} {result['us']:8.1f} µs {result['pct_of_copy']:5.1f} % of copy "
-                          f"{result['vs_fused']:5.2f}× fused{err}")  # fmt: skip
+                print_candidates(timed, 58, "vs_fused", "fused")
             del sets
             torch.cuda.empty_cache()
+    return finish(doc, args.json, failed)
+
+
+def print_candidates(timed: dict[str, dict[str, Any]], width: int, ratio: str, against: str) -> None:
+    """One line per candidate: µs, % of copy, its ``ratio`` to ``against``, the check's error."""
+    for name, result in timed.items():
+        err = f" err {result['rel_err']:.1e}" if result["rel_err"] is not None else ""
+        print(f"  {name:{width}} {result['us']:8.1f} µs {result['pct_of_copy']:5.1f} % of copy "
+              f"{result[ratio]:5.2f}× {against}{err}")  # fmt: skip
+
+
+def finish(doc: dict[str, Any], path: str | None, failed: bool) -> int:
+    """The clock after the run into ``doc``, ``doc`` written to ``path``; the exit status (1: a check failed)."""
     doc["clock_after"] = clock_mhz()
     print(f"clock after: {doc['clock_after']}")
-    if args.json:
-        report.write_json(doc, args.json)
-        print(f"wrote {args.json}")
+    if path:
+        report.write_json(doc, path)
+        print(f"wrote {path}")
     return 1 if failed else 0
 
 

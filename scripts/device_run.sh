@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the steps named in $STEPS (default: tests),
 # each writing its log under $OUT. Steps: tests (PYTEST_ARGS, TESTS), profile, probe, ab, training, lora, finetune,
-# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, kernels, stress, rsscontrol, soak, sanitize, freshvenv, tune.
+# e2e, hostcost, distributed, bench, benchcli, skinny, dropout, kernels, pdl, stress, rsscontrol, soak, sanitize,
+# freshvenv, tune.
 # STEP_TIMEOUT (s) bounds each step.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -96,6 +97,23 @@ for step in ${STEPS:-tests}; do
     kernels)
       # the LoRA kernels timed alone (benchmarks/lora_kernels.py KERNELS_ARGS), without the dropout step's tests
       run_script lora-kernels 240 benchmarks/lora_kernels.py ${KERNELS_ARGS:-} ;;
+    pdl)
+      # programmatic dependent launch (docs/kernels.md): the GPU tests (a LoRA layer's skinny GEMMs with PDL equal to
+      # the serial launches bit for bit and to float64, eager, in graph replays, through the layer), racecheck and
+      # synccheck on the small sequence, then the sequence timed with PDL, without, and torch's (about 4 minutes)
+      { header "PDL: GPU tests, racecheck, synccheck, benchmarks/lora_sequence.py"
+        timeout ${STEP_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider -rsfE --tb=short tests/test_pdl_cuda.py
+        echo "exit status $?"
+        for tool in racecheck synccheck; do
+          timeout ${SANITIZE_TIMEOUT:-45} compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+            --report-api-errors no python3 -m pytest -v -p no:cacheprovider tests/test_pdl_cuda.py -k small_odd \
+            > /tmp/pdl-$tool.log 2>&1
+          echo "$tool exit status $?"
+          grep -E "=========.*(ERROR|SUMMARY|Race|Hazard|Barrier)|passed|failed" /tmp/pdl-$tool.log | head -20
+          head -c 2000000 /tmp/pdl-$tool.log > "$OUT/pdl-$tool.log"
+        done
+        timeout ${STEP_TIMEOUT:-75} python3 benchmarks/lora_sequence.py --json "$OUT/lora-sequence.json"
+        echo "exit status $?"; } 2>&1 | tee "$OUT/pdl.txt" ;;
     bench)
       # gemmbridge (first pick, autotuned, tuned by gemmbridge.tune) against torch, warmed to the power cap, rounds
       # interleaved and rotated; GPU time (graph replay) beside wall time, the SM clock per row (BENCH_ARGS: its

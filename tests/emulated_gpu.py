@@ -129,6 +129,8 @@ def install(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLt, EmulatedView]:
     monkeypatch.setattr(kernels, "_broken", set())
     monkeypatch.setattr(kernels.launch, "kernel", fake.kernels.kernel)
     monkeypatch.setattr(kernels.launch, "_launch_v2", fake.kernels.launch)
+    if kernels.launch._v2 is not None:  # cuda-bindings with _v2: the kernels launch with PDL (capability 9.0)
+        monkeypatch.setattr(kernels.launch, "_launch_ex", fake.kernels.launch_ex)
     monkeypatch.setattr(bindings, "lt", fake)
     monkeypatch.setattr(bindings, "_handles", {})
     monkeypatch.setattr(cuda, "MAX_FLOPS", -1)  # no graph replay: it needs the driver

@@ -47,14 +47,41 @@ class FakeKernels:
     def __init__(self) -> None:
         self.configs: dict[int, Any] = {}
         self.launches: list[tuple[Any, tuple[int, int, int]]] = []
+        self.programmatic: list[bool] = []  # per launch: made with the PDL attribute (launch_ex)
+        self.streams: list[int] = []  # per launch: its stream
+        self.launch_configs: list[int] = []  # per PDL launch: the address of its CUlaunchConfig
+
+    def launch_ex(self, config: int, f: int, params: int, extra: int) -> None:
+        """``_v2.launch_kernel_ex``: the CUlaunchConfig at ``config`` read as the driver reads it; it must carry
+        exactly the programmatic-stream-serialization attribute, set to 1."""
+        from cuda.bindings._v2 import driver
+
+        found = driver.LaunchConfig.from_ptr(config, readonly=True)
+        assert found.num_attrs == 1 and found.block_dim_y == found.block_dim_z == 1
+        attribute = driver.LaunchAttribute.from_ptr(found.attrs, readonly=True)
+        assert attribute.id == driver.LaunchAttributeID.PROGRAMMATIC_STREAM_SERIALIZATION
+        assert attribute.value.programmatic_stream_serialization_allowed == 1
+        self.launch_configs.append(config)
+        self.streams.append(found.h_stream)
+        self._launch(f, found.grid_dim_x, found.grid_dim_y, found.grid_dim_z, found.block_dim_x,
+                     found.shared_mem_bytes, params, extra, programmatic=True)  # fmt: skip
+
+    def launch(self, f: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, smem: int, stream: int,
+               params: int, extra: int) -> None:  # fmt: skip
+        """``_v2.launch_kernel``: a launch without PDL."""
+        assert by == bz == 1
+        self.streams.append(stream)
+        self._launch(f, gx, gy, gz, bx, smem, params, extra, programmatic=False)
 
     def kernel(self, config: Any, device: int, target: str) -> int:
         handle = 7000 + len(self.configs)
         self.configs[handle] = config
         return handle
 
-    def launch(self, f: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, smem: int, stream: int,
-               params: int, extra: int) -> None:  # fmt: skip
+    def _launch(self, f: int, gx: int, gy: int, gz: int, bx: int, smem: int, params: int, extra: int,
+                programmatic: bool) -> None:  # fmt: skip
+        assert extra == 0
+        self.programmatic.append(programmatic)
         config = self.configs[f]
         if config.kernel_name == dropout.FILL.kernel_name:
             self._fill(gx, gy, gz, bx, smem, params)

@@ -130,10 +130,10 @@ def test_every_masked_kind_and_the_mask_fill_compile_for_hopper(dtype):
 def test_the_sources_hand_nvrtc_their_headers_and_a_cached_cubin_depends_on_each(monkeypatch, tmp_path):
     monkeypatch.setenv("GEMMBRIDGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(compiler, "nvrtc_version", lambda: (13, 0))
-    includes = {"skinny.cu": "pipeline.cuh", "dyonce.cu": "pipeline.cuh", "pipeline.cuh": "philox.cuh",
-                "mask.cu": "philox.cuh"}  # fmt: skip
-    assert all(f'#include "{header}"' in compiler.source(file) for file, header in includes.items())
-    assert set(includes.values()) == set(compiler.HEADERS)
+    includes = [("skinny.cu", "pipeline.cuh"), ("dyonce.cu", "pipeline.cuh"), ("pipeline.cuh", "philox.cuh"),
+                ("pipeline.cuh", "pdl.cuh"), ("mask.cu", "philox.cuh"), ("mask.cu", "pdl.cuh")]  # fmt: skip
+    assert all(f'#include "{header}"' in compiler.source(file) for file, header in includes)
+    assert {header for _, header in includes} == set(compiler.HEADERS)
     config = Config("bfloat16", False, True, True, 64, 16, 64, 4, 1, 4, 1, "a")
     before = compiler.cache_path(config, "sm_90")
     real = compiler.source

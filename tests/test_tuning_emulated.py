@@ -551,11 +551,11 @@ def test_in_process_autotune_times_the_kernel_too_and_the_cache_keeps_its_win(gp
     faster kernel is chosen, stored, and restored by a later plan — not shadowed by an untimed cuBLASLt choice."""
     fake, _ = gpu
     ran: list[str] = []
-    kernel_launch, lt_matmul = fake.kernels.launch, fake.matmul
+    kernel_launch, kernel_launch_ex, lt_matmul = fake.kernels.launch, fake.kernels.launch_ex, fake.matmul
 
     def kernel(*args):  # type: ignore[no-untyped-def]
         ran.append("kernel")
-        return kernel_launch(*args)
+        return (kernel_launch if len(args) > 4 else kernel_launch_ex)(*args)  # without PDL, or with it
 
     def lt(*args):  # type: ignore[no-untyped-def]
         ran.append("cublaslt")
@@ -565,6 +565,8 @@ def test_in_process_autotune_times_the_kernel_too_and_the_cache_keeps_its_win(gp
 
     monkeypatch.setattr(kernels, "mode", "auto")  # its rule gives this 16-wide product to cuBLASLt
     monkeypatch.setattr(kernels.launch, "_launch_v2", kernel)
+    if kernels.launch._v2 is not None:
+        monkeypatch.setattr(kernels.launch, "_launch_ex", kernel)
     monkeypatch.setattr(fake, "matmul", lt)
     monkeypatch.setattr(timer, "driver", Events(lambda: 0.5 if ran[-1] == "kernel" else 1.0, lambda: len(ran)))
     rng = np.random.default_rng(0)

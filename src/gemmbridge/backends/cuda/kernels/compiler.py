@@ -1,5 +1,5 @@
-"""The kernels (``skinny.cu``, ``mask.cu``, both including ``philox.cuh``) compiled at run time by NVRTC, cached on
-disk, loaded once per process.
+"""The kernels (``skinny.cu``, ``dyonce.cu``, ``mask.cu``, including ``HEADERS``) compiled at run time by NVRTC,
+cached on disk, loaded once per process.
 
 Why NVRTC (through cuda-bindings) and not Triton: the kernel must launch from any framework's stream
 (torch, CuPy, JAX) at the host cost of a ``cublasLtMatmul`` call or less. A compiled CUDA library
@@ -29,7 +29,7 @@ from typing import Protocol
 
 from .... import tuning
 
-HEADERS = ("pipeline.cuh", "philox.cuh")  # the headers the sources include, handed to NVRTC by name
+HEADERS = ("pipeline.cuh", "philox.cuh", "pdl.cuh")  # the headers the sources include, handed to NVRTC by name
 
 
 class Build(Protocol):
@@ -88,6 +88,17 @@ def _check(status: object, what: str, log: str = "") -> None:
 
 def compile_cubin(build: Build, arch: str) -> bytes:
     """NVRTC's cubin of ``build`` for ``arch`` (e.g. ``sm_90``); no disk cache."""
+    return _compile(build, arch, "CUBIN")
+
+
+def compile_ptx(build: Build, arch: str) -> str:
+    """NVRTC's PTX of ``build`` for the virtual architecture ``arch`` (e.g. ``compute_90``): what tests read to check
+    the kernels' order of instructions."""
+    return _compile(build, arch, "PTX").rstrip(b"\0").decode()
+
+
+def _compile(build: Build, arch: str, output: str) -> bytes:
+    """NVRTC's ``output`` ("CUBIN" or "PTX") of ``build`` for ``arch``."""
     from cuda.bindings import nvrtc
 
     headers = [source(name).encode() for name in HEADERS]
@@ -102,11 +113,11 @@ def compile_cubin(build: Build, arch: str) -> bytes:
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(program, log)
             _check(status, f"compiling {build.name} for {arch}", log.decode(errors="replace").strip())
-        status, size = nvrtc.nvrtcGetCUBINSize(program)
-        _check(status, "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check(nvrtc.nvrtcGetCUBIN(program, cubin)[0], "nvrtcGetCUBIN")
-        return cubin
+        status, size = getattr(nvrtc, f"nvrtcGet{output}Size")(program)
+        _check(status, f"nvrtcGet{output}Size")
+        data = b" " * size
+        _check(getattr(nvrtc, f"nvrtcGet{output}")(program, data)[0], f"nvrtcGet{output}")
+        return data
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 

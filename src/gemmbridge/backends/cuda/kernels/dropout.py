@@ -156,4 +156,5 @@ def fill_mask(seed_ptr: int, out_ptr: int, rows: int, cols: int, keep: float, st
     block = np.array([seed_ptr, out_ptr, count, limit], dtype=np.int64)
     params = np.array([block.ctypes.data], dtype=np.uint64)
     blocks = min(-(-count // (8 * FILL.threads)), 16 * found[2])
-    launch.enqueue(address, (blocks, 1, 1), FILL.threads, 0, stream, params.ctypes.data, "the dropout mask's fill")
+    fill = launch.Launch(address, (blocks, 1, 1), FILL.threads, 0, found[1], "the dropout mask's fill")
+    fill(stream, params.ctypes.data)

@@ -14,6 +14,7 @@
 // `rank` writes rows rank * 16 ... of the tile). dB's partial sums stay in registers over the cluster's row tiles and
 // are written once, in fp32, to the workspace ws[P][O][R]; gemmbridge_dyonce_reduce sums the P partials in a fixed
 // order (deterministic), applies alpha_db and beta_db * C, and writes dB.
+// Both kernels wait for their predecessor before touching memory (a programmatic dependent launch, pdl.cuh).
 // Requirements checked by kernels/lora.py: 16-byte aligned pointers, leading dimensions multiples of 8, O % 8 == 0.
 
 #define THREADS 256  // 8 warps
@@ -76,6 +77,7 @@ gemmbridge_dyonce(const DyOnceParams p) {
   const half_t* dy = reinterpret_cast<const half_t*>(p.dy);
   const half_t* xa = reinterpret_cast<const half_t*>(p.xa);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  wait_for_predecessor();  // a programmatic dependent launch: dy, B, xa, g and ws are touched only after this
 
   // the block's rows of B, once; then the first STAGES - 1 steps (step q: slice q % SLICES of row tile q / SLICES)
   const Loader<SLICES * BK, R, true> load_b(reinterpret_cast<const half_t*>(p.b), p.ld_b, o_begin, p.o, 0, 0, b_smem);
@@ -118,6 +120,7 @@ gemmbridge_dyonce(const DyOnceParams p) {
       wait_groups<STAGES - 2>();
       __syncthreads();
       issue(q + STAGES - 1);
+      if (q + STAGES - 1 >= steps - 1) allow_dependents();  // the block's last loads are issued (repeats: no-ops)
       const unsigned stage = dy_smem + (unsigned)((q % STAGES) * BT * DY_LD * 2);
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {  // g += slice @ B[slice rows]
@@ -179,6 +182,8 @@ gemmbridge_dyonce(const DyOnceParams p) {
 
 // dB = alpha * (ws[0] + ws[1] + ... + ws[P - 1]) + beta * C, 8 columns of a row per thread and step
 extern "C" __global__ void __launch_bounds__(THREADS) gemmbridge_dyonce_reduce(const ReduceParams p) {
+  wait_for_predecessor();  // the workspace, C (possibly dB itself) and dB are touched only after this
+  allow_dependents();      // few blocks: the next kernel's come up on the idle SMs (and wait for this grid there)
   const float* ws = reinterpret_cast<const float*>(p.ws);
   const long long pieces = p.o * NT, step = (long long)gridDim.x * THREADS;
   for (long long e = (long long)blockIdx.x * THREADS + threadIdx.x; e < pieces; e += step) {

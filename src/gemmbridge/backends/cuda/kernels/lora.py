@@ -129,9 +129,10 @@ class DyOnce:
         self.workspace_bytes = self.clusters * o * r * 4
         a, b, d = problem_g.matrices.a, problem_g.matrices.b, problem_g.matrices.d
         xa, c, db = problem_db.matrices.b, problem_db.matrices.c, problem_db.matrices.d
-        self._main = (main, (CLUSTER, self.clusters, 1), config.smem_bytes)
+        self._main = launch.Launch(main, (CLUSTER, self.clusters, 1), THREADS, config.smem_bytes, found[1], self.what)
         self._main_block = np.array([0, 0, 0, 0, 0, a.ld, b.ld, xa.ld, d.ld, t, o, self.clusters, 0], dtype=np.int64)
-        self._second = (second, (min(-(-o * r // 8 // THREADS), 4 * found[2]), 1, 1))
+        self._second = launch.Launch(second, (min(-(-o * r // 8 // THREADS), 4 * found[2]), 1, 1), THREADS, 0,
+                                     found[1], self.what)  # fmt: skip
         self._second_block = np.array([0, 0, 0, c.ld, db.ld, o, self.clusters, 0, 0], dtype=np.int64)
 
     def launch(self, g: Operands, db: Operands, alpha_g: float, alpha_db: float, beta_db: float, workspace: int,
@@ -150,8 +151,6 @@ class DyOnce:
         second = self._second_block.copy()
         second[:3] = (workspace, db.c, db.d)
         second.view(np.float64)[7:9] = (alpha_db, beta_db)
-        address, grid, smem = self._main
         params = np.array([main.ctypes.data, second.ctypes.data], dtype=np.uint64)
-        launch.enqueue(address, grid, THREADS, smem, stream, params.ctypes.data, self.what)
-        address, grid = self._second
-        launch.enqueue(address, grid, THREADS, 0, stream, params.ctypes.data + 8, self.what)
+        self._main(stream, params.ctypes.data)
+        self._second(stream, params.ctypes.data + 8)

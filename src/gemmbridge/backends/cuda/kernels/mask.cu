@@ -2,6 +2,7 @@
 // with the seed read from device memory. For tests and for comparing against other libraries with the same mask;
 // the GEMMs never store it (skinny.cu regenerates it where x is read). Launched by kernels/dropout.py's fill_mask.
 
+#include "pdl.cuh"
 #include "philox.cuh"
 
 struct MaskParams {
@@ -18,6 +19,7 @@ __device__ __forceinline__ u64 flag_bytes(const uint4& k) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemmbridge_fill_mask(const MaskParams p) {
+  wait_for_predecessor();  // a programmatic dependent launch: the seed (drawn by the previous kernel) read after this
   const u64 seed = *reinterpret_cast<const u64*>(p.seed);
   unsigned char* out = reinterpret_cast<unsigned char*>(p.out);
   const bool aligned = (p.out & 7) == 0;

@@ -1,8 +1,10 @@
 // What gemmbridge's GEMM kernels (skinny.cu, dyonce.cu) share: the half and output types, the PTX primitives
-// (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), conversions, and the Loader of pipeline stages.
+// (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), conversions, the Loader of pipeline stages, and
+// (pdl.cuh) the waits of a programmatic dependent launch.
 // The includer defines HALF_BF16 (1: bf16, 0: fp16), OUT_F32 (1: float32 outputs), THREADS (threads per block) and
 // BK (the K extent of one stage) first.
 
+#include "pdl.cuh"
 #include "philox.cuh"
 
 typedef unsigned short half_t;

@@ -9,6 +9,8 @@
 //   MASK        dropout (philox.cuh; the seed read from device memory at p.seed, p.threshold = ceil(keep * 65536)):
 //               0 none; 1 on A as it is loaded (x = A, M x K, K-contiguous); 2 on B as it is loaded (x = B, K x N,
 //               N-contiguous); 3 on the product: D = alpha * (A @ B) (.) m + beta * C + bias, m the mask of M x N
+// Programmatic dependent launch (pdl.cuh): the block waits for its predecessor before its first access to memory and
+// lets its dependents be scheduled once its last loads are issued.
 // No system header is included (pipeline.cuh and philox.cuh are the project's): half types are 16-bit integers, and
 // every tensor-core, copy and cluster operation is written in PTX (mma.sync m16n8k16, ldmatrix, cp.async, mapa /
 // ld.shared::cluster, barrier.cluster).
@@ -154,6 +156,9 @@ gemmbridge_skinny(const Params p) {
 #else
   const Loader<BK, BN, false> load_b(b, p.ldb, n0, p.n, k_begin, p.n, b_smem);
 #endif
+  // everything above is arithmetic on the parameters; from here on the kernel reads (A, B, C, the seed) and writes
+  // memory a predecessor on the stream may write or read, so a programmatic dependent launch waits for it here
+  wait_for_predecessor();
 #if MASK
   const u64 seed = *reinterpret_cast<const u64*>(p.seed);
   const unsigned threshold = (unsigned)p.threshold;
@@ -192,6 +197,7 @@ gemmbridge_skinny(const Params p) {
       load_b.load(s * B_STAGE * 2, next, k_len);
     }
     commit();
+    if (next >= tiles - 1) allow_dependents();  // the block's last loads are issued (repeats are no-ops)
     const int s = t % STAGES;
     compute_stage(acc, a_smem + s * A_STAGE * 2, b_smem + s * B_STAGE * 2, wm, wn);
   }
