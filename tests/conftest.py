@@ -111,6 +111,18 @@ def _emulated_memory_intact() -> Iterator[None]:
         assert not faults, "\n".join(faults)
 
 
+@pytest.fixture
+def graph_switch(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """``gemmbridge.set_graphs`` for one test: the switch and the setting kept for the CUDA backend's loading are
+    restored after it."""
+    from gemmbridge import plan
+
+    graphs = pytest.importorskip("gemmbridge.backends.cuda.graphs")
+    monkeypatch.setattr(graphs, "enabled", graphs.enabled)
+    monkeypatch.setattr(plan, "_settings", dict(plan._settings))
+    return plan.set_graphs
+
+
 def cuda_torch():
     """torch, for a test that needs a CUDA GPU through it (skipped without torch or a GPU)."""
     torch = pytest.importorskip("torch")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from device_memory import MEMORY, device, raw
-from emulated_gpu import EmulatedFramework, Events, install
+from emulated_gpu import EmulatedFramework, Events, install, on_device
 from test_fuzz import COUNTS, SEED, _run
 
 import gemmbridge as gb
@@ -284,6 +284,57 @@ def test_a_capturing_stream_gets_no_graph_replay_and_a_capture_workspace(gpu, mo
     for _ in range(3):
         np.testing.assert_array_equal(gb.matmul(a, b), np.full((4, 5), 3.0))
     assert list(workspace._captures) == [(0, 0, 5)]
+
+
+def test_graphs_switched_off_are_neither_recorded_nor_replayed(gpu, monkeypatch, graph_switch, rng) -> None:
+    """A small call met again with the same pointers is recorded as a graph on its second sighting and replayed from
+    then on. With ``set_graphs(False)`` every call is launched directly: nothing recorded, and a graph recorded
+    before is not replayed. Switched on again, that graph is replayed and new calls are recorded again."""
+    from gemmbridge.backends import cuda
+    from gemmbridge.backends.cuda import graphs
+
+    fake, _ = gpu
+    captured, replayed, destroyed = [], [], []
+
+    def capture(device, enqueue):  # type: ignore[no-untyped-def]
+        captured.append(enqueue)
+        return len(captured), enqueue
+
+    def launch(graph, stream):  # type: ignore[no-untyped-def]
+        replayed.append(graph[0])
+        graph[1](stream)
+
+    monkeypatch.setattr(cuda, "MAX_FLOPS", 1 << 40)  # small: recorded when graphs are on
+    monkeypatch.setattr(graphs, "capture", capture)
+    monkeypatch.setattr(graphs, "_launch", launch)
+    monkeypatch.setattr(graphs, "_doomed", [])  # these stand-in graphs must never reach the real driver
+    monkeypatch.setattr(graphs.driver, "cuGraphExecDestroy", destroyed.append)
+    monkeypatch.setattr(graphs.driver, "cuThreadExchangeStreamCaptureMode", lambda mode: (OK, mode))
+    graph_switch(True)
+    a64, b64, other64 = rng.standard_normal((6, 4)), rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    a, b, other = on_device(a64), on_device(b64), on_device(other64)
+    out = on_device(np.full((6, 5), np.nan))
+
+    def calls(y, y64, count: int) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+        """Each call's (products computed, graphs captured, graphs replayed), its result checked."""
+        found = []
+        for _ in range(count):
+            before = fake.matmuls, len(captured), len(replayed)
+            out[...] = np.nan
+            assert gb.matmul(a, y, out=out) is out
+            np.testing.assert_allclose(out, a64 @ y64, rtol=1e-12)
+            found.append((fake.matmuls - before[0], len(captured) - before[1], len(replayed) - before[2]))
+        return found
+
+    eager, recorded, replay = (1, 0, 0), (1, 1, 1), (1, 0, 1)
+    assert calls(b, b64, 3) == [eager, recorded, replay]
+    graph_switch(False)
+    assert calls(b, b64, 3) + calls(other, other64, 3) == [eager] * 6
+    graph_switch(True)
+    assert calls(b, b64, 1) == [replay]
+    assert calls(other, other64, 3) == [eager, recorded, replay]
+    gb.clear_cache()
+    assert sorted(destroyed) == [1, 2]
 
 
 def test_a_signature_is_captured_once_and_closed_graphs_are_destroyed_once(monkeypatch) -> None:

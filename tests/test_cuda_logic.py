@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gc
+import importlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -217,3 +221,38 @@ def test_a_timer_that_fails_to_start_restores_the_threads_capture_mode(driver: R
     assert raised.value.__traceback__ is not None  # the error is still held, as a caller's handler holds it
     assert driver.mode == real_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
     assert [c[0] for c in driver.calls] == ["cuEventDestroy"]  # the start event made, destroyed
+
+
+def test_settings_made_before_the_cuda_backend_loads_are_applied_when_it_loads(graph_switch, monkeypatch):
+    """``set_graphs``, ``set_autotune`` and ``set_kernels`` before the backend is loaded reach it when it loads (the
+    plan layer loads it on the first GPU problem); once it is loaded, they reach it at once."""
+    from gemmbridge import plan
+    from gemmbridge.backends.cuda import autotune, kernels
+
+    monkeypatch.setattr(plan, "_cuda_backend", None)
+    monkeypatch.setattr(graphs, "enabled", True)
+    monkeypatch.setattr(autotune, "enabled", False)
+    monkeypatch.setattr(kernels, "mode", "auto")
+    graph_switch(False)
+    plan.set_autotune(True)
+    plan.set_kernels("off")
+    assert (graphs.enabled, autotune.enabled, kernels.mode) == (True, False, "auto")  # not loaded: not yet
+    assert plan.cuda() is sys.modules["gemmbridge.backends.cuda"]
+    assert (graphs.enabled, autotune.enabled, kernels.mode) == (False, True, "off")
+    graph_switch(True)
+    assert graphs.enabled
+
+
+@pytest.mark.parametrize("variable, module, attribute", [("GEMMBRIDGE_GRAPHS", "graphs", "enabled"),
+                                                            ("GEMMBRIDGE_PDL", "kernels.launch", "pdl")])  # fmt: skip
+def test_switches_are_read_from_the_environment(variable: str, module: str, attribute: str):
+    """GEMMBRIDGE_GRAPHS (graph recording) and GEMMBRIDGE_PDL (programmatic dependent launch): "0" off, "1" (the
+    default) on, anything else refused when the backend is imported."""
+    name = f"gemmbridge.backends.cuda.{module}"
+    assert getattr(importlib.import_module(name), attribute) == (os.environ.get(variable, "1") == "1")
+    code = f"import {name} as switched; print(switched.{attribute})"
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    found = [subprocess.run([sys.executable, "-c", code], env={**env, variable: value}, capture_output=True, text=True,
+                            timeout=120) for value in ("0", "yes")]  # fmt: skip
+    assert found[0].returncode == 0 and found[0].stdout.strip() == "False", found[0].stderr
+    assert found[1].returncode != 0 and f"{variable} must be '0' or '1', not 'yes'" in found[1].stderr

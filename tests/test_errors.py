@@ -438,9 +438,13 @@ def test_numpy_memory_error_is_out_of_memory_error() -> None:
         gemmbridge.matmul(a, a.T)
 
 
-def test_set_autotune_refuses_what_is_not_a_bool() -> None:
-    with pytest.raises(errors.OptionError, match="set_autotune"):
-        gemmbridge.set_autotune("x")  # type: ignore[arg-type]
+@pytest.mark.parametrize("setter", ["set_autotune", "set_graphs"])
+@pytest.mark.parametrize("value", ["x", 1, None])
+def test_switches_refuse_what_is_not_a_bool_and_keep_their_setting(setter: str, value: Any) -> None:
+    before = dict(gemmbridge.plan._settings)
+    with pytest.raises(errors.OptionError, match=f"{setter}: enabled must be True or False, not {value!r}"):
+        getattr(gemmbridge, setter)(value)
+    assert gemmbridge.plan._settings == before
 
 
 def test_a_valid_out_with_crossing_strides_is_written() -> None:

@@ -194,9 +194,12 @@ def test_tuning_waits_for_its_events_isolated_from_other_threads_captures(gpu, m
     assert events.timed > 0 and events.mode == events.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL
 
 
-def test_host_bound_candidates_are_timed_as_graph_replays(gpu, monkeypatch, rng) -> None:
+@pytest.mark.parametrize("graphs_on", [True, False], ids=["graphs_on", "graphs_off"])
+def test_host_bound_candidates_are_timed_as_graph_replays_unless_graphs_are_off(gpu, monkeypatch, rng, graph_switch,
+                                                                                graphs_on) -> None:  # fmt: skip
     """Launched one by one, both candidates cost the host's 0.03 ms per launch; replayed from a graph, their
-    kernels' own times (0.01 and 0.005 ms) show, and the faster one is kept."""
+    kernels' own times (0.01 and 0.005 ms) show, and the faster one is kept. With graphs off (``set_graphs``)
+    nothing is captured: the calls will be launched one by one, and are timed so (a tie: the first pick kept)."""
     from gemmbridge.backends.cuda import graphs
 
     fake, _ = gpu
@@ -226,13 +229,19 @@ def test_host_bound_candidates_are_timed_as_graph_replays(gpu, monkeypatch, rng)
     monkeypatch.setattr(graphs, "_launch", replay)
     events = Events(cost, lambda: fake.matmuls)
     monkeypatch.setattr(timer, "driver", events)
+    graph_switch(graphs_on)
     gb.set_autotune(True)
     a, b, ref = operands(rng)
     np.testing.assert_allclose(gb.matmul(a, b), ref, rtol=1e-12)
-    assert len(captured) == 2 and sorted(events.destroyed) == [1, 2]  # each captured once, destroyed at the end
     (entry,) = cache_entries().values()
-    assert entry["timings"] == {"first_ms": pytest.approx(0.01), "chosen_ms": pytest.approx(0.005), "noise": 0.0}
-    assert fake.calls[-1][0] == 1
+    if graphs_on:
+        assert len(captured) == 2 and sorted(events.destroyed) == [1, 2]  # each captured once, destroyed at the end
+        assert entry["timings"] == {"first_ms": pytest.approx(0.01), "chosen_ms": pytest.approx(0.005), "noise": 0.0}
+        assert fake.calls[-1][0] == 1
+    else:
+        assert captured == [] and events.destroyed == []
+        assert entry["timings"] == {"first_ms": pytest.approx(0.03), "chosen_ms": pytest.approx(0.03), "noise": 0.0}
+        assert fake.calls[-1][0] == 0
 
 
 def store_choice(gpu, monkeypatch, rng) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from .errors import (
     VendorError,
 )
 from .ops import cache_size, clear_cache, matmul
-from .plan import Plan, set_autotune, set_kernels
+from .plan import Plan, set_autotune, set_graphs, set_kernels
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "epilogues",
     "matmul",
     "set_autotune",
+    "set_graphs",
     "set_kernels",
     "tune",
     "tune_model",

@@ -30,8 +30,8 @@ _new = tuple.__new__  # Operands(...) without NamedTuple's slower constructor (h
 _D, _AUX, _BIAS_GRAD = 3, 5, 6  # slots of Operands
 
 _cuda_backend: Any = None
-_autotune: bool | None = None  # set_autotune() before the CUDA backend was loaded
-_kernels: str | None = None  # set_kernels() before the CUDA backend was loaded
+# set_autotune, set_kernels, set_graphs: (module of the CUDA backend, attribute) → value, applied when it loads
+_settings: dict[tuple[str, str], Any] = {}
 KERNEL_MODES = ("auto", "on", "off")
 
 
@@ -46,11 +46,23 @@ def cuda() -> Any:
                 f"matmul: GPU operands need the CUDA backend: pip install 'gemmbridge[cuda]' ({error})"
             ) from error
         _cuda_backend = backend
-        if _autotune is not None:
-            backend.autotune.enabled = _autotune
-        if _kernels is not None:
-            backend.kernels.mode = _kernels
+        for (module, attribute), value in list(_settings.items()):
+            setattr(getattr(backend, module), attribute, value)
     return _cuda_backend
+
+
+def _set(module: str, attribute: str, value: Any) -> None:
+    """The CUDA backend's ``module.attribute`` set to ``value``: now if it is loaded, else when it loads."""
+    _settings[module, attribute] = value
+    if _cuda_backend is not None:
+        setattr(getattr(_cuda_backend, module), attribute, value)
+
+
+def _flag(setter: str, enabled: Any) -> bool:
+    """``enabled`` as a bool, or OptionError naming ``setter`` when it is not one."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise OptionError(f"{setter}: enabled must be True or False, not {enabled!r}")
+    return bool(enabled)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -59,12 +71,7 @@ def set_autotune(enabled: bool) -> None:
     Off by default (also set by ``GEMMBRIDGE_AUTOTUNE=1``). The first call of each new plan
     then waits for the GPU once; plans made before the switch keep their choice.
     """
-    global _autotune
-    if not isinstance(enabled, (bool, np.bool_)):
-        raise OptionError(f"set_autotune: enabled must be True or False, not {enabled!r}")
-    _autotune = bool(enabled)
-    if _cuda_backend is not None:
-        _cuda_backend.autotune.enabled = _autotune
+    _set("autotune", "enabled", _flag("set_autotune", enabled))
 
 
 def set_kernels(mode: str) -> None:
@@ -73,13 +80,23 @@ def set_kernels(mode: str) -> None:
     by ``GEMMBRIDGE_KERNELS``. ``matmul``'s cached plans are dropped so that its next calls decide again;
     ``Plan`` objects made before keep their choice. See ``docs/kernels.md``.
     """
-    global _kernels
     if mode not in KERNEL_MODES:
         raise OptionError(f"set_kernels: mode must be one of {KERNEL_MODES}, not {mode!r}")
-    _kernels = mode
-    if _cuda_backend is not None:
-        _cuda_backend.kernels.mode = mode
+    _set("kernels", "mode", mode)
     PLANS.clear()
+
+
+def set_graphs(enabled: bool) -> None:
+    """Record small GPU products (≤ 2²⁷ FLOPs) met again with the same pointers as CUDA graphs, and replay them.
+
+    On by default (``GEMMBRIDGE_GRAPHS=0`` turns it off). A graph is recorded by a stream capture on a private
+    stream; while it lasts, CUDA refuses a device-wide synchronize (``torch.cuda.synchronize()``, entering
+    ``torch.cuda.graph``) from any other thread of the process on that GPU. A program that synchronizes the
+    device from one thread while another calls gemmbridge turns the recording off. Off, every call (of every
+    plan, those made before too) is launched directly: nothing recorded, nothing replayed, and autotuning times
+    small candidates call by call (``docs/architecture.md``).
+    """
+    _set("graphs", "enabled", _flag("set_graphs", enabled))
 
 
 def same_framework(view: TensorView, a: Any, b: Any, **others: Any) -> None:

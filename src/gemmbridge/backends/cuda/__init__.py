@@ -235,7 +235,7 @@ def run(
         if found is None:
             found = state.plan(key, view, ctx, ptrs, alpha, beta, ws)
         plan, graph_cache, launch = found
-        if state.small and ctx.finish is None and not ctx.capturing:
+        if state.small and graphs.enabled and ctx.finish is None and not ctx.capturing:
             signature = (ptrs, alpha, beta, stream, ws)
             if not graph_cache.replay(signature, stream) and not graph_cache.record(
                 signature, state.device, stream, lambda on: launch(plan, ptrs, alpha, beta, ws, on)

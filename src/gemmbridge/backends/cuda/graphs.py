@@ -7,6 +7,13 @@ loop), the call is captured once on a private stream and from then on replayed o
 stream. Pointers are baked into a graph, so a graph is only replayed for exactly the call it was
 captured from; nothing is captured or replayed while the caller's stream is itself being captured.
 
+``enabled`` (``GEMMBRIDGE_GRAPHS``: "1", the default, or "0"; ``gemmbridge.set_graphs``) switches it, read at
+each call: off, nothing is captured (autotune's timing graphs neither) and graphs captured before are not
+replayed — every call is launched directly. Why a program turns it off: a capture, even in thread-local mode
+on a private stream, makes CUDA refuse a device-wide synchronize from any other thread on that device
+(``cudaErrorStreamCaptureUnsupported``: ``torch.cuda.synchronize()``, entering ``torch.cuda.graph``) and
+invalidates the capture. gemmbridge then makes its call eagerly; the other thread gets the error.
+
 Graph executables are never destroyed while a capture may be under way on the calling thread (a
 destroy inside a capture can invalidate it): ``close`` and the eviction of a graph hand them to
 ``_doomed``, and ``drain`` destroys them from a call that is known not to be capturing.
@@ -21,13 +28,14 @@ they touch only gemmbridge's own streams, events and graphs.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from cuda.bindings import driver
 
-from ...errors import VendorError
+from ...errors import OptionError, VendorError
 
 try:  # cuda-bindings >= 13.5: integer-handle entry points with far less Python overhead
     from cuda.bindings._v2.driver import graph_launch as _graph_launch_v2
@@ -36,6 +44,11 @@ except ImportError:
 
 MAX_FLOPS = 1 << 27  # larger products are kernel-bound: no graphs for them
 GRAPHS_PER_PLAN = 4
+
+_setting = os.environ.get("GEMMBRIDGE_GRAPHS", "1")
+if _setting not in ("0", "1"):
+    raise OptionError(f"GEMMBRIDGE_GRAPHS must be '0' or '1', not {_setting!r}")
+enabled = _setting == "1"  # small calls recorded and replayed as graphs (module doc)
 
 _capture_streams: dict[int, Any] = {}
 _capture_lock = threading.Lock()  # the capture stream of a device is shared: one capture at a time

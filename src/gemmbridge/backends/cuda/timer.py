@@ -37,8 +37,9 @@ class Timer:
 
     A candidate faster than ``GRAPH_BELOW_MS`` per call is host-bound when launched call by call (the
     host's launch rate, not the kernel, would be measured): it is timed as replays of a CUDA graph of
-    ``GRAPH_LAUNCHES`` calls, captured once on a private stream (``graphs``) and destroyed on exit. The
-    waits for the GPU are isolated from other threads' captures (``graphs.isolated``)."""
+    ``GRAPH_LAUNCHES`` calls, captured once on a private stream (``graphs``) and destroyed on exit — unless
+    graphs are off (``graphs.enabled``): then every call is launched by itself, and so timed. The waits for the
+    GPU are isolated from other threads' captures (``graphs.isolated``)."""
 
     def __init__(self, ptrs: Operands, alpha: float, beta: float, workspace: int, stream: int, device: int) -> None:
         self.args = (ptrs, alpha, beta, workspace, stream)
@@ -102,7 +103,7 @@ class Timer:
         except GemmError:
             return float("inf")
         per_call = self._per_call(lambda: launch(ptrs, alpha, beta, workspace, stream), budget_ms)
-        if per_call >= GRAPH_BELOW_MS:
+        if per_call >= GRAPH_BELOW_MS or not graphs.enabled:  # graphs off: the calls are launched one by one
             return per_call
 
         def calls(on: int) -> None:
