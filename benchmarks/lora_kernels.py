@@ -128,7 +128,11 @@ def candidates(role: str, sets: Sets) -> Candidates:
     written: Written = {"fused": (output,)}
     base = chosen.config
     if role in "ab":
-        neighbours = [replace(base, splits=base.splits * 2), replace(base, splits=max(1, base.splits // 2))]
+        # the split of K either way, and two blocks an SM (half the pipeline, twice the split): Philox latency hidden
+        # by twice the warps
+        neighbours = [replace(base, splits=base.splits * 2), replace(base, splits=max(1, base.splits // 2)),
+                      replace(base, stages=2, splits=base.splits * 2),
+                      replace(base, bk=base.bk // 2, splits=base.splits * 2)]  # fmt: skip
     else:
         neighbours = [replace(base, bm=128, wm=2, wn=4), replace(base, bn=64, wm=2, wn=2),
                       replace(base, bm=128, bn=128, wm=4, wn=2)]  # fmt: skip

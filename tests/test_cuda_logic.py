@@ -243,16 +243,20 @@ def test_settings_made_before_the_cuda_backend_loads_are_applied_when_it_loads(g
     assert graphs.enabled
 
 
-@pytest.mark.parametrize("variable, module, attribute", [("GEMMBRIDGE_GRAPHS", "graphs", "enabled"),
-                                                            ("GEMMBRIDGE_PDL", "kernels.launch", "pdl")])  # fmt: skip
-def test_switches_are_read_from_the_environment(variable: str, module: str, attribute: str):
-    """GEMMBRIDGE_GRAPHS (graph recording) and GEMMBRIDGE_PDL (programmatic dependent launch): "0" off, "1" (the
-    default) on, anything else refused when the backend is imported."""
+SWITCHES = [("GEMMBRIDGE_GRAPHS", "graphs", "enabled", "1"), ("GEMMBRIDGE_PDL", "kernels.launch", "pdl", "0")]
+
+
+@pytest.mark.parametrize("variable, module, attribute, default", SWITCHES)
+def test_switches_are_read_from_the_environment(variable: str, module: str, attribute: str, default: str):
+    """GEMMBRIDGE_GRAPHS (graph recording, on by default) and GEMMBRIDGE_PDL (programmatic dependent launch, off by
+    default): "0" off, "1" on, unset the default, anything else refused when the backend is imported."""
     name = f"gemmbridge.backends.cuda.{module}"
-    assert getattr(importlib.import_module(name), attribute) == (os.environ.get(variable, "1") == "1")
+    assert getattr(importlib.import_module(name), attribute) == (os.environ.get(variable, default) == "1")
     code = f"import {name} as switched; print(switched.{attribute})"
     env = {k: v for k, v in os.environ.items() if k != variable}
-    found = [subprocess.run([sys.executable, "-c", code], env={**env, variable: value}, capture_output=True, text=True,
-                            timeout=120) for value in ("0", "yes")]  # fmt: skip
-    assert found[0].returncode == 0 and found[0].stdout.strip() == "False", found[0].stderr
-    assert found[1].returncode != 0 and f"{variable} must be '0' or '1', not 'yes'" in found[1].stderr
+    settings = ({**env, variable: "0"}, {**env, variable: "1"}, env, {**env, variable: "yes"})
+    found = [subprocess.run([sys.executable, "-c", code], env=variables, capture_output=True, text=True, timeout=120)
+             for variables in settings]  # fmt: skip
+    assert all(run.returncode == 0 for run in found[:3]), [run.stderr for run in found[:3]]
+    assert [run.stdout.strip() for run in found[:3]] == ["False", "True", str(default == "1")]
+    assert found[3].returncode != 0 and f"{variable} must be '0' or '1', not 'yes'" in found[3].stderr

@@ -13,7 +13,7 @@ from test_kernels import _nvrtc, gpu, meta  # noqa: F401 (gpu: the emulated devi
 
 import gemmbridge as gb
 from gemmbridge.backends.cuda.kernels import compiler, dropout
-from gemmbridge.backends.cuda.kernels.config import Config, masked
+from gemmbridge.backends.cuda.kernels.config import MIN_SPLIT_TILES, Config, configure, masked
 from gemmbridge.problem import Operands, describe
 from gemmbridge.reference import TOLERANCE, rel_err
 
@@ -94,6 +94,24 @@ def test_every_masked_role_of_a_lora_layer_has_a_tile(t, r):
         assert config.defines()["MASK"] == {"a": 1, "b": 2, "d": 3}[role]
     write = masked(lora_roles(t, 4096, r)["d"], SMS, "d")
     assert write.splits == 1 and write.bk == max(16, min(64, r)) and write.smem_bytes >= 4 * write.bm * write.bn
+
+
+@pytest.mark.parametrize("t", [4096, 16384])
+@pytest.mark.parametrize("r", [16, 64])
+def test_masked_gt_x_and_x_at_take_more_warps_an_sm_than_the_unmasked_tiles(t, r):
+    """Role b (gᵀ·x) takes a quarter of the unmasked tile's K slice and four times its split; role a (x·Aᵀ) half and
+    twice where the unmasked tile splits nothing (T 16384), the unmasked tile where it does (T 4096); with too short
+    a K for a further split, the unmasked tile."""
+    roles = lora_roles(t, 4096, r)
+    plain_b, plain_a = configure(roles["b"], SMS), configure(roles["a"], SMS)
+    b, a = masked(roles["b"], SMS, "b"), masked(roles["a"], SMS, "a")
+    assert (b.bk, b.splits, b.stages) == (plain_b.bk // 4, plain_b.splits * 4, plain_b.stages), b.name
+    assert t >= b.splits * MIN_SPLIT_TILES * b.bk
+    times = 2 if plain_a.splits == 1 else 1
+    assert (a.bk, a.splits, a.stages) == (plain_a.bk // times, plain_a.splits * times, plain_a.stages), a.name
+    assert (t == 16384) == (times == 2)
+    short = lora_roles(256, 4096, r)["b"]  # K 256: too short for 2 splits of 4 slices of 64
+    assert (masked(short, SMS, "b").bk, masked(short, SMS, "b").splits) == (configure(short, SMS).bk, 1)
 
 
 def test_what_the_masked_kernel_cannot_serve_has_no_tile():

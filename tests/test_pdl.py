@@ -148,8 +148,14 @@ def _lora_sequence(rng: np.random.Generator, streams: tuple[int, ...]) -> tuple[
     return out, forward
 
 
+@pytest.fixture
+def pdl_on(monkeypatch):
+    """PDL switched on (off by default: docs/kernels.md)."""
+    monkeypatch.setattr(launch, "pdl", True)
+
+
 @needs_v2
-def test_the_lane_kernels_launch_with_pdl_through_one_config_per_kernel_and_stream(gpu, rng):  # noqa: F811
+def test_the_lane_kernels_launch_with_pdl_through_one_config_per_kernel_and_stream(gpu, rng, pdl_on):  # noqa: F811
     """Every launch of the sequence carries the attribute (the emulated driver reads the CUlaunchConfig); the forward
     launched twice on stream 7 and once on stream 9 made two configurations, each reused, never rebuilt."""
     fake, _ = gpu
@@ -162,7 +168,7 @@ def test_the_lane_kernels_launch_with_pdl_through_one_config_per_kernel_and_stre
 
 
 @needs_v2
-def test_pdl_switched_off_launches_the_same_kernels_plainly_with_the_same_results(gpu, rng, monkeypatch):  # noqa: F811
+def test_pdl_switched_off_launches_the_same_kernels_plainly_with_the_same_results(gpu, rng, monkeypatch, pdl_on):  # noqa: F811
     fake, _ = gpu
     with_pdl = _lora_sequence(np.random.default_rng(5), (0,))[0]
     monkeypatch.setattr(launch, "pdl", False)
@@ -172,7 +178,7 @@ def test_pdl_switched_off_launches_the_same_kernels_plainly_with_the_same_result
 
 
 @needs_v2
-def test_a_gpu_older_than_sm_90_never_gets_the_attribute(gpu, monkeypatch):  # noqa: F811
+def test_a_gpu_older_than_sm_90_never_gets_the_attribute(gpu, monkeypatch, pdl_on):  # noqa: F811
     """The mask fill, which runs below compute capability 9.0, launches plainly there."""
     fake, _ = gpu
     from gemmbridge.backends.cuda import tuning_cache
@@ -186,7 +192,7 @@ def test_a_gpu_older_than_sm_90_never_gets_the_attribute(gpu, monkeypatch):  # n
 
 
 @needs_v2
-def test_a_driver_that_refuses_pdl_gets_plain_launches_from_then_on(gpu, rng, monkeypatch):  # noqa: F811
+def test_a_driver_that_refuses_pdl_gets_plain_launches_from_then_on(gpu, rng, monkeypatch, pdl_on):  # noqa: F811
     """CUDA_ERROR_NOT_SUPPORTED from cuLaunchKernelEx: that launch and every later one go without the attribute, and
     the results are right."""
     fake, _ = gpu
@@ -203,7 +209,7 @@ def test_a_driver_that_refuses_pdl_gets_plain_launches_from_then_on(gpu, rng, mo
 
 
 @needs_v2
-def test_another_driver_error_of_a_pdl_launch_is_a_vendor_error_naming_the_kernel(gpu, monkeypatch):  # noqa: F811
+def test_another_driver_error_of_a_pdl_launch_is_a_vendor_error_naming_the_kernel(gpu, monkeypatch, pdl_on):  # noqa: F811
     def fail(config: int, f: int, params: int, extra: int) -> None:
         raise launch._v2.InvalidValueError(launch._v2.Result.ERROR_INVALID_VALUE)
 

@@ -215,9 +215,10 @@ def candidates(problem: Problem, sms: int) -> list[Config]:
 
 def masked(problem: Problem, sms: int, role: str) -> Config | None:
     """The tile of a GEMM with dropout inside (``dropout.py``), or None when the kernel cannot serve it: one matrix
-    (no batch) with a layout ``eligible`` takes; role "a" (``x·Aᵀ``) and "b" (``gᵀ·x``) take ``configure``'s tile,
-    x (the masked operand) row-major; role "d" (the product ``g·A`` masked) a write-bound tile: ``BM × BN`` = 64 ×
-    128 in 4 warps, K (the rank) in slices of up to 64, the fp32 tile staged in shared memory for the mask."""
+    (no batch) with a layout ``eligible`` takes; role "a" (``x·Aᵀ``) and "b" (``gᵀ·x``) ``configure``'s tile
+    with more warps an SM (``_more_warps``), x (the masked operand) row-major; role "d" (the product ``g·A``
+    masked) a write-bound tile: ``BM × BN`` = 64 × 128 in 4 warps, K (the rank) in slices of up to 64, the fp32 tile
+    staged in shared memory for the mask."""
     if role not in MASKS or not role or problem.batch_count != 1 or len(problem.outer_offsets) != 1:
         return None
     if not eligible(problem):
@@ -230,4 +231,20 @@ def masked(problem: Problem, sms: int, role: str) -> Config | None:
     else:
         found = configure(problem, sms)
         config = None if found is None else replace(found, mask=role)
+        if config is not None and (role == "b" or config.splits == 1):
+            config = _more_warps(problem, config, 2 if role == "b" else 1)
     return config if config is not None and config.valid and fits_grid(problem, config) else None
+
+
+def _more_warps(problem: Problem, config: Config, times: int) -> Config:
+    """``config`` with the K slice halved and the split doubled, ``times`` over as far as each step gives a valid tile
+    with ``MIN_SPLIT_TILES`` slices per split: smaller blocks, more of them an SM, more warps to hide the latency of
+    drawing the mask (Philox). Role "b" (``gᵀ·x``) gets it twice, role "a" (``x·Aᵀ``) once where ``configure`` splits
+    nothing (at T 4096, where it splits K already, more splits ran slower): docs/kernels.md, "Dropout"."""
+    for _ in range(times):
+        halved = replace(config, bk=config.bk // 2, splits=config.splits * 2)
+        enough = problem.k >= halved.splits * MIN_SPLIT_TILES * halved.bk
+        if halved.splits > MAX_SPLITS or not enough or not halved.valid or not fits_grid(problem, halved):
+            break
+        config = halved
+    return config

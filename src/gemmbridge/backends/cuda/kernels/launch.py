@@ -10,8 +10,9 @@ is one kernel's grid, block and shared memory, launched with any packed paramete
 is launched with ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``, so that it may start while the
 kernel before it on the stream drains; every kernel waits for its predecessor (``pdl.cuh``) before it touches
 memory, so the results do not depend on the overlap, and a captured launch becomes a programmatic graph edge.
-``pdl`` (``GEMMBRIDGE_PDL``: "1", the default, or "0") switches it, read at each launch (a CUDA graph keeps the
-kind it captured); a driver that answers ``CUDA_ERROR_NOT_SUPPORTED`` turns it off for the process.
+``pdl`` (``GEMMBRIDGE_PDL``: "0", the default, or "1") switches it, read at each launch (a CUDA graph keeps the
+kind it captured); a driver that answers ``CUDA_ERROR_NOT_SUPPORTED`` turns it off for the process. Off by default:
+on an H200 a LoRA layer's skinny sequence ran 1 % faster with it without dropout and 3 % slower with dropout.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ _DEFAULT_SMEM = 48 * 1024
 _PDL_ARCH = 90  # griddepcontrol: sm_90 and later
 _MAX_STREAMS = 64  # launch configurations kept per kernel (one per stream it ran on)
 
-_setting = os.environ.get("GEMMBRIDGE_PDL", "1")
+_setting = os.environ.get("GEMMBRIDGE_PDL", "0")
 if _setting not in ("0", "1"):
     raise OptionError(f"GEMMBRIDGE_PDL must be '0' or '1', not {_setting!r}")
 pdl = _setting == "1"  # programmatic dependent launch where the GPU and driver have it
