@@ -243,6 +243,40 @@ def test_settings_made_before_the_cuda_backend_loads_are_applied_when_it_loads(g
     assert graphs.enabled
 
 
+def test_a_setting_made_while_the_cuda_backend_loads_is_the_one_it_keeps(monkeypatch):
+    """One thread loads the backend and applies an earlier ``set_graphs(True)``; another calls ``set_graphs(False)``
+    meanwhile: the backend ends with False, the last setting made (the loading's stale value used to overwrite it)."""
+    import threading
+    import types
+
+    from gemmbridge import backends, plan
+
+    applied, entered, release = [], threading.Event(), threading.Event()
+
+    class Switch:  # the backend's graphs module: its first setting waits until the other thread has had its turn
+        def __setattr__(self, name: str, value: object) -> None:
+            applied.append(value)
+            if len(applied) == 1:
+                entered.set()
+                release.wait(10)
+            object.__setattr__(self, name, value)
+
+    switch = Switch()
+    monkeypatch.setattr(backends, "cuda", types.SimpleNamespace(graphs=switch), raising=False)
+    monkeypatch.setattr(plan, "_cuda_backend", None)
+    monkeypatch.setattr(plan, "_settings", {("graphs", "enabled"): True})
+    loading = threading.Thread(target=plan.cuda)
+    loading.start()
+    assert entered.wait(10)
+    setting = threading.Thread(target=plan.set_graphs, args=(False,))
+    setting.start()
+    setting.join(0.5)  # done by now unless it waits for the loading to finish
+    release.set()
+    loading.join(10)
+    setting.join(10)
+    assert switch.enabled is False and plan._settings == {("graphs", "enabled"): False} and applied[0] is True
+
+
 SWITCHES = [("GEMMBRIDGE_GRAPHS", "graphs", "enabled", "1"), ("GEMMBRIDGE_PDL", "kernels.launch", "pdl", "0")]
 
 

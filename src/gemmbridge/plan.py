@@ -32,6 +32,7 @@ _D, _AUX, _BIAS_GRAD = 3, 5, 6  # slots of Operands
 _cuda_backend: Any = None
 # set_autotune, set_kernels, set_graphs: (module of the CUDA backend, attribute) → value, applied when it loads
 _settings: dict[tuple[str, str], Any] = {}
+_settings_lock = threading.Lock()  # a setting and the backend's loading: the last setting made is the one it keeps
 KERNEL_MODES = ("auto", "on", "off")
 
 
@@ -45,17 +46,20 @@ def cuda() -> Any:
             raise BackendUnavailableError(
                 f"matmul: GPU operands need the CUDA backend: pip install 'gemmbridge[cuda]' ({error})"
             ) from error
-        _cuda_backend = backend
-        for (module, attribute), value in list(_settings.items()):
-            setattr(getattr(backend, module), attribute, value)
+        with _settings_lock:  # the settings applied, then the backend published: no set_* call falls in between
+            if _cuda_backend is None:
+                for (module, attribute), value in _settings.items():
+                    setattr(getattr(backend, module), attribute, value)
+                _cuda_backend = backend
     return _cuda_backend
 
 
 def _set(module: str, attribute: str, value: Any) -> None:
     """The CUDA backend's ``module.attribute`` set to ``value``: now if it is loaded, else when it loads."""
-    _settings[module, attribute] = value
-    if _cuda_backend is not None:
-        setattr(getattr(_cuda_backend, module), attribute, value)
+    with _settings_lock:
+        _settings[module, attribute] = value
+        if _cuda_backend is not None:
+            setattr(getattr(_cuda_backend, module), attribute, value)
 
 
 def _flag(setter: str, enabled: Any) -> bool:
