@@ -206,6 +206,31 @@ def test_each_masked_role_on_the_emulated_kernel_matches_float64_with_the_mask(g
     assert configs[0].splits > 1  # a split of K: every split masks its own range of x's columns
 
 
+@pytest.mark.parametrize("dtype, t, r", [("bfloat16", 1001, 16), ("float16", 521, 64)])
+def test_the_more_warps_tiles_on_a_ragged_k_match_float64_with_the_mask(gpu, rng, dtype, t, r):  # noqa: F811
+    """``masked``'s smaller K slices with more splits (role a: half and twice, role b: a quarter and four times) on a
+    K that is no multiple of BK · splits — x·Aᵀ's K = d = 1032, gᵀ·x's K = T odd — so the last split is short and
+    the tail tile partial: xa = (1/keep)·(x ⊙ m)·Aᵀ and dA = (s/keep)·gᵀ·(x ⊙ m) against float64."""
+    fake, _ = gpu
+    fw = EmulatedFramework()
+    d, keep, s, seed = 1032, 0.9, 2.0, 20261203
+    x, lora_a, g = (fw.from_numpy(rng.standard_normal(shape), dtype) for shape in ((t, d), (r, d), (t, r)))
+    q = {name: np.asarray(v, np.float64) for name, v in (("x", x), ("A", lora_a), ("g", g))}
+    m = dropout.mask(seed, t, d, keep)
+    roles = lora_roles(t, d, r, dtype)
+    roles["b"] = describe(meta((t, r), dtype), meta((t, d), dtype), transpose_a=True, out_dtype="float32")
+    xa, da = on_device(np.full((t, r), np.nan, x.dtype)), on_device(np.full((r, d), np.nan, np.float32))
+    _run("a", roles["a"], {"a": x, "b": lora_a, "d": xa}, 1 / keep, 0.0, keep, seed)
+    _run("b", roles["b"], {"a": g, "b": x, "d": da}, s / keep, 0.0, keep, seed)
+    assert rel_err(np.asarray(xa, np.float64), (q["x"] * m) @ q["A"].T / keep) < TOLERANCE[dtype]
+    assert rel_err(da.astype(np.float64), s / keep * q["g"].T @ (q["x"] * m)) < TOLERANCE[dtype]
+    (a, _), (b, _) = fake.kernels.launches
+    for config, role, times in ((a, "a", 2), (b, "b", 4)):
+        plain = configure(roles[role], SMS)
+        assert (config.bk, config.splits) == (plain.bk // times, plain.splits * times), config.name
+        assert roles[role].k % (config.bk * config.splits), config.name  # ragged: the last split is short
+
+
 def test_the_mask_fill_writes_the_reference_mask(gpu):  # noqa: F811
     fake, _ = gpu
     seed = on_device(np.array([987654321], np.int64))

@@ -13,7 +13,9 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
     pytest.skip("needs a CUDA GPU of compute capability 9.0 or later", allow_module_level=True)
 
+from gemmbridge.backends.cuda import kernels  # noqa: E402
 from gemmbridge.backends.cuda.kernels import dropout  # noqa: E402
+from gemmbridge.backends.cuda.kernels.config import configure, masked  # noqa: E402
 from gemmbridge.problem import Operands, TensorMeta, describe  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -94,6 +96,33 @@ def test_every_role_matches_float64_with_the_mask(dtype, t, r):
         assert rel_err(found, ref) < 1e-2, (role, rel_err(found, ref))
     assert (product[m == 0] == 0).all() and (product[m == 1] != 0).float().mean() > 0.99  # zeros exactly where dropped
     assert rel_err(xa, x.double() @ lora_a.double().T / keep) > 0.1  # the mask is really applied
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("t, r", [(1001, 16), (4104, 64)])
+def test_the_more_warps_tiles_on_a_ragged_k_match_float64_with_the_mask(dtype, t, r):
+    """x·Aᵀ (K = d = 1032) and gᵀ·x (K = T: odd, or 4096 + 8) in ``masked``'s tiles with smaller K slices and more
+    splits than ``configure``'s, K no multiple of BK · splits: each split masks its own range of K (the mask's index
+    from the global K offset), the last split is short and its tail tile partial; each output poisoned first."""
+    d, keep, s = 1032, 0.9, 2.0
+    value = int(torch.randint(-(2**62), 2**62, (1,)).item())
+    seed, m = seed_tensor(value), device_mask(value, t, d, keep).double()
+    x, lora_a, g = rand(t, d, dtype=dtype), rand(r, d, dtype=dtype), rand(t, r, dtype=dtype)
+    xa = torch.full((t, r), float("nan"), dtype=dtype, device="cuda")
+    da = torch.full((r, d), float("nan"), device="cuda")
+    sms = kernels.device_info(0)[2]
+    f32 = {"transpose_a": True, "out_dtype": "float32"}
+    roles = {"a": (x, lora_a, xa, {"transpose_b": True}), "b": (g, x, da, f32)}
+    for role, (a, b, out, flags) in roles.items():
+        problem = describe(meta(a), meta(b), out=meta(out), **flags)
+        tile = masked(problem, sms, role)
+        assert tile.splits > configure(problem, sms).splits and problem.k % (tile.bk * tile.splits), tile.name
+    run("a", x, lora_a, xa, 1 / keep, keep, seed, transpose_b=True)
+    run("b", g, x, da, s / keep, keep, seed, transpose_a=True, out_dtype="float32")
+    torch.cuda.synchronize()
+    xm = x.double() * m
+    assert rel_err(xa, xm @ lora_a.double().T / keep) < 1e-2
+    assert rel_err(da, s / keep * g.double().T @ xm) < 1e-2
 
 
 def test_keep_rate_and_scaling_match_nn_dropout():
