@@ -48,7 +48,6 @@ HALF = (torch.float16, torch.bfloat16)
 _is_compiling = torch.compiler.is_compiling
 _gelu: Any = torch._C._nn.gelu
 _gelu_backward = torch.ops.aten.gelu_backward.default
-_threshold_backward = torch.ops.aten.threshold_backward.default
 
 _autocast_enabled = torch.is_autocast_enabled
 
