@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..arrays.torch import VIEW
 from ..arrays.torch import records as requires_grad  # noqa: F401 (the ops' "must autograd record this call")
 from ..errors import OptionError
-from ..ops import matmul
+from ..plan import call
 from . import lora_kernels
 from .lane import HALF, gemm, traced, uncast
 
@@ -37,14 +38,14 @@ def direct_gemm(
     allow_tf32: bool | None = None,
 ) -> tuple[Tensor, Any]:  # fmt: skip
     """``gemmbridge.matmul`` as ``(d, extra)`` (extra: the aux or bias gradient, or None): the whole contract, for
-    the differentiable ``matmul``; where ``torch.compile`` traces, ``lane.traced``."""
+    the differentiable ``matmul``; where ``torch.compile`` traces, ``lane.traced``. Its callers (an op's forward
+    or backward, ``gemmbridge::gemm``) hand over checked options and run where autograd records nothing, so the
+    call goes straight to the plan cache (``plan.call``), not through ``gemmbridge.matmul``'s checks again."""
     if _is_compiling():
         return traced(a, b, c, bias, aux, transpose_a, transpose_b, alpha, beta, epilogue, out_dtype, None,
                       allow_tf32)  # fmt: skip
-    with torch.no_grad():  # reached from inside an op only: never record autograd here
-        result = matmul(a, b, c=c, bias=bias, aux=aux, transpose_a=transpose_a, transpose_b=transpose_b,
-                        alpha=alpha, beta=beta, epilogue=epilogue, out_dtype=out_dtype,
-                        allow_tf32=allow_tf32)  # fmt: skip
+    result = call(VIEW, a, b, c, bias, None, aux, None, (transpose_a, transpose_b, epilogue, out_dtype), alpha, beta,
+                  allow_tf32)  # fmt: skip
     return result if isinstance(result, tuple) else (result, None)
 
 
