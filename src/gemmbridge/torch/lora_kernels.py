@@ -26,7 +26,7 @@ from .. import plan
 from ..arrays.torch import VIEW
 from ..errors import GemmError
 from ..problem import Operands, describe
-from .lane import HALF, remember, uncast
+from .lane import HALF, layout, remember, uncast
 
 _raw_stream: Any = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _masked: dict[tuple, Callable[..., Tensor]] = {}
@@ -73,7 +73,7 @@ def _meta(x: Tensor | None) -> Any:
 
 
 def _key(*tensors: Tensor | None) -> tuple:
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.is_neg()) for t in tensors)
+    return tuple(None if t is None else layout(t) for t in tensors)
 
 
 def _on_device(launch: Callable[..., Any], device: int) -> Callable[..., Any]:
