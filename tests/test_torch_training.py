@@ -691,3 +691,20 @@ def test_the_lanes_table_stays_bounded_and_whole_under_threads(monkeypatch):
     for t in threads:
         t.join()
     assert errors == [] and lane.resolved() <= 4
+
+
+def test_the_lora_kernels_tables_are_emptied_under_the_lanes_lock(monkeypatch):
+    """clear_cache / set_kernels on one thread while another keeps a layout (evicting the oldest of a full table,
+    the lane's lock held): the LoRA kernels' tables are emptied only once the keeping is done."""
+    import threading
+
+    from gemmbridge.torch import lane, lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "_masked", {("layout",): "launcher"})
+    emptied = threading.Thread(target=lora_kernels.clear)
+    with lane._lock:  # a remember() in progress
+        emptied.start()
+        emptied.join(0.5)
+        assert emptied.is_alive() and lora_kernels.resolved() == 1
+    emptied.join()
+    assert lora_kernels.resolved() == 0

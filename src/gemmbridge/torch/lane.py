@@ -122,10 +122,16 @@ def resolved() -> int:
     return len(_launchers)
 
 
+def forget(*tables: dict) -> None:
+    """Empty these tables of the lane's under the lock ``remember`` takes (its eviction never meets one emptied)."""
+    with _lock:
+        for table in tables:
+            table.clear()
+
+
 def clear() -> None:
     """Forget every resolved launcher (``gemmbridge.set_kernels`` and ``clear_cache`` call it)."""
-    with _lock:
-        _launchers.clear()
+    forget(_launchers)
 
 
 def _aten_serves(dtype: torch.dtype, epilogue: str, out_dtype: torch.dtype | None, c: Any, bias: Any) -> bool:

@@ -26,7 +26,7 @@ from .. import plan
 from ..arrays.torch import VIEW
 from ..errors import GemmError
 from ..problem import Operands, describe
-from .lane import HALF, layout, remember, uncast
+from .lane import HALF, forget, layout, remember, uncast
 
 _raw_stream: Any = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _masked: dict[tuple, Callable[..., Tensor]] = {}
@@ -59,8 +59,7 @@ def kept(keep: float) -> float:
 
 def clear() -> None:
     """Forget every resolved layout (with the lane's table)."""
-    _masked.clear()
-    _dy_once.clear()
+    forget(_masked, _dy_once)
 
 
 def resolved() -> int:
