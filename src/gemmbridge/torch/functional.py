@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import epilogues
 from ..arrays.torch import DTYPES, VIEW
 from ..errors import OperandTypeError, OptionError, ShapeError
+from ..ops import matmul as plain
 from ..plan import check_flag, check_scalar, check_tf32
 from ..problem import dtype_name
 from . import functions as f
@@ -191,20 +192,20 @@ def matmul(
     """
     f.no_transforms("matmul")
     _check_tensors("matmul", a=a, b=b, c=c, bias=bias, **outputs)
-    transpose_a, transpose_b = (check_flag(VIEW, a, b, name, flag) for name, flag in
-                                (("transpose_a", transpose_a), ("transpose_b", transpose_b)))  # fmt: skip
-    allow_tf32 = check_tf32(VIEW, a, b, allow_tf32)
+    if type(transpose_a) is not bool:  # the checks' fast paths: this runs per call of gemmbridge.matmul's training
+        transpose_a = check_flag(VIEW, a, b, "transpose_a", transpose_a)
+    if type(transpose_b) is not bool:
+        transpose_b = check_flag(VIEW, a, b, "transpose_b", transpose_b)
+    if allow_tf32 is not None and type(allow_tf32) is not bool:
+        allow_tf32 = check_tf32(VIEW, a, b, allow_tf32)
     alpha = alpha if type(alpha) is float else check_scalar(VIEW, a, b, "alpha", alpha)
     beta = beta if type(beta) is float else check_scalar(VIEW, a, b, "beta", beta)
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         out_dtype = DTYPES.get(dtype_name(out_dtype), out_dtype)
-    options = {"transpose_a": transpose_a, "transpose_b": transpose_b, "c": c, "alpha": alpha, "beta": beta,
-               "bias": bias, "epilogue": epilogue, "out_dtype": out_dtype, "allow_tf32": allow_tf32}  # fmt: skip
     recorded = f.requires_grad(a, b, c, bias)
     if not recorded and not _is_compiling():  # gemmbridge.torch.matmul called directly, nothing to record
-        from ..ops import matmul as plain
-
-        return plain(a, b, **options, **outputs)
+        return plain(a, b, transpose_a=transpose_a, transpose_b=transpose_b, c=c, alpha=alpha, beta=beta, bias=bias,
+                     epilogue=epilogue, out_dtype=out_dtype, allow_tf32=allow_tf32, **outputs)  # fmt: skip
     given = [name for name, value in outputs.items() if value is not None]
     if recorded and (given or epilogue not in ACTIVATIONS):
         from ..problem import names
@@ -220,7 +221,9 @@ def matmul(
             "gelu; the training epilogues are the building blocks of backward passes: call them under torch.no_grad()"
         )
     if not recorded and (given or epilogue not in ACTIVATIONS):
-        return _traced_contract(a, b, options, outputs)
+        d, extra = torch.ops.gemmbridge.gemm(a, b, c, bias, outputs.get("aux"), transpose_a, transpose_b, alpha, beta,
+                                             epilogue, out_dtype, allow_tf32)  # fmt: skip
+        return _written(d, extra, epilogue, outputs)
     for name, flag, x in (("transpose_a", transpose_a, a), ("transpose_b", transpose_b, b)):
         if flag and x.dim() == 1:  # as gemmbridge.matmul refuses it: a 1-D operand has nothing to transpose
             raise OptionError(f"matmul: a is {tuple(a.shape)}, b is {tuple(b.shape)} — {name} needs a matrix, "
@@ -243,17 +246,14 @@ def matmul(
     return d
 
 
-def _traced_contract(a: Tensor, b: Tensor, options: dict[str, Any], outputs: dict[str, Any]) -> Any:
-    """A traced ``gemmbridge.matmul`` that nothing records, with given outputs or a training epilogue: the
-    ``gemmbridge::gemm`` op (the contract's own shapes and aux forms), then the results written into what was given."""
-    o = options
-    d, extra = torch.ops.gemmbridge.gemm(a, b, o["c"], o["bias"], outputs.get("aux"), o["transpose_a"],
-                                         o["transpose_b"], o["alpha"], o["beta"], o["epilogue"], o["out_dtype"],
-                                         o["allow_tf32"])  # fmt: skip
+def _written(d: Tensor, extra: Tensor, epilogue: str, outputs: dict[str, Any]) -> Any:
+    """A traced ``gemmbridge.matmul`` that nothing records, with given outputs or a training epilogue, from the
+    ``gemmbridge::gemm`` op's ``(d, extra)`` (the contract's own shapes and aux forms): the results written into
+    what was given, returned as ``gemmbridge.matmul`` returns them."""
     out = outputs.get("out")
     if out is not None:
         d = out.copy_(d)
-    kind = epilogues.TABLE[o["epilogue"]]
+    kind = epilogues.TABLE[epilogue]
     if kind.aux_out != "none":
         aux = outputs.get("aux")
         return d, extra if aux is None else aux.copy_(extra)
