@@ -91,8 +91,8 @@ class MaskedGemm:
         self.threshold = threshold(keep)
         if masked not in ROLES:
             raise OptionError(f"dropout: masked must be one of {ROLES}, not {masked!r}")
-        found = None if kernels.mode == "off" else kernels.device_info(device)
-        if found is None or found[0] < 9:
+        found = kernels.usable(device)
+        if found is None:
             raise BackendUnavailableError(
                 f"dropout: the skinny kernel needs a GPU of compute capability 9.0 or later and kernels not 'off' "
                 f"(cuda:{device}, kernels {kernels.mode!r})"

@@ -101,8 +101,8 @@ class DyOnce:
     compute capability 9.0, kernels "off", no NVRTC): then two GEMMs serve."""
 
     def __init__(self, problem_g: Problem, problem_db: Problem, device: int) -> None:
-        found = None if kernels.mode == "off" else kernels.device_info(device)
-        if found is None or found[0] < 9:
+        found = kernels.usable(device)
+        if found is None:
             raise BackendUnavailableError(
                 f"dy once: the kernels need a GPU of compute capability 9.0 or later and kernels not 'off' "
                 f"(cuda:{device}, kernels {kernels.mode!r})"
