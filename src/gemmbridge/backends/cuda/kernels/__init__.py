@@ -11,12 +11,14 @@ the measured rule says it beats cuBLASLt (``config.choose``), "on" wherever it c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
-from ....errors import GemmError, OptionError
+from ....errors import BackendUnavailableError, GemmError, OptionError
 from ....problem import Problem
 from .. import autotune, tuning_cache
 from . import compiler
@@ -46,6 +48,18 @@ def usable(device: int) -> tuple[int, str, int] | None:
     9.0 or later), else None."""
     found = None if mode == "off" else device_info(device)
     return found if found is not None and found[0] >= 9 else None
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+    """The block builds or loads kernels: a failure that says they cannot run here (no NVRTC, a cubin the driver
+    refuses, …) becomes BackendUnavailableError naming ``what``; gemmbridge's own errors pass unchanged."""
+    try:
+        yield
+    except GemmError:
+        raise
+    except (ImportError, OSError, RuntimeError) as error:
+        raise BackendUnavailableError(f"{what} cannot be built or loaded here: {error}") from error
 
 
 def config_for(problem: Problem, device: int) -> Config | None:
