@@ -12,7 +12,7 @@ from emulated_gpu import EmulatedFramework, on_device
 from test_kernels import _nvrtc, gpu, meta  # noqa: F401 (gpu: the emulated device, a fixture)
 
 import gemmbridge as gb
-from gemmbridge.backends.cuda.kernels import compiler, lora
+from gemmbridge.backends.cuda.kernels import compiler, dropout, lora
 from gemmbridge.problem import Operands, TensorMeta, describe
 from gemmbridge.reference import TOLERANCE, rel_err
 
@@ -113,3 +113,30 @@ def test_a_dy_once_refuses_what_it_cannot_run(gpu, monkeypatch):  # noqa: F811
     with pytest.raises(gb.BackendUnavailableError, match="compute capability 9.0"):
         lora.DyOnce(*problems(1024, 1024, 16), 0)
     assert not fake.kernels.launches
+
+
+LOADED = {"the dy-once kernels": (lambda: lora.DyOnce(*problems(1024, 1024, 16), 0), "dy once: dyonce-bfloat16-r16-"),
+          "a masked skinny kernel": (lambda: dropout.MaskedGemm(describe(meta((64, 2048)), meta((16, 2048)),
+                                                                         transpose_b=True), 0, "a", 0.9),
+                                     "dropout: the skinny kernel bfloat16-kk-.*-dropa")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", LOADED)
+@pytest.mark.parametrize("error", [OSError("no libnvrtc"), gb.VendorError("matmul: NVRTC compiling failed")])
+def test_kernels_that_cannot_be_loaded_say_so(gpu, monkeypatch, kernel, error):  # noqa: F811
+    """A build or load failure (no NVRTC, …) is BackendUnavailableError naming the kernel; gemmbridge's own errors
+    pass unchanged (kernels.loading)."""
+    from gemmbridge.backends.cuda.kernels import launch
+
+    def fail(*args: object) -> None:
+        raise error
+
+    make, named = LOADED[kernel]
+    monkeypatch.setattr(launch, "kernel", fail)
+    with pytest.raises(gb.GemmError) as caught:
+        make()
+    if isinstance(error, gb.GemmError):
+        assert caught.value is error
+    else:
+        assert isinstance(caught.value, gb.BackendUnavailableError) and caught.value.__cause__ is error
+        assert caught.match(f"{named}.* cannot be built or loaded here: no libnvrtc")

@@ -11,12 +11,14 @@ the measured rule says it beats cuBLASLt (``config.choose``), "on" wherever it c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
-from ....errors import GemmError, OptionError
+from ....errors import BackendUnavailableError, GemmError, OptionError
 from ....problem import Problem
 from .. import autotune, tuning_cache
 from . import compiler
@@ -41,10 +43,29 @@ def device_info(device: int) -> tuple[int, str, int] | None:
     return int(major), f"sm_{major}{minor}", int(key["sms"])
 
 
+def usable(device: int) -> tuple[int, str, int] | None:
+    """``device_info`` of ``device`` where the project's kernels may run on it (kernels not "off", compute capability
+    9.0 or later), else None."""
+    found = None if mode == "off" else device_info(device)
+    return found if found is not None and found[0] >= 9 else None
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+    """The block builds or loads kernels: a failure that says they cannot run here (no NVRTC, a cubin the driver
+    refuses, …) becomes BackendUnavailableError naming ``what``; gemmbridge's own errors pass unchanged."""
+    try:
+        yield
+    except GemmError:
+        raise
+    except (ImportError, OSError, RuntimeError) as error:
+        raise BackendUnavailableError(f"{what} cannot be built or loaded here: {error}") from error
+
+
 def config_for(problem: Problem, device: int) -> Config | None:
     """The kernel configuration that serves ``problem`` on ``device``, or None (cuBLASLt)."""
-    found = None if mode == "off" else device_info(device)
-    if found is None or found[0] < 9:
+    found = usable(device)
+    if found is None:
         return None
     config = choose(problem, found[2]) if mode == "auto" else configure(problem, found[2])
     return None if config in _broken else config
@@ -81,8 +102,8 @@ class KernelSource:
         self, problem: Problem, alignments: tuple[int, int, int, int], tf32: bool
     ) -> list[autotune.Candidate]:
         device = _index(problem)
-        found = None if mode == "off" or min(alignments) < 16 else device_info(device)
-        if found is None or found[0] < 9:
+        found = None if min(alignments) < 16 else usable(device)
+        if found is None:
             return []
         made = (plan_for(c, problem, device, f"{c.name} for {problem.m}x{problem.n}x{problem.k}")
                 for c in candidates(problem, found[2]))  # fmt: skip

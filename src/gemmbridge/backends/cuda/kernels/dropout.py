@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ....errors import BackendUnavailableError, GemmError, OptionError
+from ....errors import BackendUnavailableError, OptionError
 from ....problem import Operands, Problem
 from .. import kernels
 from . import launch
@@ -91,8 +91,8 @@ class MaskedGemm:
         self.threshold = threshold(keep)
         if masked not in ROLES:
             raise OptionError(f"dropout: masked must be one of {ROLES}, not {masked!r}")
-        found = None if kernels.mode == "off" else kernels.device_info(device)
-        if found is None or found[0] < 9:
+        found = kernels.usable(device)
+        if found is None:
             raise BackendUnavailableError(
                 f"dropout: the skinny kernel needs a GPU of compute capability 9.0 or later and kernels not 'off' "
                 f"(cuda:{device}, kernels {kernels.mode!r})"
@@ -105,13 +105,8 @@ class MaskedGemm:
                 f"{_ROLE_TEXT[masked]}: it needs bf16 or fp16 inputs, one matrix, 16-byte aligned rows, x "
                 "row-major and, for a mask on an operand, a result at most 128 wide or tall"
             )
-        try:
+        with kernels.loading(f"dropout: the skinny kernel {config.name}"):
             self.plan = launch.KernelPlan(problem, config, device, found[1], f"{text} with dropout", self.threshold)
-        except (ImportError, OSError, RuntimeError) as error:
-            if isinstance(error, GemmError):
-                raise
-            raise BackendUnavailableError(f"dropout: the skinny kernel {config.name} cannot be built or loaded here: "
-                                          f"{error}") from error  # fmt: skip
         self.config = config
 
     def launch(self, ptrs: Operands, alpha: float, beta: float, seed_ptr: int, stream: int) -> None:

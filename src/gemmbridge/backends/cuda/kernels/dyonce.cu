@@ -148,21 +148,19 @@ gemmbridge_dyonce(const DyOnceParams p) {
       *reinterpret_cast<float2*>(gsm + (row + 8) * G_LD + col) = make_float2(g_acc[t][2], g_acc[t][3]);
       g_acc[t][0] = g_acc[t][1] = g_acc[t][2] = g_acc[t][3] = 0.0f;
     }
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    cluster_sync();
     const long long t0 = (cluster + (long long)tile * p.clusters) * BT;
     for (int e = threadIdx.x; e < (BT / CLUSTER) * NT; e += THREADS) {
       const int row = (int)rank * (BT / CLUSTER) + e / NT, col = (e % NT) * 8;
       if (t0 + row >= p.t) continue;
       float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      const unsigned offset = gsm_addr + (unsigned)((row * G_LD + col) * 4);
-#pragma unroll
-      for (int r = 0; r < CLUSTER; ++r) add_remote8(v, offset, r);
+      add_cluster8<CLUSTER>(v, gsm_addr + (unsigned)((row * G_LD + col) * 4));
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] *= (float)p.alpha_g;
       store8(reinterpret_cast<half_t*>(p.g) + (t0 + row) * p.ld_g + col, v);
     }
     // no block writes its partial of the next row tile while another may still read this one
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    cluster_sync();
   }
   wait_groups<0>();
 

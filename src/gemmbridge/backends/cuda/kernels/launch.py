@@ -114,6 +114,7 @@ class Launch:
     def __init__(self, address: int, grid: tuple[int, int, int], threads: int, smem: int, target: str,
                  what: str) -> None:  # fmt: skip
         self.address, self.grid, self.threads, self.smem, self.what = address, grid, threads, smem, what
+        self.function = driver.CUfunction(address)  # what cuLaunchKernel takes without _v2, made once
         self.programmatic = _launch_ex is not None and int(target.removeprefix("sm_")) >= _PDL_ARCH
         self._configs: dict[int, tuple[int, Any]] = {}  # stream → (address, CUlaunchConfig), never changed once made
 
@@ -150,8 +151,8 @@ class Launch:
             except Exception as error:  # the v2 entry points raise on a driver error
                 raise VendorError(f"matmul: launching {self.what} failed: {error}", str(error)) from error
         else:
-            result = driver.cuLaunchKernel(driver.CUfunction(self.address), gx, gy, gz, self.threads, 1, 1,
-                                           self.smem, driver.CUstream(stream), params, 0)  # fmt: skip
+            result = driver.cuLaunchKernel(self.function, gx, gy, gz, self.threads, 1, 1, self.smem,
+                                           driver.CUstream(stream), params, 0)  # fmt: skip
             if result[0] != driver.CUresult.CUDA_SUCCESS:
                 raise VendorError(f"matmul: launching {self.what} failed: {result[0]!r}", str(result[0]))
 
@@ -190,10 +191,10 @@ class KernelPlan:
         if seed:
             block[_SEED] = seed
         params = np.array([block.ctypes.data], dtype=np.uint64)
-        address = params.ctypes.data
+        address, enqueue = params.ctypes.data, self.enqueue
         for oa, ob, oc, od in self.offsets:
             block[0] = ptrs.a + oa
             block[1] = ptrs.b + ob
             block[2] = ptrs.c + oc
             block[3] = ptrs.d + od
-            self.enqueue(stream, address)
+            enqueue(stream, address)

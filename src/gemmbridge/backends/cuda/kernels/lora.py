@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ....errors import BackendUnavailableError, GemmError, OptionError
+from ....errors import BackendUnavailableError, OptionError
 from ....problem import Operands, Problem
 from .. import kernels
 from . import launch
@@ -101,8 +101,8 @@ class DyOnce:
     compute capability 9.0, kernels "off", no NVRTC): then two GEMMs serve."""
 
     def __init__(self, problem_g: Problem, problem_db: Problem, device: int) -> None:
-        found = None if kernels.mode == "off" else kernels.device_info(device)
-        if found is None or found[0] < 9:
+        found = kernels.usable(device)
+        if found is None:
             raise BackendUnavailableError(
                 f"dy once: the kernels need a GPU of compute capability 9.0 or later and kernels not 'off' "
                 f"(cuda:{device}, kernels {kernels.mode!r})"
@@ -117,13 +117,9 @@ class DyOnce:
                 f"of {', '.join(map(str, RANKS))} and at most {MAX_ACCUMULATORS * 2 // r - 1} slices of {SLICE} "
                 "columns per block"
             )
-        try:
+        with kernels.loading(f"dy once: {config.name}"):
             main = int(launch.kernel(config, device, found[1]))
             second = int(launch.kernel(dataclasses.replace(config, reduce=True), device, found[1]))
-        except (ImportError, OSError, RuntimeError) as error:
-            if isinstance(error, GemmError):
-                raise
-            raise BackendUnavailableError(f"dy once: {config.name} cannot be built or loaded here: {error}") from error
         self.config, self.what = config, f"the dy-once kernels for {text}"
         self.clusters = min(max(1, found[2] // CLUSTER), -(-t // ROWS))
         self.workspace_bytes = self.clusters * o * r * 4

@@ -1,6 +1,6 @@
 // What gemmbridge's GEMM kernels (skinny.cu, dyonce.cu) share: the half and output types, the PTX primitives
-// (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), conversions, the Loader of pipeline stages, and
-// (pdl.cuh) the waits of a programmatic dependent launch.
+// (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), conversions, the cluster's barrier and sum in
+// distributed shared memory, the Loader of pipeline stages, and (pdl.cuh) the waits of a programmatic dependent launch.
 // The includer defines HALF_BF16 (1: bf16, 0: fp16), OUT_F32 (1: float32 outputs), THREADS (threads per block) and
 // BK (the K extent of one stage) first.
 
@@ -73,17 +73,26 @@ __device__ __forceinline__ half_t float_to_half(float f) {
   return h;
 }
 
-// v[0..7] += the 8 floats at shared-memory byte offset `offset` of the cluster's block `rank` (distributed shared
-// memory: the caller has passed a cluster barrier since they were written)
-__device__ __forceinline__ void add_remote8(float* v, unsigned offset, unsigned rank) {
-  unsigned remote;
-  float4 x, y;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(offset), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w) : "r"(remote));
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(y.x), "=f"(y.y), "=f"(y.z), "=f"(y.w) : "r"(remote + 16));
-  v[0] += x.x; v[1] += x.y; v[2] += x.z; v[3] += x.w; v[4] += y.x; v[5] += y.y; v[6] += y.z; v[7] += y.w;
+// every block of the cluster has arrived: its shared-memory writes before are visible to the cluster's reads after
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// v[0..7] += the 8 floats at shared-memory byte offset `offset` of each of the cluster's blocks 0 .. N - 1, in rank
+// order (distributed shared memory: the caller has passed a cluster_sync since they were written)
+template <int N>
+__device__ __forceinline__ void add_cluster8(float* v, unsigned offset) {
+#pragma unroll
+  for (int rank = 0; rank < N; ++rank) {
+    unsigned remote;
+    float4 x, y;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(offset), "r"(rank));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w) : "r"(remote));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(y.x), "=f"(y.y), "=f"(y.z), "=f"(y.w) : "r"(remote + 16));
+    v[0] += x.x; v[1] += x.y; v[2] += x.z; v[3] += x.w; v[4] += y.x; v[5] += y.y; v[6] += y.z; v[7] += y.w;
+  }
 }
 
 // 8 consecutive values (half or float32) as floats, and back

@@ -222,7 +222,7 @@ gemmbridge_skinny(const Params p) {
       *reinterpret_cast<float2*>(cs + (row + 8) * CS_LD + col) = make_float2(acc[i][t][2], acc[i][t][3]);
     }
 #if SPLITS > 1
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  cluster_sync();
 #else
   __syncthreads();
 #endif
@@ -235,15 +235,11 @@ gemmbridge_skinny(const Params p) {
     const long long gm = m0 + row, gn = n0 + col;
     if (gm >= p.m || gn >= p.n) continue;
     float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const unsigned offset = local + (unsigned)((row * CS_LD + col) * 4);
-#pragma unroll
-    for (int r = 0; r < SPLITS; ++r) {
 #if SPLITS > 1
-      add_remote8(v, offset, r);
+    add_cluster8<SPLITS>(v, local + (unsigned)((row * CS_LD + col) * 4));
 #else
-      load8(v, cs + row * CS_LD + col);  // the block's own tile
+    load8(v, cs + row * CS_LD + col);  // the block's own tile
 #endif
-    }
 #if MASK == 3
     const uint4 kept = kept8(seed, (u64)(gm * p.n + gn), threshold);
 #pragma unroll
@@ -253,7 +249,7 @@ gemmbridge_skinny(const Params p) {
   }
 #if SPLITS > 1
   // no block leaves while another may still read its shared memory
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  cluster_sync();
 #endif
 #else
   // the finished tile, rounded to the output type, staged in shared memory, then written in 16-byte pieces
