@@ -245,6 +245,34 @@ def cycling(run: Run) -> Callable[[], None]:
     return lambda: run(next(turn))
 
 
+def header(schema: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON's head: schema, card, SM count, date, versions, ``settings``, the copy bandwidth measured now and the
+    clock before timing; printed in one line."""
+    copy = peaks.copy_bandwidth("cuda", 60.0)
+    doc = {
+        "schema": schema,
+        "card": runner.card_name("cuda"),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {**info.versions(), **info.cuda_versions()},
+        "settings": settings,
+        "copy_bandwidth": copy,
+        "clock_before": clock_mhz(),
+    }
+    print(f"{doc['card']} · copy {copy['bytes_per_s'] / 1e12:.3g} TB/s · {doc['date']} · {doc['clock_before']}")
+    return doc
+
+
+def warm_to_power_cap(run: Run, sets: int, seconds: float = 1.0) -> None:
+    """``run`` on input sets 0 … ``sets`` − 1, then a synchronize, again and again for ``seconds``: the clock down to
+    the power cap before timing."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        for i in range(sets):
+            run(i)
+        torch.cuda.synchronize()
+
+
 def time_all(runs: dict[str, Run], rounds: int) -> dict[str, dict[str, Any]]:
     """Per candidate the median over ``rounds`` of the steady-state µs, the order rotated each round."""
     names = list(runs)
@@ -276,21 +304,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     gb.set_kernels("on")
-    copy = peaks.copy_bandwidth("cuda", 60.0)
     settings = dict(d=D, keep=KEEP, scale=SCALE, dtype="bfloat16", calls=CALLS, replays=REPLAYS, rounds=args.rounds,
                     steady_bytes=STEADY_BYTES)  # fmt: skip
-    doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "card": runner.card_name("cuda"),
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {**info.versions(), **info.cuda_versions()},
-        "settings": settings,
-        "copy_bandwidth": copy,
-        "clock_before": clock_mhz(),
-        "rows": [],
-    }
-    print(f"{doc['card']} · copy {copy['bytes_per_s'] / 1e12:.3g} TB/s · {doc['date']} · {doc['clock_before']}")
+    doc: dict[str, Any] = {**header(SCHEMA, settings), "rows": []}
+    copy = doc["copy_bandwidth"]
     failed = False
     for t in map(int, args.tokens.split(",")):
         for r in map(int, args.ranks.split(",")):
@@ -307,11 +324,7 @@ def main() -> int:
                     gb.set_kernels("off")  # gemmbridge.matmul: cuBLASLt
                 checks: dict[str, float] = {}
                 failed |= not check(runs, written, reference, sets, checks)
-                warm_until = time.perf_counter() + 1.0
-                while time.perf_counter() < warm_until:  # to the power cap before timing
-                    for i in range(20):
-                        runs["fused"](i)
-                    torch.cuda.synchronize()
+                warm_to_power_cap(runs["fused"], 20)
                 timed = time_all(runs, args.rounds)
                 for name, result in timed.items():
                     moved = fused_bytes(role, t, r, accumulate="beta 1" in name)

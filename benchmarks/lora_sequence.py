@@ -28,18 +28,26 @@ of a small masked GEMM with and without PDL (eager, no sync: the launch path's c
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from lora_kernels import GPU, STEADY_BYTES, clock_mhz, finish, meta, print_candidates, stream, time_all
+from lora_kernels import (
+    STEADY_BYTES,
+    clock_mhz,
+    finish,
+    header,
+    meta,
+    print_candidates,
+    stream,
+    time_all,
+    warm_to_power_cap,
+)
 
 import gemmbridge as gb
-from gemmbridge import info
 from gemmbridge.backends.cuda.kernels import dropout, launch, lora
-from gemmbridge.bench import peaks, runner
+from gemmbridge.bench import peaks
 from gemmbridge.problem import Operands, describe
 
 SCHEMA = "gemmbridge.lora-sequence/1"
@@ -202,22 +210,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     gb.set_kernels("on")
-    copy = peaks.copy_bandwidth("cuda", 60.0)
     settings = dict(d=D, r=R, scale=SCALE, dtype="bfloat16", rounds=args.rounds, steady_bytes=STEADY_BYTES,
                     kernels="on", candidates=["gemmbridge, PDL", "gemmbridge, no PDL", "torch"])  # fmt: skip
     doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "card": runner.card_name("cuda"),
-        "sm_count": GPU[2],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {**info.versions(), **info.cuda_versions()},
-        "settings": settings,
-        "copy_bandwidth": copy,
-        "clock_before": clock_mhz(),
+        **header(SCHEMA, settings),
         "host_us_per_launch": {"PDL": host_us_per_launch(True), "no PDL": host_us_per_launch(False)},
         "rows": [],
     }
-    print(f"{doc['card']} · copy {copy['bytes_per_s'] / 1e12:.3g} TB/s · {doc['date']} · {doc['clock_before']}")
+    copy = doc["copy_bandwidth"]
     print(f"host µs per launch: PDL {doc['host_us_per_launch']['PDL']:.2f}, "
           f"no PDL {doc['host_us_per_launch']['no PDL']:.2f}")  # fmt: skip
     failed = False
@@ -238,11 +238,7 @@ def main() -> int:
                 checks[name] = max(((found[name][o].double() - refs[o]).norm() / refs[o].norm()).item() for o in refs)
             same = all(torch.equal(found["gemmbridge, PDL"][o], found["gemmbridge, no PDL"][o]) for o in OUTPUTS)
             failed |= not same or any(error >= 1e-2 for error in checks.values())
-            warm_until = time.perf_counter() + 1.0
-            while time.perf_counter() < warm_until:  # to the power cap before timing
-                for s in steps:
-                    runs["gemmbridge, PDL"](s)
-                torch.cuda.synchronize()
+            warm_to_power_cap(on_set(runs["gemmbridge, PDL"], steps), len(steps))
             timed = time_all({name: on_set(run, steps) for name, run in runs.items()}, args.rounds)
             moved = least_bytes(t)
             for name, result in timed.items():

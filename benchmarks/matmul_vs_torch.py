@@ -43,7 +43,7 @@ import torch
 
 import gemmbridge as gb
 from gemmbridge import tuning
-from gemmbridge.bench import data
+from gemmbridge.bench import data, timing
 
 SHAPES = [(1024, 1024, 1024), (4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096), (2048, 11008, 4096)]
 LABELS = ("bf16", "fp16", "tf32", "fp32")
@@ -204,26 +204,11 @@ def warm_to_power_cap(clocks: Clocks, min_s: float, max_s: float) -> dict[str, A
 
 # -- timing ------------------------------------------------------------------------------------------------------
 def gpu_ms(fn: Callable[[], Any], per_call_ms: float) -> float:
-    """ms per call from replays of a CUDA graph of calls (no host time in it), about TIMED_MS of GPU time."""
+    """ms per call from replays of a CUDA graph of calls (no host time in it), about TIMED_MS of GPU time in all:
+    ``gemmbridge.bench.timing.gpu_us_per_op`` (the median of the event-timed replays)."""
     calls = max(1, min(50, round(5.0 / max(per_call_ms, 1e-3))))
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # the plan made outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
     replays = max(1, round(TIMED_MS / (per_call_ms * calls)))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (replays * calls)
+    return timing.gpu_us_per_op(fn, "torch", calls, replays) * 1e-3
 
 
 def wall_ms(fn: Callable[[], Any], per_call_ms: float) -> float:
@@ -390,8 +375,9 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {**versions(), "nvidia_driver": driver_version(clocks)},
         "method": f"warmed to the power cap first; per row {args.rounds} rounds, each timing every candidate once "
-        "in an order rotated by one each round; GPU time: replays of a CUDA graph of the calls (event-timed, "
-        "~50 ms), wall time: the calls back to back then one sync (~50 ms of GPU work); medians of the rounds; "
+        "in an order rotated by one each round; GPU time: replays of a CUDA graph of the calls (each event-timed, "
+        "median, ~50 ms in all), wall time: the calls back to back then one sync (~50 ms of GPU work); medians of the "
+        "rounds; "
         f"host-bound: wall > {HOST_BOUND} x GPU; ratios to torch on GPU time; gemmbridge-tuned: gemmbridge.tune "
         "(exploring, budget below) then a fresh plan from the tuning cache; gemmbridge-autotuned: "
         "set_autotune(True), a fresh plan tuned in process; host: 5000 eager calls without sync then one sync, "

@@ -123,6 +123,27 @@ def graph_switch(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
     return plan.set_graphs
 
 
+@pytest.fixture
+def tf32_start() -> Iterator[Callable[[str, bool], None]]:
+    """Sets torch's TF32 setting for float32 matmuls through one of its APIs (``legacy``: ``allow_tf32``;
+    ``fp32_precision``: the matmul's; ``global fp32_precision``: the backends' one under a matmul's "none"); torch's
+    settings are restored after the test. torch's CPU build has the same flags."""
+    torch = pytest.importorskip("torch")
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    saved = matmul.fp32_precision, backends.fp32_precision
+
+    def start(api: str, enabled: bool) -> None:
+        if api == "legacy":
+            matmul.allow_tf32 = enabled
+        elif api == "fp32_precision":
+            matmul.fp32_precision = "tf32" if enabled else "ieee"
+        else:
+            matmul.fp32_precision, backends.fp32_precision = "none", "tf32" if enabled else "ieee"
+
+    yield start
+    matmul.fp32_precision, backends.fp32_precision = saved
+
+
 def cuda_torch():
     """torch, for a test that needs a CUDA GPU through it (skipped without torch or a GPU)."""
     torch = pytest.importorskip("torch")

@@ -371,3 +371,22 @@ def test_a_busy_host_is_noted():
 def test_settling_options_that_cannot_run_are_refused(given, message):
     with pytest.raises(OptionError, match=re.escape(message)):
         tiny(shapes=["8x8x8"], **given)
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision", "global fp32_precision"])
+def test_a_dtypes_tf32_setting_on_cuda_comes_back_whichever_torch_api_set_it(api, tf32_start) -> None:
+    """``gemmbridge bench`` sets torch's TF32 setting for each dtype's block on CUDA (torch's matmul candidate) and
+    restores it. Once torch's new API was used, reading the legacy flag raises ("mix of the legacy and new APIs"):
+    the bench crashed there, as tune_model had."""
+    import torch
+
+    from gemmbridge.arrays.torch import tf32_policy
+    from gemmbridge.bench.runner import _tf32
+
+    for start in (False, True):
+        tf32_start(api, start)
+        before = torch.backends.cuda.matmul.fp32_precision
+        for label, inside in (("tf32", True), ("fp32", False), ("bf16", start)):
+            with _tf32("cuda", DTYPES[label]):
+                assert tf32_policy() is inside
+            assert tf32_policy() is start and torch.backends.cuda.matmul.fp32_precision == before

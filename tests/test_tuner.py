@@ -135,31 +135,22 @@ def test_a_wrong_tuned_result_forgets_its_entries_and_raises() -> None:
 
 
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision", "global fp32_precision"])
-def test_tf32_follows_the_dtype_asked_and_comes_back_whichever_api_set_it(api) -> None:
+def test_tf32_follows_the_dtype_asked_and_comes_back_whichever_api_set_it(api, tf32_start) -> None:
     """tune_model sets torch's TF32 setting for fp32/tf32 and restores it. Once torch's new API was used, reading the
     legacy flag raises ("mix of the legacy and new APIs"): tune_model crashed there. torch's CPU build has the same
     flags."""
     from gemmbridge.arrays.torch import tf32_policy
 
-    matmul, backends = torch.backends.cuda.matmul, torch.backends
-    saved = matmul.fp32_precision, backends.fp32_precision
-    try:
-        for start in (False, True):
-            if api == "legacy":
-                matmul.allow_tf32 = start
-            elif api == "fp32_precision":
-                matmul.fp32_precision = "tf32" if start else "ieee"
-            else:
-                matmul.fp32_precision, backends.fp32_precision = "none", "tf32" if start else "ieee"
-            before = matmul.fp32_precision
-            for label, inside in (("tf32", True), ("fp32", False), ("bf16", start)):
-                with tuner._tf32(torch, tuner._dtype(label)):
-                    assert tf32_policy() is inside
-                assert tf32_policy() is start and matmul.fp32_precision == before
-            with tuner._tf32(torch, None):
-                assert tf32_policy() is start
-    finally:
-        matmul.fp32_precision, backends.fp32_precision = saved
+    matmul = torch.backends.cuda.matmul
+    for start in (False, True):
+        tf32_start(api, start)
+        before = matmul.fp32_precision
+        for label, inside in (("tf32", True), ("fp32", False), ("bf16", start)):
+            with tuner._tf32(torch, tuner._dtype(label)):
+                assert tf32_policy() is inside
+            assert tf32_policy() is start and matmul.fp32_precision == before
+        with tuner._tf32(torch, None):
+            assert tf32_policy() is start
 
 
 def test_the_command_prints_first_pick_against_tuned_and_writes_json(monkeypatch, tmp_path, capsys) -> None:

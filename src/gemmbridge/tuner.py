@@ -195,21 +195,14 @@ def _run_layer(torch: Any, spec: tuple, tokens: int) -> dict[str, float]:
 @contextlib.contextmanager
 def _tf32(torch: Any, dtype: DType | None) -> Iterator[None]:
     """torch's TF32 setting for float32 matmuls as ``dtype`` says (tf32: on, fp32: off; other dtypes and None: as it
-    is), restored afterwards. Set through ``fp32_precision`` where torch has it (≥ 2.9), else the legacy flag: once the
-    new API has been used, torch refuses to read the legacy one ("mix of the legacy and new APIs"), and
-    ``gemmbridge.arrays.torch.tf32_policy`` reads either."""
+    is), restored afterwards (``gemmbridge.arrays.torch.tf32_setting``)."""
     if dtype is None or dtype.name != "float32":
         yield
         return
-    flags = torch.backends.cuda.matmul
-    name, value = ("fp32_precision", "tf32" if dtype.tf32 else "ieee") if hasattr(flags, "fp32_precision") else (
-        "allow_tf32", dtype.tf32)  # fmt: skip
-    before = getattr(flags, name)
-    setattr(flags, name, value)
-    try:
+    from .arrays.torch import tf32_setting
+
+    with tf32_setting(dtype.tf32):
         yield
-    finally:
-        setattr(flags, name, before)
 
 
 def tune_model(

@@ -9,8 +9,9 @@ backward instead of giving wrong gradients.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -117,6 +118,22 @@ def tf32_policy() -> bool:
         if precision == "none":
             precision = getattr(torch.backends, "fp32_precision", "none")
         return precision == "tf32"
+
+
+@contextlib.contextmanager
+def tf32_setting(enabled: bool) -> Iterator[None]:
+    """torch's TF32 setting for float32 matmuls set to ``enabled`` for the block, restored exactly after: through
+    ``fp32_precision`` where torch has it (≥ 2.9), else the legacy flag (once the new API has been used, reading the
+    legacy one raises, as ``tf32_policy`` says)."""
+    flags = torch.backends.cuda.matmul
+    name, value = ("fp32_precision", "tf32" if enabled else "ieee") if hasattr(flags, "fp32_precision") else (
+        "allow_tf32", enabled)  # fmt: skip
+    before = getattr(flags, name)
+    setattr(flags, name, value)
+    try:
+        yield
+    finally:
+        setattr(flags, name, before)
 
 
 class TorchCall:

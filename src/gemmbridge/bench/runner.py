@@ -79,19 +79,15 @@ def card_name(device: str) -> str:
 
 @contextlib.contextmanager
 def _tf32(device: str, dtype: DType) -> Iterator[None]:
-    """torch's own TF32 flag for its matmul, for one dtype's block (restored after)."""
-    if device != "cuda":
+    """torch's own TF32 setting for its float32 matmul, for one dtype's block on CUDA (restored after:
+    ``gemmbridge.arrays.torch.tf32_setting``); other dtypes leave it as it is."""
+    if device != "cuda" or dtype.name != "float32":
         yield
         return
-    import torch
+    from ..arrays.torch import tf32_setting
 
-    flags = torch.backends.cuda.matmul
-    old = flags.allow_tf32
-    flags.allow_tf32 = dtype.tf32
-    try:
+    with tf32_setting(dtype.tf32):
         yield
-    finally:
-        flags.allow_tf32 = old
 
 
 def _select(device: str, names: str | None) -> tuple[list[Candidate], list[dict[str, Any]]]:
